@@ -1,0 +1,166 @@
+"""The public pipeline: ``prepare`` -> calibrate -> ``convert``, and ``transform`` for both."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxdeco.batches import model_inputs
+from fxdeco.capture import trace
+from fxdeco.errors import CalibrationError, NoSitesError
+from fxdeco.falor import falor_local
+from fxdeco.plan import matches_any
+from fxdeco.prepared import PreparedModel, RowWeights
+from fxdeco.progress import progress
+from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, Callable[..., Any]] = {"falor": falor_local}
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    skip: Iterable[str] = (),
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+    row_weights: RowWeights | None = None,
+) -> PreparedModel:
+    """Capture ``model`` and return a :class:`PreparedModel` that collects statistics when called.
+
+    ``skip`` holds glob patterns on layer names (``"head"``, ``"blocks.*.attn.qkv"``)
+    for layers to keep dense. The caller's model is never modified.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> prepared = fxdeco.prepare(model)
+        >>> for _ in range(4):
+        ...     _ = prepared(torch.randn(8, 16))
+        >>> small = fxdeco.convert(prepared, nsr_threshold=0.5)
+        >>> isinstance(small, torch.fx.GraphModule)
+        True
+    """
+    params_original = sum(p.numel() for p in model.parameters())
+    gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
+    removed = remove_dead_sites(gm)
+    sites, skipped = find_sites(gm)
+    skip = tuple(skip)
+    skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
+    sites = [s for s in sites if not matches_any(s.target, skip)]
+    if not sites:
+        reasons = "; ".join(f"{k.target}: {k.reason}" for k in skipped[:5]) or "no Linear or Conv2d layer found"
+        raise NoSitesError(f"{type(model).__name__} has no decomposable Linear/Conv2d layer ({reasons})")
+    log.info("prepared %d layers for calibration (%d skipped, %d dead)", len({s.target for s in sites}),
+             len(skipped), len(removed))
+    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights)
+
+
+def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> torch.fx.GraphModule:
+    """Decompose a calibrated :class:`PreparedModel` with ``method``; return a new GraphModule.
+
+    ``options`` go to the method (falor: ``nsr_threshold``, ``min_rank``,
+    ``proportion_threshold``, ``damping``, ``skip``). Per-layer results are in
+    ``node.meta["fxdeco"]`` and summarised by :func:`fxdeco.report`.
+    """
+    if not isinstance(prepared, PreparedModel):
+        raise TypeError("convert() expects the result of fxdeco.prepare(...)")
+    if prepared.batches == 0:
+        raise CalibrationError("no calibration batch was run through the prepared model; call it on your data first")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    start = time.perf_counter()
+    plan, decisions = METHODS[method](prepared.gm, prepared.sites, prepared.statistics, **options)
+    new = factorize_sites(prepared.gm, prepared.sites, plan)
+    new.delete_all_unused_submodules()
+    saved_params = sum(d.params_before - d.params_after for d in decisions)
+    saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
+    new.meta["fxdeco"] = {
+        "method": method,
+        "options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, tuple, list))},
+        "capture": prepared.gm.meta.get("fxdeco_capture", "graph"),
+        "decisions": decisions,
+        "skipped": list(prepared.skipped),
+        "removed": list(prepared.removed),
+        "params_before": prepared.params_original,
+        "params_after": sum(p.numel() for p in new.parameters()),
+        "macs_before": prepared.macs_per_sample,
+        "macs_after": prepared.macs_per_sample - saved_macs,
+        "calibration_batches": prepared.batches,
+    }
+    log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", method,
+             sum(d.decomposed for d in decisions), len(decisions), time.perf_counter() - start, saved_params)
+    return new
+
+
+def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn: Callable[[Any], Any] | None = None,
+              show_progress: bool | None = None) -> PreparedModel:
+    """Run every batch of ``calib_loader`` through ``prepared``.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> prepared = fxdeco.prepare(torch.nn.Linear(4, 4))
+        >>> fxdeco.calibrate(prepared, [torch.randn(2, 4)] * 3).batches
+        3
+    """
+    total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
+    seen = 0
+    for batch in progress(calib_loader, desc="calibrating", total=total, enabled=show_progress):
+        args, kwargs = model_inputs(batch, input_fn)
+        prepared(*args, **kwargs)
+        seen += 1
+    if seen == 0:
+        raise CalibrationError("the calibration loader yielded no batches")
+    log.info("calibrated on %d batches", seen)
+    return prepared
+
+
+def transform(
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    *,
+    method: str = "falor",
+    example_inputs: Any = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    skip: Iterable[str] = (),
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+    show_progress: bool | None = None,
+    **method_options: Any,
+) -> torch.fx.GraphModule:
+    """Capture, calibrate on ``calib_loader`` and decompose ``model`` in one call.
+
+    ``calib_loader`` is any iterable of batches: a tensor is the positional
+    input, a tuple/list the positional inputs, a dict the keyword inputs;
+    ``input_fn`` adapts other batches (``input_fn=lambda b: b[0]`` for ``(x, y)``).
+    When symbolic tracing fails, the first batch (or ``example_inputs``) is used
+    to capture the model with ``torch.export``.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+        >>> data = [torch.randn(32, 4) @ torch.randn(4, 16) for _ in range(4)]   # rank-4 inputs
+        >>> small = fxdeco.transform(model, data, nsr_threshold=0.01)
+        >>> print(fxdeco.report(small).totals["params_after"] < 2192)
+        True
+    """
+    iterator = iter(calib_loader)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise CalibrationError("the calibration loader yielded no batches") from None
+    if example_inputs is None:
+        example_inputs = input_fn(first) if input_fn is not None else first
+    prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
+                       autowrap_functions=autowrap_functions)
+    calibrate(prepared, itertools.chain([first], iterator), input_fn=input_fn, show_progress=show_progress)
+    return convert(prepared, method, **method_options)

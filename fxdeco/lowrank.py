@@ -1,0 +1,79 @@
+"""The maths every data-aware method shares (see DESIGN.md).
+
+With ``M = E[y yᵀ] = U Λ Uᵀ`` the second moment of a site's bias-free output
+(eigenvalues descending), the rank-k map minimising ``E‖W x − W' x‖²`` is the
+projection ``W_k = U_k U_kᵀ W`` with factors ``A = U_kᵀ W`` and ``B = U_k``. Its
+per-channel output error is ``e_c(k) = Σ_{j>k} λ_j U[c, j]²``, so the
+noise-to-signal ratio of every rank follows from one eigen-decomposition,
+without running the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from passes import Site, SiteStatistics
+
+# ptdeco's per-channel NSR adds this to each channel's variance.
+NSR_EPSILON = 1e-3
+
+
+@dataclasses.dataclass
+class Spectrum:
+    """Eigen-decomposition of a site's output second moment (float64)."""
+
+    eigenvalues: torch.Tensor  # (out,), descending, >= 0
+    eigenvectors: torch.Tensor  # (out, out), columns match eigenvalues
+    variance: torch.Tensor  # (out,), per-channel variance of the output
+
+
+def spectrum(stats: SiteStatistics, damping: float = 0.0) -> Spectrum:
+    """Eigen-decompose ``E[y yᵀ]``; ``damping`` adds ``damping * mean(diag)`` to the diagonal.
+
+    Damping only steadies the eigen-solver on near-singular moments: a
+    multiple of the identity leaves the eigenvectors unchanged, and it is
+    subtracted again from the eigenvalues.
+
+    Example:
+        >>> s = SiteStatistics.empty(2); s.update(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+        >>> spectrum(s).eigenvalues
+        tensor([4.5000, 0.5000], dtype=torch.float64)
+    """
+    m = stats.second_moment()
+    shift = damping * float(m.diagonal().mean()) if damping > 0 else 0.0
+    if shift:
+        m = m + shift * torch.eye(m.shape[0], dtype=m.dtype)
+    values, vectors = torch.linalg.eigh(m)
+    values = (values.flip(0) - shift).clamp_min(0.0)
+    return Spectrum(values, vectors.flip(1), stats.variance())
+
+
+def nsr_by_rank(spec: Spectrum, epsilon: float = NSR_EPSILON) -> torch.Tensor:
+    """Layer-output NSR for every rank ``k = 0..out`` (index k), in closed form.
+
+    ``nsr(k) = mean_c e_c(k) / (var_c + epsilon)`` — ptdeco's per-channel
+    definition applied to the rank-k projection.
+    """
+    contributions = spec.eigenvectors.square() * spec.eigenvalues  # [c, j] = λ_j U[c, j]²
+    tail = contributions.flip(1).cumsum(1).flip(1)  # [c, k] = Σ_{j>=k}
+    tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], dim=1)
+    return (tail / (spec.variance[:, None] + epsilon)).mean(0)
+
+
+def weight_matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
+    """The site's weight as an ``(out, in)`` float64 matrix (conv: ``in * kh * kw``)."""
+    w = weight.detach().to(torch.float64)
+    if site.weight_transposed:
+        w = w.T
+    return w.reshape(site.out_features, -1)
+
+
+def projection_factors(site: Site, weight: torch.Tensor, spec: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(A, B)`` of the rank-``rank`` projection, shaped for the rewrite pass."""
+    basis = spec.eigenvectors[:, :rank]
+    first = basis.T @ weight_matrix(site, weight)
+    if site.kind == "conv2d":
+        first = first.reshape(rank, *site.weight_shape[1:])
+    return first, basis

@@ -1,0 +1,76 @@
+"""Per-layer decisions a method makes, and the cost bookkeeping behind them."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from typing import Any, Iterable
+
+from passes import Site, SiteStatistics
+from passes.rewrite import factored_params
+
+
+@dataclasses.dataclass
+class LayerDecision:
+    """What a method decided for one layer (decomposed or kept dense, and why)."""
+
+    target: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    full_rank: int
+    rank: int | None  # None: kept dense
+    nsr: float | None  # estimated layer-output NSR at ``rank``
+    params_before: int
+    params_after: int
+    macs_before: float  # per sample
+    macs_after: float
+    reason: str
+
+    @property
+    def decomposed(self) -> bool:
+        return self.rank is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dense_macs(site: Site, stats: SiteStatistics) -> float:
+    """MACs per sample of the dense layer: one ``in``-long dot per output value."""
+    return stats.rows_per_sample * site.in_features * site.out_features
+
+
+def factored_macs(site: Site, stats: SiteStatistics, rank: int) -> float:
+    """MACs per sample of the factored layer: ``rank * (in + out)`` per output row."""
+    return stats.rows_per_sample * rank * (site.in_features + site.out_features)
+
+
+def decision(site: Site, stats: SiteStatistics, rank: int | None, nsr: float | None, reason: str) -> LayerDecision:
+    """Build a :class:`LayerDecision` with params and MACs before/after filled in."""
+    dense_params = site.in_features * site.out_features
+    macs = dense_macs(site, stats)
+    return LayerDecision(
+        site.target, site.kind, site.weight_shape, site.full_rank, rank, nsr,
+        dense_params, factored_params(site, rank) if rank is not None else dense_params,
+        macs, factored_macs(site, stats, rank) if rank is not None else macs, reason,
+    )
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """True when ``name`` matches one of the glob ``patterns`` (``"blocks.*.attn.*"``)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def unique_targets(sites: Iterable[Site]) -> list[Site]:
+    """One site per layer: a layer called several times shares one factorization."""
+    seen: dict[str, Site] = {}
+    for s in sites:
+        seen.setdefault(s.target, s)
+    return list(seen.values())
+
+
+def check_fraction(name: str, value: float, *, low: float = 0.0, high: float = 1.0) -> float:
+    """Validate ``low < value <= high`` (and not NaN) for an option, or raise ValueError."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or not (low < value <= high):
+        raise ValueError(f"{name} must be a number in ({low}, {high}], got {value!r}")
+    return float(value)

@@ -1,0 +1,97 @@
+"""``fxdeco.report``: what a decomposition did, per layer and for the whole model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.fx
+from tabulate import tabulate
+
+from fxdeco.plan import LayerDecision
+from passes import SkippedSite
+
+
+def human(n: float | None) -> str:
+    """``1234567 -> '1.23M'``: compact counts for tables."""
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+@dataclasses.dataclass
+class Report:
+    """Per-layer rows and model totals of a decomposed GraphModule.
+
+    ``str(report)`` is a table; ``report.rows`` / ``report.totals`` are plain data.
+    MACs are per sample (per image, or per sequence at the calibration length).
+    """
+
+    rows: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+    def table(self, fmt: str = "simple") -> str:
+        headers = ["layer", "kind", "weight", "rank", "params", "MACs", "nsr", "note"]
+        body = [
+            [r["name"], r["kind"], "x".join(map(str, r["weight_shape"])) if r["weight_shape"] else "-",
+             f"{r['rank']}/{r['full_rank']}" if r["rank"] else (f"-/{r['full_rank']}" if r["full_rank"] else "-"),
+             f"{human(r['params_before'])} -> {human(r['params_after'])}" if r["params_before"] is not None else "-",
+             f"{human(r['macs_before'])} -> {human(r['macs_after'])}" if r["macs_before"] is not None else "-",
+             f"{r['nsr']:.4f}" if r["nsr"] is not None else "-", r["note"]]
+            for r in self.rows
+        ]
+        t = self.totals
+        body.append(["TOTAL (model)", "", "", f"{t['decomposed']} decomposed",
+                     f"{human(t['params_before'])} -> {human(t['params_after'])} ({t['params_after'] / t['params_before']:.1%})",
+                     f"{human(t['macs_before'])} -> {human(t['macs_after'])}"
+                     + (f" ({t['macs_after'] / t['macs_before']:.1%})" if t["macs_before"] else ""), "", ""])
+        return tabulate(body, headers=headers, tablefmt=fmt)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _decision_row(d: LayerDecision) -> dict[str, Any]:
+    return {"name": d.target, "kind": d.kind, "weight_shape": d.weight_shape, "rank": d.rank,
+            "full_rank": d.full_rank, "params_before": d.params_before, "params_after": d.params_after,
+            "macs_before": d.macs_before, "macs_after": d.macs_after, "nsr": d.nsr,
+            "note": "decomposed" if d.decomposed else f"kept: {d.reason}"}
+
+
+def _other_row(name: str, note: str) -> dict[str, Any]:
+    return {"name": name, "kind": "-", "weight_shape": None, "rank": None, "full_rank": None,
+            "params_before": None, "params_after": None, "macs_before": None, "macs_after": None,
+            "nsr": None, "note": note}
+
+
+def report(gm: torch.fx.GraphModule) -> Report:
+    """Summarise a GraphModule returned by ``fxdeco.transform``/``convert``.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> small = fxdeco.transform(model, [torch.randn(16, 8)], nsr_threshold=0.5)
+        >>> fxdeco.report(small).totals["params_before"]
+        72
+    """
+    info = gm.meta.get("fxdeco")
+    if info is None:
+        raise ValueError("this GraphModule was not produced by fxdeco.transform/convert; nothing to report")
+    decisions: list[LayerDecision] = info["decisions"]
+    skipped: list[SkippedSite] = info["skipped"]
+    rows = [_decision_row(d) for d in decisions]
+    rows += [_other_row(k.target, f"skipped: {k.reason}") for k in skipped]
+    rows += [_other_row(name, "removed: output never used") for name in info["removed"]]
+    totals = {
+        "method": info["method"],
+        "decomposed": sum(d.decomposed for d in decisions),
+        "layers": len(decisions),
+        "params_before": info["params_before"],
+        "params_after": info["params_after"],
+        "macs_before": info["macs_before"],
+        "macs_after": info["macs_after"],
+    }
+    return Report(rows, totals)

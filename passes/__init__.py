@@ -1,0 +1,34 @@
+"""Reusable torch.fx passes for low-rank decomposition.
+
+This package knows graphs, not policy: it captures models, finds the nodes
+that compute ``y = W x + b`` (Linear / Conv2d "sites"), measures shapes and
+costs, accumulates activation statistics and rewrites sites into factored
+subgraphs. Which rank each site gets is decided by ``fxdeco``; this package
+never imports it.
+"""
+
+from passes.capture import CaptureError, GraphTracer, export_capture, symbolic_capture
+from passes.cost import CostProp, NodeCost, graph_macs
+from passes.inputs import flatten_inputs
+from passes.rewrite import Factorization, factorize_sites
+from passes.sites import Site, SkippedSite, find_sites, remove_dead_sites
+from passes.stats import SiteStatistics, StatsInterpreter
+
+__all__ = [
+    "CaptureError",
+    "CostProp",
+    "Factorization",
+    "GraphTracer",
+    "NodeCost",
+    "Site",
+    "SiteStatistics",
+    "SkippedSite",
+    "StatsInterpreter",
+    "export_capture",
+    "factorize_sites",
+    "find_sites",
+    "flatten_inputs",
+    "graph_macs",
+    "remove_dead_sites",
+    "symbolic_capture",
+]

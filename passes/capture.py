@@ -1,0 +1,114 @@
+"""Capture an ``nn.Module`` as a ``torch.fx.GraphModule``.
+
+Two flavours reach the rest of the passes:
+
+* symbolic tracing with :class:`GraphTracer`, which honours user leaf modules and
+  autowrapped functions (``call_module`` nodes for ``nn.Linear``/``nn.Conv2d``);
+* ``torch.export(strict=False).module()``, an aten-level graph with weights as
+  ``get_attr`` nodes, for models symbolic tracing cannot follow. Every tensor
+  dimension is exported as ``Dim.AUTO`` so batch size and sequence length stay
+  dynamic instead of being frozen to the example's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+
+class CaptureError(RuntimeError):
+    """Raised when a model cannot be captured as an FX graph."""
+
+
+class GraphTracer(torch.fx.Tracer):
+    """A symbolic Tracer with extra leaf module types and autowrapped functions.
+
+    Example:
+        >>> tracer = GraphTracer(leaf_modules=(torch.nn.Sequential,))
+        >>> graph = tracer.trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        >>> [n.op for n in graph.nodes]
+        ['placeholder', 'call_module', 'output']
+    """
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[type[nn.Module]] = (),
+        autowrap_functions: Iterable[Callable[..., Any]] = (),
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self.leaf_modules = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self.leaf_modules and isinstance(m, self.leaf_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def symbolic_capture(
+    model: nn.Module,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+) -> torch.fx.GraphModule:
+    """Symbolically trace ``model``; the result shares parameters with it.
+
+    Example:
+        >>> gm = symbolic_capture(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+        >>> gm(torch.ones(1, 2)).shape
+        torch.Size([1, 3])
+    """
+    tracer = GraphTracer(leaf_modules, autowrap_functions)
+    graph = tracer.trace(model)
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def _auto_dynamic_shapes(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """Mark every dimension of every tensor input ``Dim.AUTO``.
+
+    ``Dim.AUTO`` lets export keep a dimension symbolic when the model allows it
+    and specialise it silently when it does not, so the captured graph accepts
+    other batch sizes and sequence lengths than the example's.
+    """
+    auto = torch.export.Dim.AUTO
+
+    def spec(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return {i: auto for i in range(x.dim())}
+        return None
+
+    return pytree.tree_map(spec, args), pytree.tree_map(spec, kwargs)
+
+
+def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """Capture ``model`` with ``torch.export(strict=False)`` and dynamic dimensions.
+
+    Example:
+        >>> gm = export_capture(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+        >>> gm(torch.randn(5, 4)).shape   # another batch size than the example's
+        torch.Size([5, 2])
+    """
+    kwargs = dict(kwargs or {})
+    dyn_args, dyn_kwargs = _auto_dynamic_shapes(tuple(args), kwargs)
+    dynamic_shapes: Any
+    if kwargs:
+        dynamic_shapes = {**_positional_dynamic(model, dyn_args), **dyn_kwargs}
+    else:
+        dynamic_shapes = dyn_args
+    program = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    return program.module()
+
+
+def _positional_dynamic(model: nn.Module, dyn_args: tuple) -> dict[str, Any]:
+    """Name positional dynamic-shape specs after ``model.forward``'s parameters."""
+    import inspect
+
+    names = [
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return dict(zip(names, dyn_args))

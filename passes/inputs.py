@@ -1,0 +1,52 @@
+"""Bind a call's ``(args, kwargs)`` to a GraphModule's placeholders.
+
+``torch.fx.Interpreter.run`` takes the placeholders' values positionally, while
+users call models with keyword arguments (``input_ids=..., attention_mask=...``)
+and ``torch.export`` graphs flatten their inputs with a pytree spec. This module
+turns any call into the flat positional list an Interpreter expects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch.fx
+import torch.utils._pytree as pytree
+
+
+def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    """Return the values of ``gm``'s placeholders for the call ``gm(*args, **kwargs)``.
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 2))
+        >>> [t.shape for t in flatten_inputs(gm, (), {"input": torch.ones(1, 3)})]
+        [torch.Size([1, 3])]
+    """
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None:  # torch.export flavour: inputs are a pytree of (args, kwargs)
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != in_spec:
+            raise TypeError(
+                f"inputs do not match the structure the graph was exported with: expected {in_spec}, got {spec}"
+            )
+        return leaves
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        names = [p.target for p in placeholders]
+        raise TypeError(f"inputs do not match the graph's inputs {names}: {exc}") from exc
+    bound.apply_defaults()
+    flat: list[Any] = []
+    for node in placeholders:
+        name = node.target.lstrip("*")
+        value = bound.arguments.get(name, node.args[0] if node.args else None)
+        if node.target.startswith("**"):
+            raise TypeError("graphs with **kwargs placeholders are not supported")
+        if node.target.startswith("*"):
+            flat.extend(value)
+        else:
+            flat.append(value)
+    return flat

@@ -1,0 +1,196 @@
+"""The factorizing rewrite: each planned site becomes two smaller layers.
+
+This is where a Linear becomes two Linears::
+
+    y = linear(x, W, b)   ->   y = linear(linear(x, A), B, b)        A: (r, in), B: (out, r)
+
+and a Conv2d (any kernel, stride, padding, dilation; groups=1) becomes a conv of
+the same geometry to ``r`` channels followed by a 1x1 conv carrying the bias.
+
+The two layers are installed as an ``nn.Sequential`` at the layer's own
+qualified name, so ``blocks.3.mlp.fc1`` turns into ``blocks.3.mlp.fc1.0`` and
+``blocks.3.mlp.fc1.1`` in the state_dict, and the graph calls them as two
+``call_module`` nodes. The input GraphModule is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+from typing import Any, Mapping
+
+import torch
+import torch.fx
+from torch import nn
+
+from passes.sites import ADDMM_FUNCTIONS, Site, fetch_attr
+
+
+@dataclasses.dataclass
+class Factorization:
+    """Two factors replacing a site's weight: ``W ≈ second @ first``.
+
+    ``first`` is ``(rank, in)`` for a Linear or ``(rank, in, kh, kw)`` for a
+    Conv2d; ``second`` is ``(out, rank)`` (or ``(out, rank, 1, 1)``). ``meta`` is
+    copied into ``node.meta["fxdeco"]`` of the rewritten nodes.
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.first.shape[0]
+
+
+def factored_params(site: Site, rank: int) -> int:
+    """Parameters of the two factors (bias excluded): ``r * (in + out)``."""
+    return rank * (site.in_features + site.out_features)
+
+
+def _check(site: Site, fact: Factorization) -> None:
+    out, r = site.out_features, fact.rank
+    first_ok = tuple(fact.first.shape) == (r, *site.weight_shape[1:]) if site.kind == "conv2d" else \
+        tuple(fact.first.shape) == (r, site.in_features)
+    second_ok = tuple(fact.second.shape) in ((out, r), (out, r, 1, 1)) if site.kind == "conv2d" else \
+        tuple(fact.second.shape) == (out, r)
+    if not (first_ok and second_ok) or r < 1:
+        raise ValueError(
+            f"factors for {site.target!r} have shapes {tuple(fact.first.shape)} and {tuple(fact.second.shape)}, "
+            f"which do not fit its weight {site.weight_shape}"
+        )
+
+
+def factored_module(site: Site, fact: Factorization, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Sequential:
+    """Build the two-layer replacement with the original's dtype and device."""
+    like = dict(dtype=weight.dtype, device=weight.device)
+    r = fact.rank
+    if site.kind == "linear":
+        first = nn.Linear(site.in_features, r, bias=False, **like)
+        second = nn.Linear(r, site.out_features, bias=bias is not None, **like)
+        second_weight = fact.second.reshape(site.out_features, r)
+    else:
+        in_channels, kh, kw = site.weight_shape[1:]
+        first = nn.Conv2d(in_channels, r, (kh, kw), stride=site.stride, padding=site.padding,
+                          dilation=site.dilation, bias=False, **like)
+        second = nn.Conv2d(r, site.out_features, 1, bias=bias is not None, **like)
+        second_weight = fact.second.reshape(site.out_features, r, 1, 1)
+    with torch.no_grad():
+        first.weight.copy_(fact.first.reshape(first.weight.shape))
+        second.weight.copy_(second_weight)
+        if bias is not None:
+            second.bias.copy_(bias)
+    return nn.Sequential(first, second)
+
+
+def _install(gm: torch.fx.GraphModule, site: Site, module: nn.Module) -> str:
+    """Put ``module`` at the layer's name; return the qualified name used.
+
+    The layer's own module (``nn.Linear``, or the parameter holder of an export
+    graph) is replaced when it holds nothing but this layer's weight and bias;
+    otherwise the factors go beside it as ``<name>_lowrank``.
+    """
+    prefix, _, name = site.target.rpartition(".")
+    parent = gm.get_submodule(prefix) if prefix else gm
+    existing = getattr(parent, name, None)
+    if isinstance(existing, nn.Module) and _holds_only_layer(existing, site):
+        delattr(parent, name)
+    elif existing is not None:
+        name += "_lowrank"
+    setattr(parent, name, module)
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _holds_only_layer(module: nn.Module, site: Site) -> bool:
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    own = {f"{site.target}.{n}" for n, _ in tensors}
+    return not any(True for _ in module.children()) and own <= {site.weight, site.bias}
+
+
+def _remove_orphans(graph: torch.fx.Graph, nodes: list[Any]) -> None:
+    """Erase weight/bias/transpose nodes the rewritten site no longer uses."""
+    for node in nodes:
+        if isinstance(node, torch.fx.Node) and node.graph is graph and not node.users:
+            inputs = list(node.all_input_nodes)
+            graph.erase_node(node)
+            _remove_orphans(graph, inputs)
+
+
+def _drop_unused_attrs(gm: torch.fx.GraphModule, names: set[str]) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for qualname in sorted(names - used):
+        prefix, _, name = qualname.rpartition(".")
+        try:
+            owner = gm.get_submodule(prefix) if prefix else gm
+        except AttributeError:
+            continue  # the owner itself was replaced
+        if hasattr(owner, name) and not isinstance(getattr(owner, name), nn.Module):
+            delattr(owner, name)
+
+
+def factorize_sites(
+    gm: torch.fx.GraphModule, sites: list[Site], plan: Mapping[str, Factorization]
+) -> torch.fx.GraphModule:
+    """Return a copy of ``gm`` in which every site whose ``target`` is in ``plan`` is factored.
+
+    Example:
+        >>> from passes.sites import find_sites
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(6, 5)))
+        >>> sites, _ = find_sites(gm)
+        >>> new = factorize_sites(gm, sites, {"0": Factorization(torch.randn(2, 6), torch.randn(5, 2))})
+        >>> [n.target for n in new.graph.nodes if n.op == "call_module"]
+        ['0.0', '0.1']
+    """
+    unknown = set(plan) - {s.target for s in sites}
+    if unknown:
+        raise KeyError(f"plan names layers that are not sites of this graph: {sorted(unknown)}")
+    by_target: dict[str, list[Site]] = defaultdict(list)
+    for s in sites:
+        if s.target in plan:
+            _check(s, plan[s.target])
+            by_target[s.target].append(s)
+
+    new = copy.deepcopy(gm)
+    nodes = {n.name: n for n in new.graph.nodes}
+    dropped: set[str] = set()
+    for target, group in by_target.items():
+        fact, site = plan[target], group[0]
+        weight = fetch_attr(new, site.weight)
+        bias = fetch_attr(new, site.bias) if site.bias else None
+        module = factored_module(site, fact, weight.detach(), None if bias is None else bias.detach())
+        path = _install(new, site, module)
+        for s in group:
+            _rewrite_node(new.graph, nodes[s.node], s, path, fact)
+        dropped |= {site.weight} | ({site.bias} if site.bias else set())
+    _drop_unused_attrs(new, dropped)
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _rewrite_node(graph: torch.fx.Graph, node: torch.fx.Node, site: Site, path: str, fact: Factorization) -> None:
+    x = node.args[1] if node.target in ADDMM_FUNCTIONS else (node.args[0] if node.args else node.kwargs["input"])
+    with graph.inserting_before(node):
+        hidden = graph.call_module(f"{path}.0", (x,))
+        out = graph.call_module(f"{path}.1", (hidden,))
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in node.meta:
+            hidden.meta[key] = out.meta[key] = node.meta[key]
+    info = {
+        "target": site.target,
+        "kind": site.kind,
+        "weight_shape": site.weight_shape,
+        "rank": fact.rank,
+        "full_rank": site.full_rank,
+        "params_before": site.in_features * site.out_features,
+        "params_after": factored_params(site, fact.rank),
+        **fact.meta,
+    }
+    out.meta["fxdeco"] = info
+    hidden.meta["fxdeco_role"] = "first factor"
+    node.replace_all_uses_with(out)
+    inputs = list(node.all_input_nodes)
+    graph.erase_node(node)
+    _remove_orphans(graph, [n for n in inputs if n is not x])

@@ -1,0 +1,293 @@
+"""Find the decomposable *sites* of a graph: nodes computing ``y = W x + b``.
+
+A site is a Linear or a Conv2d (groups=1) whose weight ``W`` resolves to a
+constant tensor of the module. Every form that reaches us is recognised:
+
+* ``call_module`` on ``nn.Linear`` / ``nn.Conv2d`` (symbolic tracing);
+* ``call_function`` ``F.linear`` / ``torch._C._nn.linear`` / ``F.conv2d`` with
+  ``get_attr`` weights (symbolic tracing of functional code, Dynamo);
+* ``aten.linear.default`` / ``aten.conv2d.default`` / ``aten.addmm`` with a
+  constant (possibly transposed) weight (``torch.export`` graphs).
+
+Layers of other kinds (Conv1d, ConvTranspose, grouped convs, Embedding, ...)
+are returned as :class:`SkippedSite` with a reason instead of being dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
+CONV2D_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default}
+ADDMM_FUNCTIONS = {aten.addmm.default, torch.addmm}
+TRANSPOSE_FUNCTIONS = {aten.t.default, aten.transpose.int, aten.permute.default, torch.t}
+
+# Layers we recognise but do not decompose, with the reason a report shows.
+SKIPPED_FUNCTIONS: dict[Any, str] = {
+    F.conv1d: "conv1d is not decomposed",
+    F.conv3d: "conv3d is not decomposed",
+    F.conv_transpose1d: "transposed convolution is not decomposed",
+    F.conv_transpose2d: "transposed convolution is not decomposed",
+    F.conv_transpose3d: "transposed convolution is not decomposed",
+    F.embedding: "embedding lookups are not decomposed",
+    aten.conv1d.default: "conv1d is not decomposed",
+    aten.conv3d.default: "conv3d is not decomposed",
+    aten.conv_transpose2d.input: "transposed convolution is not decomposed",
+    aten.embedding.default: "embedding lookups are not decomposed",
+    aten.convolution.default: "aten.convolution is not decomposed",
+}
+SKIPPED_MODULES: dict[type, str] = {
+    nn.Conv1d: "Conv1d is not decomposed",
+    nn.Conv3d: "Conv3d is not decomposed",
+    nn.ConvTranspose1d: "transposed convolution is not decomposed",
+    nn.ConvTranspose2d: "transposed convolution is not decomposed",
+    nn.ConvTranspose3d: "transposed convolution is not decomposed",
+    nn.Embedding: "embedding lookups are not decomposed",
+    nn.EmbeddingBag: "embedding lookups are not decomposed",
+    nn.Bilinear: "bilinear layers are not decomposed",
+    nn.MultiheadAttention: "projections inside a leaf nn.MultiheadAttention are not visible to the graph",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One decomposable layer occurrence in a graph.
+
+    ``weight_shape`` is the shape as stored (``(out, in)`` or ``(out, in, kh, kw)``);
+    ``target`` is the qualified name under which factors are installed.
+    """
+
+    node: str
+    kind: str  # "linear" | "conv2d"
+    target: str
+    weight: str
+    bias: str | None
+    weight_shape: tuple[int, ...]
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    weight_transposed: bool = False  # addmm with the matrix stored as (in, out)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def in_features(self) -> int:
+        """Inputs per output value: ``in`` for Linear, ``in * kh * kw`` for Conv2d."""
+        n = 1
+        for d in self.weight_shape[1:]:
+            n *= d
+        return n
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.out_features, self.in_features)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedSite:
+    """A layer that looks like Linear/Conv but is not decomposed, and why."""
+
+    node: str
+    target: str
+    reason: str
+
+
+def fetch_attr(root: nn.Module, qualname: str) -> Any:
+    """Return the attribute at dotted path ``qualname`` of ``root``."""
+    obj: Any = root
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _owner(weight_name: str) -> str:
+    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name + "_lowrank"
+
+
+def _module_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | SkippedSite | None:
+    mod = gm.get_submodule(node.target)
+    cls = type(mod)
+    if isinstance(mod, nn.Linear) and cls.forward is nn.Linear.forward:
+        return Site(node.name, "linear", node.target, f"{node.target}.weight",
+                    f"{node.target}.bias" if mod.bias is not None else None, tuple(mod.weight.shape))
+    if isinstance(mod, nn.Conv2d) and cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward:
+        if mod.groups != 1:
+            return SkippedSite(node.name, node.target, f"grouped convolution (groups={mod.groups})")
+        if mod.padding_mode != "zeros":
+            return SkippedSite(node.name, node.target, f"padding_mode={mod.padding_mode!r}")
+        return Site(node.name, "conv2d", node.target, f"{node.target}.weight",
+                    f"{node.target}.bias" if mod.bias is not None else None, tuple(mod.weight.shape),
+                    tuple(mod.stride), mod.padding if isinstance(mod.padding, str) else tuple(mod.padding),
+                    tuple(mod.dilation))
+    for skipped_cls, reason in SKIPPED_MODULES.items():
+        if isinstance(mod, skipped_cls):
+            return SkippedSite(node.name, node.target, reason)
+    if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        return SkippedSite(node.name, node.target, f"{cls.__name__} overrides forward")
+    return None
+
+
+def _constant_name(node: Any) -> str | None:
+    return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
+
+
+def _transposed_constant(node: Any) -> str | None:
+    """The get_attr name behind ``t(W)`` / ``transpose(W, 0, 1)`` / ``permute(W, [1, 0])``."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target not in TRANSPOSE_FUNCTIONS:
+        return None
+    if node.target is aten.permute.default and list(node.args[1]) != [1, 0]:
+        return None
+    if node.target is aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) != [0, 1]:
+        return None
+    return _constant_name(node.args[0])
+
+
+def _function_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | SkippedSite | None:
+    fn = node.target
+    if fn in LINEAR_FUNCTIONS or fn in CONV2D_FUNCTIONS:
+        kind = "linear" if fn in LINEAR_FUNCTIONS else "conv2d"
+        weight_name = _constant_name(_arg(node, 1, "weight"))
+        if weight_name is None:
+            return SkippedSite(node.name, node.name, f"{kind} weight is computed in the graph, not a constant")
+        bias_node = _arg(node, 2, "bias")
+        bias_name = _constant_name(bias_node)
+        if bias_node is not None and bias_name is None:
+            return SkippedSite(node.name, _owner(weight_name), f"{kind} bias is computed in the graph")
+        weight = fetch_attr(gm, weight_name)
+        if kind == "linear":
+            if weight.dim() != 2:
+                return SkippedSite(node.name, _owner(weight_name), f"linear weight has {weight.dim()} dims")
+            return Site(node.name, kind, _owner(weight_name), weight_name, bias_name, tuple(weight.shape))
+        groups = _arg(node, 6, "groups", 1)
+        if groups != 1:
+            return SkippedSite(node.name, _owner(weight_name), f"grouped convolution (groups={groups})")
+        return Site(node.name, kind, _owner(weight_name), weight_name, bias_name, tuple(weight.shape),
+                    _arg(node, 3, "stride", 1), _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1))
+    if fn in ADDMM_FUNCTIONS:
+        if _arg(node, 3, "beta", 1) != 1 or _arg(node, 4, "alpha", 1) != 1:
+            return SkippedSite(node.name, node.name, "addmm with beta/alpha != 1")
+        bias_name = _constant_name(node.args[0])
+        mat2 = node.args[2]
+        weight_name, transposed = _transposed_constant(mat2), False
+        if weight_name is None:
+            weight_name, transposed = _constant_name(mat2), True
+        if weight_name is None or bias_name is None:
+            return None  # a plain matrix product, not a layer
+        weight = fetch_attr(gm, weight_name)
+        shape = tuple(weight.shape[::-1]) if transposed else tuple(weight.shape)
+        return Site(node.name, "linear", _owner(weight_name), weight_name, bias_name, shape,
+                    weight_transposed=transposed)
+    if fn in SKIPPED_FUNCTIONS:
+        w = _constant_name(_arg(node, 1, "weight"))
+        return SkippedSite(node.name, _owner(w) if w else node.name, SKIPPED_FUNCTIONS[fn])
+    return None
+
+
+def _candidates(gm: torch.fx.GraphModule) -> list[Site | SkippedSite]:
+    found: list[Site | SkippedSite] = []
+    for node in gm.graph.nodes:
+        result = None
+        if node.op == "call_module":
+            result = _module_site(gm, node)
+        elif node.op == "call_function":
+            result = _function_site(gm, node)
+        if result is not None:
+            found.append(result)
+    return found
+
+
+def _tensor_names(gm: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, t in gm.named_parameters(remove_duplicate=False):
+        names[id(t)].append(name)
+    for name, t in gm.named_buffers(remove_duplicate=False):
+        names[id(t)].append(name)
+    return names
+
+
+def _non_site_users(gm: torch.fx.GraphModule, sites: list[Site]) -> dict[int, str]:
+    """Map weight tensor id -> a node that uses the weight outside any site."""
+    site_nodes = {s.node for s in sites}
+    weight_ids = {id(fetch_attr(gm, s.weight)) for s in sites}
+    outside: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            t = fetch_attr(gm, node.target)
+            if id(t) not in weight_ids:
+                continue
+            for user in node.users:
+                via_transpose = user.op == "call_function" and user.target in TRANSPOSE_FUNCTIONS and all(
+                    u.name in site_nodes for u in user.users)
+                if user.name not in site_nodes and not via_transpose:
+                    outside.setdefault(id(t), user.name)
+        elif node.op == "call_module" and node.name not in site_nodes:
+            for t in gm.get_submodule(node.target).parameters():
+                if id(t) in weight_ids:
+                    outside.setdefault(id(t), node.name)
+    return outside
+
+
+def find_sites(gm: torch.fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
+    """Return the decomposable sites of ``gm`` in graph order, and the skipped layers.
+
+    A weight used by several nodes of one layer (a module called twice) stays a
+    site per node, sharing ``target``; a weight tied between different layers or
+    also used outside a layer (e.g. an embedding tied to an output projection)
+    is skipped, since factorizing it would not remove its parameters.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv1d(8, 8, 1)))
+        >>> sites, skipped = find_sites(gm)
+        >>> [(s.target, s.kind) for s in sites], [(k.target, k.reason) for k in skipped]
+        ([('0', 'conv2d')], [('1', 'Conv1d is not decomposed')])
+    """
+    candidates = _candidates(gm)
+    sites = [c for c in candidates if isinstance(c, Site)]
+    skipped = [c for c in candidates if isinstance(c, SkippedSite)]
+    outside = _non_site_users(gm, sites)
+    targets_by_weight: dict[int, set[str]] = defaultdict(set)
+    for s in sites:
+        targets_by_weight[id(fetch_attr(gm, s.weight))].add(s.target)
+    kept: list[Site] = []
+    for s in sites:
+        wid = id(fetch_attr(gm, s.weight))
+        if wid in outside:
+            skipped.append(SkippedSite(s.node, s.target, f"weight also used by node {outside[wid]!r}"))
+        elif len(targets_by_weight[wid]) > 1:
+            others = ", ".join(sorted(targets_by_weight[wid] - {s.target}))
+            skipped.append(SkippedSite(s.node, s.target, f"weight tied with {others}"))
+        else:
+            kept.append(s)
+    return kept, skipped
+
+
+def remove_dead_sites(gm: torch.fx.GraphModule) -> list[str]:
+    """Run the graph's dead-code elimination; return the targets of sites it removed.
+
+    Sites whose output never reaches the graph output (a BERT pooler when only
+    ``last_hidden_state`` is returned) cost calibration time and would be
+    decomposed for nothing. ``gm`` is modified in place and recompiled.
+    """
+    before = {c.target for c in _candidates(gm) if isinstance(c, Site)}
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    after = {c.target for c in _candidates(gm) if isinstance(c, Site)}
+    return sorted(before - after)

@@ -1,0 +1,36 @@
+"""End-to-end behaviour of prepare/convert/transform on small models."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+
+
+def lowrank_data(n_batches: int = 4, rows: int = 64, dim: int = 32, rank: int = 4) -> list[torch.Tensor]:
+    basis = torch.randn(rank, dim)
+    return [torch.randn(rows, rank) @ basis for _ in range(n_batches)]
+
+
+def test_transform_reduces_params_and_reports_them() -> None:
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    small = fxdeco.transform(model, lowrank_data(), nsr_threshold=0.01)
+    rep = fxdeco.report(small)
+    assert rep.totals["params_after"] < rep.totals["params_before"]
+    assert rep.totals["params_after"] == sum(p.numel() for p in small.parameters())
+    first = next(r for r in rep.rows if r["name"] == "0")
+    assert first["rank"] is not None and first["rank"] <= 4
+    assert "TOTAL" in str(rep)
+
+
+def test_input_model_state_dict_unchanged() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 1))
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    fxdeco.transform(model, [torch.randn(4, 3, 8, 8) for _ in range(3)], nsr_threshold=0.05)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training, "the caller's train/eval mode must be restored"
