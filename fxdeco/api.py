@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 import logging
 import time
@@ -15,6 +16,7 @@ from torch import nn
 from fxdeco.batches import model_inputs
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError
+from fxdeco.falor import check_options as check_falor_options
 from fxdeco.falor import falor_local
 from fxdeco.plan import matches_any
 from fxdeco.prepared import PreparedModel, RowWeights
@@ -24,6 +26,36 @@ from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
 log = logging.getLogger(__name__)
 
 METHODS: dict[str, Callable[..., Any]] = {"falor": falor_local}
+# Each method's option validator: run before calibration, so a typo costs nothing.
+OPTION_CHECKS: dict[str, Callable[..., None]] = {"falor": check_falor_options}
+
+
+def check_method_options(method: str, options: dict[str, Any]) -> None:
+    """Raise a clear error for an unknown ``method``, an unknown option name or an out-of-range value.
+
+    Example:
+        >>> check_method_options("falor", {"nsr_treshold": 0.1})
+        Traceback (most recent call last):
+        ...
+        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: damping, min_rank, \
+nsr_threshold, proportion_threshold, show_progress, skip
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    signature = inspect.signature(METHODS[method])
+    valid = sorted(p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        names = ", ".join(repr(u) for u in unknown)
+        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {names} for method {method!r}; "
+                        f"valid options: {', '.join(valid)}")
+    OPTION_CHECKS[method](**options)
+
+
+def _skip_patterns(skip: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(skip, str):  # tuple("head") would be four one-letter patterns that skip nothing
+        raise TypeError(f"skip must be a list of glob patterns, got the string {skip!r}; write skip=[{skip!r}]")
+    return tuple(skip)
 
 
 def prepare(
@@ -54,7 +86,7 @@ def prepare(
     gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)
-    skip = tuple(skip)
+    skip = _skip_patterns(skip)
     skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
     sites = [s for s in sites if not matches_any(s.target, skip)]
     if not sites:
@@ -76,8 +108,7 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
         raise TypeError("convert() expects the result of fxdeco.prepare(...)")
     if prepared.batches == 0:
         raise CalibrationError("no calibration batch was run through the prepared model; call it on your data first")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    check_method_options(method, options)
     start = time.perf_counter()
     plan, decisions = METHODS[method](prepared.gm, prepared.sites, prepared.statistics, **options)
     new = factorize_sites(prepared.gm, prepared.sites, plan)
@@ -153,6 +184,9 @@ def transform(
         >>> print(fxdeco.report(small).totals["params_after"] < 2192)
         True
     """
+    # Before calibration: a typo must not cost a calibration run.
+    check_method_options(method, method_options)
+    skip = _skip_patterns(skip)
     iterator = iter(calib_loader)
     try:
         first = next(iterator)

@@ -29,6 +29,37 @@ def smallest_rank(nsr: torch.Tensor, threshold: float, min_rank: int, full_rank:
     return min_rank + int(candidates[0]) if len(candidates) else full_rank
 
 
+def check_options(
+    *,
+    nsr_threshold: float = 0.02,
+    damping: float = 0.0,
+    min_rank: int = 1,
+    proportion_threshold: float = 1.0,
+    skip: Iterable[str] = (),
+    show_progress: bool | None = None,
+) -> None:
+    """Validate falor's options, raising ValueError/TypeError that names the option.
+
+    Separate from :func:`falor_local` so ``fxdeco.transform`` can reject a bad
+    option before spending time on calibration.
+
+    Example:
+        >>> check_options(nsr_threshold=0.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: nsr_threshold must be a number in (0.0, inf], got 0.0
+    """
+    check_fraction("nsr_threshold", nsr_threshold, high=math.inf)
+    check_fraction("proportion_threshold", proportion_threshold)
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0 or math.isnan(damping):
+        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, (int, float)) or int(min_rank) != min_rank \
+            or min_rank < 1:
+        raise ValueError(f"min_rank must be a positive integer, got {min_rank!r}")
+    if isinstance(skip, str):  # a bare string would be read as one pattern per character
+        raise TypeError(f"skip must be a list of glob patterns, got the string {skip!r}; write skip=[{skip!r}]")
+
+
 def falor_local(
     gm: torch.fx.GraphModule,
     sites: Iterable[Site],
@@ -51,17 +82,14 @@ def falor_local(
         >>> import fxdeco, torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
         >>> prepared = fxdeco.prepare(model)
-        >>> _ = prepared(torch.randn(64, 32) @ torch.randn(32, 32).tril(-28))  # low-rank data
-        >>> plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, nsr_threshold=0.01)
+        >>> _ = torch.manual_seed(0)
+        >>> _ = prepared(torch.randn(64, 32) @ torch.randn(32, 32).tril(-28))  # rank-4 data
+        >>> plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, nsr_threshold=1e-6)
         >>> decisions[0].rank
         4
     """
-    check_fraction("nsr_threshold", nsr_threshold, high=math.inf)
-    check_fraction("proportion_threshold", proportion_threshold)
-    if damping < 0 or math.isnan(damping):
-        raise ValueError(f"damping must be >= 0, got {damping!r}")
-    if int(min_rank) != min_rank or min_rank < 1:
-        raise ValueError(f"min_rank must be a positive integer, got {min_rank!r}")
+    check_options(nsr_threshold=nsr_threshold, damping=damping, min_rank=min_rank,
+                  proportion_threshold=proportion_threshold, skip=skip)
     skip = tuple(skip)
     plan: dict[str, Factorization] = {}
     decisions: list[LayerDecision] = []

@@ -71,6 +71,8 @@ def unique_targets(sites: Iterable[Site]) -> list[Site]:
 
 def check_fraction(name: str, value: float, *, low: float = 0.0, high: float = 1.0) -> float:
     """Validate ``low < value <= high`` (and not NaN) for an option, or raise ValueError."""
-    if not isinstance(value, (int, float)) or math.isnan(value) or not (low < value <= high):
+    # bool is an int subclass: ``nsr_threshold=True`` is a mistake, not 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not (low < value <= high):
         raise ValueError(f"{name} must be a number in ({low}, {high}], got {value!r}")
     return float(value)

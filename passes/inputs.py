@@ -29,7 +29,8 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         if spec != in_spec:
             raise TypeError(
-                f"inputs do not match the structure the graph was exported with: expected {in_spec}, got {spec}"
+                f"inputs do not match the structure the graph was exported with: expected {_call_shape(in_spec)}, "
+                f"got {_call_shape(spec)}"
             )
         return leaves
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -50,3 +51,15 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]
         else:
             flat.append(value)
     return flat
+
+
+def _call_shape(spec: pytree.TreeSpec) -> str:
+    """``2 positional inputs and keywords ['mask']`` for an ``(args, kwargs)`` spec: readable, unlike the
+    TreeSpec repr (the raw spec is appended when the positional inputs are themselves nested)."""
+    try:
+        positional, keywords = spec.child(0), spec.child(1)
+        text = f"{positional.num_children} positional input(s) and keywords {list(keywords.context)}"
+        nested = any(positional.child(i).num_children for i in range(positional.num_children))
+        return f"{text} ({spec})" if nested else text
+    except Exception:  # another pytree layout: fall back to the raw spec
+        return str(spec)

@@ -113,8 +113,10 @@ class StatsInterpreter(torch.fx.Interpreter):
         self.statistics = statistics if statistics is not None else {}
         self.row_weights = row_weights
         self.batch_index = 0
+        self.current_node: torch.fx.Node | None = None  # the node that was running when an error escaped
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        self.current_node = n
         out = super().run_node(n)
         site = self.sites.get(n.name)
         if site is not None:

@@ -1,0 +1,409 @@
+"""Bad input gets a clear error (type + a message that names the batch / layer / option), and never a
+half-rewritten model: after every error the caller's model is exactly what it was."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+from passes import Factorization, factorize_sites, find_sites
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy second core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def good(n: int = 4) -> list[torch.Tensor]:
+    return [torch.randn(16, 8) for _ in range(n)]
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """Everything a failed call must leave alone: structure, modes, and every parameter and buffer."""
+    return (
+        [(name, type(m).__name__, m.training) for name, m in model.named_modules()],
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+    )
+
+
+def assert_unchanged(model: nn.Module, before: tuple) -> None:
+    structure, state = fingerprint(model)
+    assert structure == before[0], "the caller's model structure or train/eval mode changed"
+    assert state.keys() == before[1].keys()
+    for k in state:
+        assert torch.equal(state[k], before[1][k]), f"{k} changed"
+
+
+class NeverIterate:
+    """A loader that fails the test if anything iterates it."""
+
+    def __iter__(self) -> Iterator[Any]:
+        raise AssertionError("the calibration loader was iterated before the options were checked")
+
+
+# ----------------------------------------------------------------------------- calibration data
+
+
+@pytest.mark.parametrize("loader", [[], (), iter([]), torch.utils.data.DataLoader(torch.empty(0, 8), batch_size=4)],
+                         ids=["list", "tuple", "iterator", "DataLoader"])
+def test_empty_loader(loader: Any) -> None:
+    model = mlp()
+    before = fingerprint(model)
+    with pytest.raises(fxdeco.CalibrationError, match="loader yielded no batches"):
+        fxdeco.transform(model, loader)
+    assert_unchanged(model, before)
+    prepared = fxdeco.prepare(model)
+    with pytest.raises(fxdeco.CalibrationError, match="loader yielded no batches"):
+        fxdeco.calibrate(prepared, [])
+    assert prepared.batches == 0
+
+
+@pytest.mark.parametrize("bad_at", [0, 2])
+def test_batch_of_wrong_shape_names_batch_and_layer(bad_at: int) -> None:
+    model = mlp()
+    before = fingerprint(model)
+    batches = good(4)
+    batches[bad_at] = torch.randn(16, 7)
+    with pytest.raises(fxdeco.CalibrationError) as info:
+        fxdeco.transform(model, batches)
+    msg = str(info.value)
+    assert f"calibration batch {bad_at} " in msg
+    assert "layer '0'" in msg and "16x7" in msg
+    assert "tlparse" not in msg and "Original traceback" not in msg  # torch's debugging footer is noise here
+    assert_unchanged(model, before)
+
+
+def test_failed_batch_leaves_consistent_statistics() -> None:
+    """Whatever happens to earlier batches on an error, the statistics match the batches counted."""
+    model = mlp()
+    batches = good(4)
+    prepared = fxdeco.prepare(model)
+    fxdeco.calibrate(prepared, batches[:2])
+    with pytest.raises(fxdeco.CalibrationError, match="calibration batch 2 "):
+        prepared(torch.randn(3, 5))
+    counted = batches[: prepared.batches]
+    fxdeco.calibrate(prepared, batches[2:])
+    reference = fxdeco.calibrate(fxdeco.prepare(model), counted + batches[2:])
+    assert prepared.batches == reference.batches
+    for name, stats in reference.statistics.items():
+        assert prepared.statistics[name].rows == stats.rows
+        torch.testing.assert_close(prepared.statistics[name].sum_outer, stats.sum_outer)
+
+
+@pytest.mark.parametrize("batch", [
+    (torch.randn(4, 8), torch.randn(4, 8)),
+    {"input": torch.randn(4, 8), "mask": torch.ones(4)},
+], ids=["two positional", "unknown keyword"])
+def test_wrong_arity(batch: Any) -> None:
+    model = mlp()
+    before = fingerprint(model)
+    with pytest.raises(fxdeco.CalibrationError) as info:
+        fxdeco.transform(model, [batch])
+    msg = str(info.value)
+    assert "calibration batch 0 does not fit the model's inputs" in msg and "'input'" in msg
+    assert_unchanged(model, before)
+
+
+class NeedsExport(nn.Module):
+    """Symbolic tracing cannot follow ``x.dim()``; torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = self.a(x)
+        return self.b(torch.relu(x))
+
+
+def test_wrong_arity_and_shape_on_export_graphs() -> None:
+    model = NeedsExport()
+    before = fingerprint(model)
+    prepared = fxdeco.prepare(model, torch.randn(4, 8))
+    assert prepared.gm.meta["fxdeco_capture"] == "export"
+    with pytest.raises(fxdeco.CalibrationError) as info:
+        prepared(torch.randn(4, 8), torch.randn(4, 8))
+    assert "calibration batch 0 does not fit" in str(info.value)
+    assert "expected 1 positional input(s)" in str(info.value) and "got 2 positional input(s)" in str(info.value)
+    prepared(torch.randn(5, 8))
+    with pytest.raises(fxdeco.CalibrationError) as info:
+        prepared(torch.randn(4, 7))
+    assert "calibration batch 1 " in str(info.value) and "x.size()[1] == 8" in str(info.value)
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------- non-finite activations
+
+
+class LogMiddle(nn.Module):
+    """``log(relu(.))`` sends every negative pre-activation to -inf: the SECOND layer's output is non-finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.log(torch.relu(self.first(x))))
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+def test_non_finite_input_names_site_and_batch(poison: float) -> None:
+    model = mlp()
+    before = fingerprint(model)
+    batches = good(4)
+    batches[3][5, 2] = poison
+    with pytest.raises(fxdeco.NonFiniteActivationError) as info:
+        fxdeco.transform(model, batches)
+    msg = str(info.value)
+    assert "site '0'" in msg and "calibration batch 3" in msg and "NaN/Inf" in msg
+    assert "skip=" in msg  # the remedy
+    assert_unchanged(model, before)
+
+
+def test_non_finite_inside_the_model_names_the_later_site() -> None:
+    model = LogMiddle()
+    before = fingerprint(model)
+    prepared = fxdeco.prepare(model)
+    with pytest.raises(fxdeco.NonFiniteActivationError) as info:
+        prepared(torch.randn(16, 8))
+    msg = str(info.value)
+    assert "site 'second'" in msg and "calibration batch 0" in msg
+    assert isinstance(info.value, ValueError)  # NonFiniteActivationError is a ValueError
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def test_integer_inputs_to_a_float_model() -> None:
+    model = mlp()
+    before = fingerprint(model)
+    with pytest.raises(fxdeco.CalibrationError) as info:
+        fxdeco.transform(model, [torch.randint(0, 5, (4, 8))])
+    msg = str(info.value)
+    assert "calibration batch 0" in msg and "layer '0'" in msg
+    assert "integer" in msg and "torch.int64" in msg and "torch.float32" in msg and "input_fn" in msg
+    assert_unchanged(model, before)
+
+
+def test_integer_inputs_to_an_embedding_model_are_fine() -> None:
+    """The dtype hint must not turn legitimate integer inputs (token ids) into errors."""
+    model = nn.Sequential(nn.Embedding(10, 16), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    small = fxdeco.transform(model, [torch.randint(0, 10, (4, 6)) for _ in range(2)], nsr_threshold=0.5)
+    assert fxdeco.report(small).totals["layers"] == 2
+
+
+# ----------------------------------------------------------------------------- train mode
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(torch.relu(self.bn(self.conv(x)))))
+
+
+@pytest.mark.parametrize("how", ["transform", "prepare-convert", "export"])
+def test_train_mode_batchnorm_untouched(how: str) -> None:
+    model = ConvBN().train()
+    model.bn.eval()  # a mixed state must be restored module by module
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    before = fingerprint(model)
+    data = [torch.randn(4, 3, 8, 8) + 3.0 for _ in range(3)]  # far from the running mean: updates would show
+    if how == "transform":
+        small = fxdeco.transform(model, data, nsr_threshold=0.05)
+    elif how == "prepare-convert":
+        prepared = fxdeco.prepare(model)
+        for b in data:
+            prepared(b)
+        assert_unchanged(model, before)
+        small = fxdeco.convert(prepared, nsr_threshold=0.05)
+    else:
+        gm = torch.export.export(model, (data[0],), strict=False).module()
+        small = fxdeco.transform(gm, data, nsr_threshold=0.05)
+    assert_unchanged(model, before)
+    assert model.training and not model.bn.training and model.drop.training
+    # The decomposed model keeps the BatchNorm statistics of the original, not ones updated by calibration.
+    bn_state = {k: v for k, v in small.state_dict().items() if "running" in k or "num_batches" in k}
+    assert bn_state, "the BatchNorm buffers are missing from the decomposed model"
+    for k, v in bn_state.items():
+        original = before[1]["bn." + k.rsplit(".", 1)[-1]]
+        assert torch.equal(v, original), k
+
+
+# ----------------------------------------------------------------------------- options
+
+
+BAD_OPTIONS = [
+    ({"nsr_threshold": 0}, ValueError, "nsr_threshold"),
+    ({"nsr_threshold": -0.1}, ValueError, "nsr_threshold"),
+    ({"nsr_threshold": math.nan}, ValueError, "nsr_threshold"),
+    ({"nsr_threshold": "0.1"}, ValueError, "nsr_threshold"),
+    ({"nsr_threshold": True}, ValueError, "nsr_threshold"),
+    ({"proportion_threshold": 1.5}, ValueError, "proportion_threshold"),
+    ({"proportion_threshold": 0.0}, ValueError, "proportion_threshold"),
+    ({"proportion_threshold": math.nan}, ValueError, "proportion_threshold"),
+    ({"min_rank": 0}, ValueError, "min_rank"),
+    ({"min_rank": -3}, ValueError, "min_rank"),
+    ({"min_rank": 2.5}, ValueError, "min_rank"),
+    ({"damping": -1.0}, ValueError, "damping"),
+    ({"damping": math.nan}, ValueError, "damping"),
+    ({"nsr_treshold": 0.1}, TypeError, "nsr_treshold"),
+    ({"method": "svd"}, ValueError, "svd"),
+]
+
+
+@pytest.mark.parametrize("options, error, name", BAD_OPTIONS, ids=[repr(o) for o, _, _ in BAD_OPTIONS])
+def test_options_out_of_range_fail_before_calibration(options: dict, error: type, name: str) -> None:
+    model = mlp()
+    before = fingerprint(model)
+    with pytest.raises(error, match=name) as info:
+        fxdeco.transform(model, NeverIterate(), **options)
+    msg = str(info.value)
+    if "method" in options:
+        assert "available: ['falor']" in msg
+    elif error is TypeError:
+        assert "valid options:" in msg and "nsr_threshold" in msg
+    else:
+        assert repr(next(iter(options.values()))) in msg  # the offending value is shown
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("options, error, name", BAD_OPTIONS, ids=[repr(o) for o, _, _ in BAD_OPTIONS])
+def test_bad_options_in_convert_leave_prepared_usable(options: dict, error: type, name: str) -> None:
+    prepared = fxdeco.calibrate(fxdeco.prepare(mlp()), good(2))
+    gm_before = prepared.gm.code
+    with pytest.raises(error, match=name):
+        fxdeco.convert(prepared, **options)
+    assert prepared.gm.code == gm_before
+    assert isinstance(fxdeco.convert(prepared, nsr_threshold=0.5), torch.fx.GraphModule)  # a retry works
+
+
+def test_skip_as_a_bare_string_is_rejected() -> None:
+    """``skip="head"`` would otherwise be read as the patterns 'h', 'e', 'a', 'd' and skip nothing."""
+    with pytest.raises(TypeError, match=r"write skip=\['0'\]"):
+        fxdeco.prepare(mlp(), skip="0")  # type: ignore[arg-type]
+    prepared = fxdeco.calibrate(fxdeco.prepare(mlp()), good(2))
+    with pytest.raises(TypeError, match="skip"):
+        fxdeco.convert(prepared, skip="0")
+    with pytest.raises(TypeError, match="skip"):
+        fxdeco.transform(mlp(), NeverIterate(), skip="0")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- models fxdeco cannot use
+
+
+@pytest.mark.parametrize("model, expected", [
+    (nn.Sequential(nn.ReLU(), nn.Tanh()), "no Linear or Conv2d layer found"),
+    (nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU()), "0: Conv1d is not decomposed"),
+    (nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), "grouped convolution (groups=2)"),
+], ids=["no layers", "conv1d", "grouped conv"])
+def test_no_decomposable_site(model: nn.Module, expected: str) -> None:
+    before = fingerprint(model)
+    with pytest.raises(fxdeco.NoSitesError) as info:
+        fxdeco.prepare(model)
+    assert "Sequential has no decomposable Linear/Conv2d layer" in str(info.value)
+    assert expected in str(info.value)
+    assert_unchanged(model, before)
+
+
+def test_everything_skipped_is_no_sites() -> None:
+    with pytest.raises(fxdeco.NoSitesError, match="skipped by pattern"):
+        fxdeco.prepare(mlp(), skip=["*"])
+
+
+def test_convert_before_calibration() -> None:
+    prepared = fxdeco.prepare(mlp())
+    with pytest.raises(fxdeco.CalibrationError, match="no calibration batch"):
+        fxdeco.convert(prepared)
+    with pytest.raises(TypeError, match=r"fxdeco.prepare"):
+        fxdeco.convert(mlp())  # type: ignore[arg-type]
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_capture_error_without_example_inputs_names_construct_and_remedies() -> None:
+    model = DataDependent()
+    before = fingerprint(model)
+    for call in (lambda: fxdeco.trace(model), lambda: fxdeco.prepare(model)):
+        with pytest.raises(fxdeco.CaptureError) as info:
+            call()
+        msg = str(info.value)
+        assert "DataDependent" in msg
+        assert "if x.sum() > 0:" in msg and "test_bad_input.py" in msg  # the failing construct, where it is
+        assert "example_inputs=" in msg  # remedy 1: capture with torch.export
+        assert "leaf_modules=" in msg and "autowrap_functions=" in msg  # remedy 2: help symbolic tracing
+    assert_unchanged(model, before)
+
+
+def test_capture_error_when_export_fails_too() -> None:
+    model = DataDependent()
+    before = fingerprint(model)
+    with pytest.raises(fxdeco.CaptureError) as info:
+        fxdeco.transform(model, [torch.randn(3, 4)])
+    msg = str(info.value)
+    assert "neither by symbolic tracing" in msg and "nor by torch.export" in msg
+    assert "if x.sum() > 0:" in msg
+    assert "leaf_modules=" in msg and "exportable" in msg
+    assert isinstance(info.value, RuntimeError)
+    assert_unchanged(model, before)
+
+
+# ----------------------------------------------------------------------------- never half-rewritten
+
+
+def test_factorize_sites_rejects_a_bad_plan_before_rewriting() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    gm = fxdeco.trace(model)
+    sites, _ = find_sites(gm)
+    code, state = gm.code, copy.deepcopy(gm.state_dict())
+    plan = {"0": Factorization(torch.randn(2, 8), torch.randn(8, 2)),  # fine
+            "2": Factorization(torch.randn(2, 7), torch.randn(8, 2))}  # wrong first factor
+    with pytest.raises(ValueError, match="'2'.*do not fit its weight"):
+        factorize_sites(gm, sites, plan)
+    with pytest.raises(KeyError, match="not sites of this graph"):
+        factorize_sites(gm, sites, {"nope": plan["0"]})
+    assert gm.code == code
+    assert all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
+
+
+def test_transform_passing_a_graph_module_does_not_mutate_it() -> None:
+    gm = fxdeco.trace(mlp())
+    code, state = gm.code, copy.deepcopy(gm.state_dict())
+    small = fxdeco.transform(gm, good(3), nsr_threshold=0.5)
+    assert small is not gm
+    assert gm.code == code and all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
