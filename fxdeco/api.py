@@ -37,7 +37,7 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
         >>> check_method_options("falor", {"nsr_treshold": 0.1})
         Traceback (most recent call last):
         ...
-        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: damping, min_rank, \
+        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: center, damping, min_rank, \
 nsr_threshold, proportion_threshold, show_progress, skip
     """
     if method not in METHODS:

@@ -14,7 +14,7 @@ from typing import Iterable
 
 import torch
 
-from fxdeco.lowrank import nsr_by_rank, projection_factors, spectrum
+from fxdeco.lowrank import centred_bias, nsr_by_rank, projection_factors, spectrum
 from fxdeco.plan import LayerDecision, check_fraction, decision, matches_any, unique_targets
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
@@ -36,6 +36,7 @@ def check_options(
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
     skip: Iterable[str] = (),
+    center: bool = True,
     show_progress: bool | None = None,
 ) -> None:
     """Validate falor's options, raising ValueError/TypeError that names the option.
@@ -70,13 +71,16 @@ def falor_local(
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
     skip: Iterable[str] = (),
+    center: bool = True,
     show_progress: bool | None = None,
 ) -> tuple[dict[str, Factorization], list[LayerDecision]]:
     """Plan the factorization of every site from its statistics.
 
     A layer is factorized at rank ``k`` only when ``k`` reduces its parameters
     (``k * (in + out) < in * out``) and ``k / full_rank <= proportion_threshold``;
-    layers whose qualified name matches a ``skip`` glob are kept dense.
+    layers whose qualified name matches a ``skip`` glob are kept dense. With
+    ``center`` (default) the covariance is decomposed and the mean of the
+    discarded directions folded into the bias (see ``fxdeco.lowrank``).
 
     Example:
         >>> import fxdeco, torch
@@ -98,7 +102,7 @@ def falor_local(
         if matches_any(site.target, skip):
             decisions.append(decision(site, stats, None, None, "skipped by pattern"))
             continue
-        spec = spectrum(stats, damping)
+        spec = spectrum(stats, damping, center)
         nsr = nsr_by_rank(spec)
         rank = smallest_rank(nsr, nsr_threshold, min(int(min_rank), site.full_rank), site.full_rank)
         estimate = float(nsr[rank])
@@ -109,7 +113,8 @@ def falor_local(
                                       f"rank {rank}/{site.full_rank} above proportion_threshold"))
         else:
             first, second = projection_factors(site, fetch_attr(gm, site.weight), spec, rank)
-            plan[site.target] = Factorization(first, second, {"nsr": estimate})
-            decisions.append(decision(site, stats, rank, estimate, "decomposed"))
+            bias = centred_bias(spec, fetch_attr(gm, site.bias) if site.bias else None, rank)
+            plan[site.target] = Factorization(first, second, {"nsr": estimate}, bias)
+            decisions.append(decision(site, stats, rank, estimate, "decomposed", adds_bias=bias is not None))
         log.debug("%s: rank %d/%d, nsr %.4g", site.target, rank, site.full_rank, estimate)
     return plan, decisions

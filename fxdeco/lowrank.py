@@ -6,6 +6,13 @@ projection ``W_k = U_k U_kᵀ W`` with factors ``A = U_kᵀ W`` and ``B = U_k``.
 per-channel output error is ``e_c(k) = Σ_{j>k} λ_j U[c, j]²``, so the
 noise-to-signal ratio of every rank follows from one eigen-decomposition,
 without running the model.
+
+Centring (our addition; ptdeco only centres the eigenvectors): decomposing the
+covariance ``C = M − μμᵀ`` instead and folding the mean of the discarded
+directions into the bias, ``b' = b + (I − U_k U_kᵀ) μ``, gives the best rank-k
+*affine* approximation. Its error ``(I − P)(y − μ)`` is never larger than the
+uncentred one, ``(I − P) y``, for the same projection; the closed-form NSR
+is the same formula on the spectrum of ``C``.
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ class Spectrum:
     eigenvalues: torch.Tensor  # (out,), descending, >= 0
     eigenvectors: torch.Tensor  # (out, out), columns match eigenvalues
     variance: torch.Tensor  # (out,), per-channel variance of the output
+    mean: torch.Tensor | None = None  # (out,), set when the spectrum is of the covariance
 
 
-def spectrum(stats: SiteStatistics, damping: float = 0.0) -> Spectrum:
-    """Eigen-decompose ``E[y yᵀ]``; ``damping`` adds ``damping * mean(diag)`` to the diagonal.
+def spectrum(stats: SiteStatistics, damping: float = 0.0, center: bool = False) -> Spectrum:
+    """Eigen-decompose ``E[y yᵀ]`` (or the covariance when ``center``).
+
+    ``damping`` adds ``damping * mean(diag)`` to the diagonal.
 
     Damping only steadies the eigen-solver on near-singular moments: a
     multiple of the identity leaves the eigenvectors unchanged, and it is
@@ -42,12 +52,15 @@ def spectrum(stats: SiteStatistics, damping: float = 0.0) -> Spectrum:
         tensor([4.5000, 0.5000], dtype=torch.float64)
     """
     m = stats.second_moment()
+    mean = stats.mean() if center else None
+    if mean is not None:
+        m = m - torch.outer(mean, mean)
     shift = damping * float(m.diagonal().mean()) if damping > 0 else 0.0
     if shift:
         m = m + shift * torch.eye(m.shape[0], dtype=m.dtype)
     values, vectors = torch.linalg.eigh(m)
     values = (values.flip(0) - shift).clamp_min(0.0)
-    return Spectrum(values, vectors.flip(1), stats.variance())
+    return Spectrum(values, vectors.flip(1), stats.variance(), mean)
 
 
 def nsr_by_rank(spec: Spectrum, epsilon: float = NSR_EPSILON) -> torch.Tensor:
@@ -77,3 +90,15 @@ def projection_factors(site: Site, weight: torch.Tensor, spec: Spectrum, rank: i
     if site.kind == "conv2d":
         first = first.reshape(rank, *site.weight_shape[1:])
     return first, basis
+
+
+def centred_bias(spec: Spectrum, bias: torch.Tensor | None, rank: int) -> torch.Tensor | None:
+    """``b + (I − U_k U_kᵀ) μ``: the bias that keeps the mean of the discarded directions.
+
+    ``None`` when the spectrum is not centred (the layer's own bias is kept).
+    """
+    if spec.mean is None:
+        return None
+    basis = spec.eigenvectors[:, :rank]
+    residual_mean = spec.mean - basis @ (basis.T @ spec.mean)
+    return residual_mean if bias is None else bias.detach().to(torch.float64).reshape(-1) + residual_mean

@@ -45,13 +45,19 @@ def factored_macs(site: Site, stats: SiteStatistics, rank: int) -> float:
     return stats.rows_per_sample * rank * (site.in_features + site.out_features)
 
 
-def decision(site: Site, stats: SiteStatistics, rank: int | None, nsr: float | None, reason: str) -> LayerDecision:
-    """Build a :class:`LayerDecision` with params and MACs before/after filled in."""
-    dense_params = site.in_features * site.out_features
+def decision(site: Site, stats: SiteStatistics, rank: int | None, nsr: float | None, reason: str,
+             adds_bias: bool = False) -> LayerDecision:
+    """Build a :class:`LayerDecision` with params (bias included) and MACs before/after filled in.
+
+    ``adds_bias``: the factored layer carries a bias even if the original had none.
+    """
+    bias = site.out_features if site.bias else 0
+    dense_params = site.in_features * site.out_features + bias
+    factored = factored_params(site, rank) + (site.out_features if adds_bias else bias) if rank is not None else 0
     macs = dense_macs(site, stats)
     return LayerDecision(
         site.target, site.kind, site.weight_shape, site.full_rank, rank, nsr,
-        dense_params, factored_params(site, rank) if rank is not None else dense_params,
+        dense_params, factored if rank is not None else dense_params,
         macs, factored_macs(site, stats, rank) if rank is not None else macs, reason,
     )
 

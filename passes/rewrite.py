@@ -32,13 +32,16 @@ class Factorization:
     """Two factors replacing a site's weight: ``W ≈ second @ first``.
 
     ``first`` is ``(rank, in)`` for a Linear or ``(rank, in, kh, kw)`` for a
-    Conv2d; ``second`` is ``(out, rank)`` (or ``(out, rank, 1, 1)``). ``meta`` is
-    copied into ``node.meta["fxdeco"]`` of the rewritten nodes.
+    Conv2d; ``second`` is ``(out, rank)`` (or ``(out, rank, 1, 1)``). ``bias``,
+    when given, replaces the layer's bias on the second factor (a method may
+    fold the mean of the discarded output directions into it); otherwise the
+    layer's own bias is kept. ``meta`` is copied into ``node.meta["fxdeco"]``.
     """
 
     first: torch.Tensor
     second: torch.Tensor
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bias: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -67,6 +70,8 @@ def factored_module(site: Site, fact: Factorization, weight: torch.Tensor, bias:
     """Build the two-layer replacement with the original's dtype and device."""
     like = dict(dtype=weight.dtype, device=weight.device)
     r = fact.rank
+    if fact.bias is not None:
+        bias = fact.bias.reshape(site.out_features)
     if site.kind == "linear":
         first = nn.Linear(site.in_features, r, bias=False, **like)
         second = nn.Linear(r, site.out_features, bias=bias is not None, **like)
@@ -184,8 +189,9 @@ def _rewrite_node(graph: torch.fx.Graph, node: torch.fx.Node, site: Site, path: 
         "weight_shape": site.weight_shape,
         "rank": fact.rank,
         "full_rank": site.full_rank,
-        "params_before": site.in_features * site.out_features,
-        "params_after": factored_params(site, fact.rank),
+        "params_before": site.in_features * site.out_features + (site.out_features if site.bias else 0),
+        "params_after": factored_params(site, fact.rank)
+        + (site.out_features if site.bias or fact.bias is not None else 0),
         **fact.meta,
     }
     out.meta["fxdeco"] = info
