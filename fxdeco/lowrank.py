@@ -22,6 +22,7 @@ import dataclasses
 import torch
 
 from passes import Site, SiteStatistics
+from passes.stats import weight_matrix
 
 # ptdeco's per-channel NSR adds this to each channel's variance.
 NSR_EPSILON = 1e-3
@@ -73,14 +74,6 @@ def nsr_by_rank(spec: Spectrum, epsilon: float = NSR_EPSILON) -> torch.Tensor:
     tail = contributions.flip(1).cumsum(1).flip(1)  # [c, k] = Σ_{j>=k}
     tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], dim=1)
     return (tail / (spec.variance[:, None] + epsilon)).mean(0)
-
-
-def weight_matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
-    """The site's weight as an ``(out, in)`` float64 matrix (conv: ``in * kh * kw``)."""
-    w = weight.detach().to(torch.float64)
-    if site.weight_transposed:
-        w = w.T
-    return w.reshape(site.out_features, -1)
 
 
 def projection_factors(site: Site, weight: torch.Tensor, spec: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

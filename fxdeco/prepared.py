@@ -19,6 +19,7 @@ from fxdeco.batches import leading_dim
 from fxdeco.errors import CalibrationError
 from fxdeco.modes import eval_mode
 from passes import CostProp, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs, graph_macs
+from passes.stats import ActivationStatistics
 from passes.stats import NonFiniteActivationError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class PreparedModel(nn.Module):
         sites: the layers that will be considered for decomposition.
         skipped: layers that will not be, with reasons.
         removed: layers dropped as dead code.
-        statistics: ``{layer name: SiteStatistics}``, merged over all calls.
+        collected: the raw, mergeable sums (:class:`passes.stats.ActivationStatistics`).
+        statistics: ``{layer name: SiteStatistics}`` of each layer's output, merged over all calls.
         batches: number of calibration calls so far.
     """
 
@@ -69,7 +71,8 @@ class PreparedModel(nn.Module):
         self.removed = removed
         self.params_original = params_original
         self.row_weights = row_weights
-        self.statistics: dict[str, SiteStatistics] = {}
+        self.collected = ActivationStatistics()
+        self._per_site: dict[str, SiteStatistics] | None = None  # derived lazily from ``collected``
         self.batches = 0
         self.macs_per_sample: float | None = None
 
@@ -80,7 +83,8 @@ class PreparedModel(nn.Module):
         except TypeError as exc:
             raise CalibrationError(f"calibration batch {index} does not fit the model's inputs: {exc}") from exc
         with eval_mode(self.gm), torch.no_grad():
-            interpreter = StatsInterpreter(self.gm, self.sites, self.statistics, self.row_weights)
+            self._per_site = None
+            interpreter = StatsInterpreter(self.gm, self.sites, self.collected, self.row_weights)
             interpreter.batch_index = index
             interpreter.extra_traceback = False  # we name the node ourselves, without torch's tlparse footer
             try:
@@ -130,5 +134,13 @@ class PreparedModel(nn.Module):
 
     def _reset(self) -> None:
         """Forget every batch, leaving statistics consistent with ``batches``."""
-        self.statistics.clear()
+        self.collected.clear()
+        self._per_site = None
         self.batches = 0
+
+    @property
+    def statistics(self) -> dict[str, SiteStatistics]:
+        """Each layer's output statistics (input-side sums mapped through the weights)."""
+        if self._per_site is None:
+            self._per_site = self.collected.per_site(self.gm, self.sites)
+        return self._per_site

@@ -5,6 +5,12 @@ its bias-free output ``M = E[y yᵀ]``, its mean and the number of rows (one row
 per token for a Linear, per output pixel for a Conv2d). Activations are never
 kept, and statistics merge by addition so several processes or several
 calibration runs can be combined (or all-reduced) afterwards.
+
+Where it is cheaper, a Linear's moments are accumulated on its *input* and
+mapped through the weight afterwards (``E[y yᵀ] = W E[x xᵀ] Wᵀ`` exactly, for
+the bias-free output): an ``in x in`` sum instead of ``out x out``, shared by
+every Linear reading the same tensor (the query/key/value projections of an
+attention block). On a BERT layer this is about 5x fewer float64 MACs.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
-from passes.sites import Site, fetch_attr
+from passes.sites import ADDMM_FUNCTIONS, Site, fetch_attr
 
 
 @dataclasses.dataclass
@@ -57,6 +63,10 @@ class SiteStatistics:
         return SiteStatistics(self.sum_outer + other.sum_outer, self.sum + other.sum,
                               self.rows + other.rows, self.samples + other.samples)
 
+    def through(self, weight: torch.Tensor) -> "SiteStatistics":
+        """The statistics of ``W x`` given these of ``x`` (``weight``: ``(out, in)`` float64)."""
+        return SiteStatistics(weight @ self.sum_outer @ weight.T, weight @ self.sum, self.rows, self.samples)
+
     def second_moment(self) -> torch.Tensor:
         """``E[y yᵀ]`` over all rows seen."""
         return self.sum_outer / max(self.rows, 1)
@@ -84,11 +94,81 @@ def output_rows(site: Site, y: torch.Tensor) -> torch.Tensor:
     return y.reshape(-1, site.out_features)
 
 
+def weight_matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
+    """The site's weight as an ``(out, in)`` float64 matrix (conv: ``in * kh * kw``)."""
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    if site.weight_transposed:
+        w = w.T
+    return w.reshape(site.out_features, -1)
+
+
+def site_input(node: torch.fx.Node) -> Any:
+    """The ``x`` argument of a site node (``addmm(bias, x, Wᵀ)`` takes it second)."""
+    if node.target in ADDMM_FUNCTIONS:
+        return node.args[1]
+    return node.args[0] if node.args else node.kwargs["input"]
+
+
+def input_side_groups(gm: torch.fx.GraphModule, sites: Iterable[Site]) -> dict[str, list[Site]]:
+    """Group Linear sites by input node where an input-side sum is cheaper.
+
+    A group of sites reading the same tensor costs ``in²`` per row on the input
+    side against ``Σ out²`` on the output side. Layers called at several places
+    stay on the output side (their per-call inputs differ).
+    """
+    sites = list(sites)
+    calls: dict[str, int] = {}
+    for s in sites:
+        calls[s.target] = calls.get(s.target, 0) + 1
+    nodes = {n.name: n for n in gm.graph.nodes}
+    groups: dict[str, list[Site]] = {}
+    for s in sites:
+        x = site_input(nodes[s.node])
+        if s.kind == "linear" and calls[s.target] == 1 and isinstance(x, torch.fx.Node):
+            groups.setdefault(x.name, []).append(s)
+    return {name: group for name, group in groups.items()
+            if group[0].in_features ** 2 < sum(s.out_features ** 2 for s in group)}
+
+
+@dataclasses.dataclass
+class ActivationStatistics:
+    """All sums of one calibration: output moments per layer, input moments per shared input.
+
+    Merge two by ``+`` (e.g. across processes); :meth:`per_site` gives every
+    layer's output statistics, mapping input moments through the weights.
+    """
+
+    outputs: dict[str, SiteStatistics] = dataclasses.field(default_factory=dict)  # by site target
+    inputs: dict[str, SiteStatistics] = dataclasses.field(default_factory=dict)  # by input node name
+
+    def __add__(self, other: "ActivationStatistics") -> "ActivationStatistics":
+        def merge(a: dict[str, SiteStatistics], b: dict[str, SiteStatistics]) -> dict[str, SiteStatistics]:
+            return {k: a[k] + b[k] if k in a and k in b else a.get(k, b.get(k)) for k in {*a, *b}}
+
+        return ActivationStatistics(merge(self.outputs, other.outputs), merge(self.inputs, other.inputs))
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.inputs.clear()
+
+    def per_site(self, gm: torch.fx.GraphModule, sites: Iterable[Site]) -> dict[str, SiteStatistics]:
+        """``{site target: SiteStatistics of its bias-free output}``."""
+        result = dict(self.outputs)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for s in sites:
+            x = site_input(nodes[s.node])
+            if s.target not in result and isinstance(x, torch.fx.Node) and x.name in self.inputs:
+                result[s.target] = self.inputs[x.name].through(weight_matrix(s, fetch_attr(gm, s.weight)))
+        return result
+
+
 class StatsInterpreter(torch.fx.Interpreter):
-    """Run a graph and accumulate :class:`SiteStatistics` for every site.
+    """Run a graph and accumulate the :class:`ActivationStatistics` of every site.
 
     Statistics are keyed by ``site.target``, so a layer called at several
-    places of the graph accumulates into one entry.
+    places of the graph accumulates into one entry. Pass ``collected`` to keep
+    adding to the sums of earlier batches; ``input_side=False`` forces every
+    layer to accumulate on its output.
 
     Example:
         >>> from passes.sites import find_sites
@@ -104,37 +184,78 @@ class StatsInterpreter(torch.fx.Interpreter):
         self,
         gm: torch.fx.GraphModule,
         sites: Iterable[Site],
-        statistics: dict[str, SiteStatistics] | None = None,
+        collected: ActivationStatistics | None = None,
         row_weights: Callable[[Site, torch.Tensor], torch.Tensor | None] | None = None,
+        input_side: bool = True,
     ) -> None:
         super().__init__(gm)
-        self.sites = {s.node: s for s in sites}
-        self.biases = {s.node: fetch_attr(gm, s.bias).detach() if s.bias else None for s in self.sites.values()}
-        self.statistics = statistics if statistics is not None else {}
+        self.all_sites = list(sites)
+        self.input_groups = input_side_groups(gm, self.all_sites) if input_side else {}
+        # input-side site node -> its input node's name
+        self.node_by_name = {n.name: n for n in gm.graph.nodes}
+        self.input_of = {s.node: name for name, group in self.input_groups.items() for s in group}
+        on_input = set(self.input_of)
+        self.sites = {s.node: s for s in self.all_sites}
+        self.output_sites = {s.node: s for s in self.all_sites if s.node not in on_input}
+        self.biases = {s.node: fetch_attr(gm, s.bias).detach() if s.bias else None for s in self.output_sites.values()}
+        self.collected = collected if collected is not None else ActivationStatistics()
         self.row_weights = row_weights
         self.batch_index = 0
         self.current_node: torch.fx.Node | None = None  # the node that was running when an error escaped
+        self._inputs_seen: set[str] = set()
+
+    @property
+    def statistics(self) -> dict[str, SiteStatistics]:
+        """Output statistics of every site seen so far."""
+        return self.collected.per_site(self.module, self.all_sites)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self._inputs_seen = set()
+        return super().run(*args, **kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current_node = n
         out = super().run_node(n)
         site = self.sites.get(n.name)
-        if site is not None:
+        if site is None:
+            return out
+        if site.node in self.output_sites:
             self._accumulate(site, out)
+            return out
+        self._check_finite(site, out)
+        # The input is counted once per call, when the first layer reading it has run (so the
+        # layer itself, or the graph's shape guards, report a malformed input first).
+        name = self.input_of[site.node]
+        if name not in self._inputs_seen:
+            self._inputs_seen.add(name)
+            self._accumulate_input(name, self.input_groups[name], self.env[self.node_by_name[name]])
         return out
+
+    def _check_finite(self, site: Site, y: torch.Tensor) -> None:
+        if not torch.isfinite(y).all():
+            raise NonFiniteActivationError(
+                f"site {site.target!r} (node {site.node}) produced NaN/Inf on calibration batch {self.batch_index}; "
+                "check the inputs of that batch or skip the layer with skip=[...]"
+            )
+
+    def _accumulate_input(self, name: str, group: list[Site], x: torch.Tensor) -> None:
+        x = x.detach()
+        if not torch.isfinite(x).all():
+            self._check_finite(group[0], x)
+        stats = self.collected.inputs.get(name)
+        if stats is None:
+            stats = self.collected.inputs[name] = SiteStatistics.empty(group[0].in_features)
+        weights = self.row_weights(group[0], x) if self.row_weights is not None else None
+        stats.update(x.reshape(-1, group[0].in_features), samples=x.shape[0], weights=weights)
 
     def _accumulate(self, site: Site, out: torch.Tensor) -> None:
         y = out.detach()
         bias = self.biases[site.node]
         if bias is not None:
             y = y - (bias.reshape(-1, 1, 1) if site.kind == "conv2d" else bias)
-        if not torch.isfinite(y).all():
-            raise NonFiniteActivationError(
-                f"site {site.target!r} (node {site.node}) produced NaN/Inf on calibration batch {self.batch_index}; "
-                "check the inputs of that batch or skip the layer with skip=[...]"
-            )
-        stats = self.statistics.get(site.target)
+        self._check_finite(site, y)
+        stats = self.collected.outputs.get(site.target)
         if stats is None:
-            stats = self.statistics[site.target] = SiteStatistics.empty(site.out_features)
+            stats = self.collected.outputs[site.target] = SiteStatistics.empty(site.out_features)
         weights = self.row_weights(site, y) if self.row_weights is not None else None
         stats.update(output_rows(site, y), samples=y.shape[0], weights=weights)

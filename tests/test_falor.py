@@ -19,6 +19,7 @@ import fxdeco
 from fxdeco.falor import falor_local
 from fxdeco.lowrank import NSR_EPSILON, nsr_by_rank, spectrum
 from passes import SiteStatistics, StatsInterpreter, find_sites
+from passes.stats import ActivationStatistics
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -315,10 +316,11 @@ def test_statistics_merge_by_addition() -> None:
     sites, _ = find_sites(gm)
 
     def collect(parts: list[torch.Tensor]) -> dict[str, SiteStatistics]:
-        stats: dict[str, SiteStatistics] = {}
+        collected = ActivationStatistics()
         for b in parts:
-            StatsInterpreter(gm, sites, stats).run(b)
-        return stats
+            interpreter = StatsInterpreter(gm, sites, collected)
+            interpreter.run(b)
+        return interpreter.statistics
 
     whole, first, second = collect(batches), collect(batches[:2]), collect(batches[2:])
     assert set(whole) == {"0", "2"}
@@ -361,3 +363,37 @@ def test_damping_does_not_change_the_factors(damping: float, trained_mlp: nn.Mod
         want = fact.second @ fact.first.reshape(fact.rank, -1)
         got = damped_plan[name].second @ damped_plan[name].first.reshape(fact.rank, -1)
         assert torch.linalg.matrix_norm(got - want) <= 1e-6 * torch.linalg.matrix_norm(want)
+
+
+class _Attention(nn.Module):
+    """Three projections of one input (input side: one 8x8 sum for three 8x8 outputs) and an expansion."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+        self.up = nn.Linear(8, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+        return self.up(a)
+
+
+def test_input_side_statistics_equal_output_side() -> None:
+    gm = fxdeco.trace(_Attention().double())  # float64, so both paths agree to rounding
+    sites, _ = find_sites(gm)
+    batches = [torch.randn(3, 5, 8, dtype=torch.float64) + 0.5 for _ in range(3)]
+    both = []
+    for input_side in (True, False):
+        interpreter = StatsInterpreter(gm, sites, input_side=input_side)
+        for b in batches:  # one interpreter reused across calls
+            interpreter.run(b)
+        both.append((interpreter, interpreter.statistics))
+    (fast, fast_stats), (slow, slow_stats) = both
+    assert set(fast.input_groups) and not slow.input_groups  # the fast path really was taken
+    assert sorted(s.target for g in fast.input_groups.values() for s in g) == ["k", "q", "up", "v"]
+    assert fast_stats.keys() == slow_stats.keys() == {"q", "k", "v", "up"}
+    for name in slow_stats:
+        assert fast_stats[name].rows == slow_stats[name].rows == 45
+        assert fast_stats[name].samples == slow_stats[name].samples == 9
+        torch.testing.assert_close(fast_stats[name].sum_outer, slow_stats[name].sum_outer, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(fast_stats[name].sum, slow_stats[name].sum, rtol=1e-10, atol=1e-9)
