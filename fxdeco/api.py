@@ -7,6 +7,7 @@ import inspect
 import itertools
 import logging
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -86,6 +87,9 @@ def prepare(
     gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)
+    for k in skipped:
+        if k.reason.startswith(("weight tied", "weight also used")):  # shared weights: say so, once per layer
+            warnings.warn(f"layer {k.target!r} is not decomposed: {k.reason}", stacklevel=2)
     skip = _skip_patterns(skip)
     skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
     sites = [s for s in sites if not matches_any(s.target, skip)]

@@ -34,3 +34,30 @@ def test_input_model_state_dict_unchanged() -> None:
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training, "the caller's train/eval mode must be restored"
+
+
+class _Tied(nn.Module):
+    """An embedding tied to the output projection, and a Linear called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.mix = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mix(self.mix(self.embed(ids))))
+
+
+def test_tied_weight_warned_and_skipped_shared_layer_factorized_once() -> None:
+    model = _Tied()
+    ids = [torch.randint(0, 50, (8, 12)) for _ in range(3)]
+    with pytest.warns(UserWarning, match="'out' is not decomposed: weight also used"):
+        small = fxdeco.transform(model, ids, nsr_threshold=0.5)
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert rows["out"]["note"].startswith("skipped: weight also used")
+    assert rows["mix"]["rank"] is not None  # the Linear called twice is one layer, factorized once
+    called = [n.target for n in small.graph.nodes if n.op == "call_module"]
+    assert called.count("mix.0") == 2 and called.count("mix.1") == 2
+    assert torch.equal(small.get_parameter("out.weight"), model.embed.weight)
