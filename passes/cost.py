@@ -4,6 +4,9 @@ MACs (multiply-accumulates) are counted for the linear-algebra operations that
 dominate inference cost: Linear, convolutions, matrix products and attention.
 Element-wise operations and normalisations are not counted (fvcore counts
 norms as a few FLOPs per element; that is well under 1% on CNNs/ViTs).
+Nodes no per-node rule covers (leaf modules, autowrapped functions, einsum,
+...) are run under a dispatch mode that applies the same rules to the aten ops
+they execute, so code the graph does not see into is counted too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -53,26 +57,70 @@ def _attention_macs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     return batch * length * source * (q.shape[-1] + v.shape[-1])
 
 
+LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
+CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, aten.conv1d.default,
+                  aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+                  aten.conv3d.padding}
+TRANSPOSED_CONV_FUNCTIONS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose1d.default,
+                             aten.conv_transpose2d.input, aten.conv_transpose3d.input}
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, aten.matmul.default, aten.bmm.default,
+                    aten.mm.default}
+ADDMM_FUNCTIONS = {torch.addmm, aten.addmm.default, torch.baddbmm, aten.baddbmm.default}
+# The fused CPU/GPU kernels F.scaled_dot_product_attention dispatches to all take (query, key, value, ...).
+ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default,
+                       aten._scaled_dot_product_flash_attention_for_cpu.default,
+                       aten._scaled_dot_product_flash_attention.default,
+                       aten._scaled_dot_product_efficient_attention.default}
+COUNTED_FUNCTIONS = (LINEAR_FUNCTIONS | CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS | MATMUL_FUNCTIONS | ADDMM_FUNCTIONS
+                     | ATTENTION_FUNCTIONS | {aten.convolution.default})
+COUNTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d, nn.MultiheadAttention)
+COUNTED_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+
+
+def _get(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs[name]
+
+
 def _function_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    if fn in (F.linear, torch._C._nn.linear, aten.linear.default):
-        return _linear_macs(out, args[1] if len(args) > 1 else kwargs["weight"])
-    if fn in (F.conv1d, F.conv2d, F.conv3d, torch.conv2d, aten.conv1d.default, aten.conv2d.default,
-              aten.conv3d.default):
-        return _conv_macs(out, args[1] if len(args) > 1 else kwargs["weight"])
+    if fn in LINEAR_FUNCTIONS:
+        return _linear_macs(out, _get(args, kwargs, 1, "weight"))
+    if fn in CONV_FUNCTIONS:
+        return _conv_macs(out, _get(args, kwargs, 1, "weight"))
     if fn is aten.convolution.default:
         if args[6]:  # transposed: every input value meets a (out/groups, k...) slice of the weight
             return _numel(args[0]) * math.prod(args[1].shape[1:])
         return _conv_macs(out, args[1])
-    if fn in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, aten.conv_transpose2d.input):
+    if fn in TRANSPOSED_CONV_FUNCTIONS:
         return _numel(args[0]) * math.prod(args[1].shape[1:])
-    if fn in (operator.matmul, torch.matmul, torch.bmm, torch.mm, aten.matmul.default, aten.bmm.default,
-              aten.mm.default):
+    if fn in MATMUL_FUNCTIONS:
         return _matmul_macs(args[0], out)
-    if fn in (torch.addmm, aten.addmm.default, torch.baddbmm, aten.baddbmm.default):
+    if fn in ADDMM_FUNCTIONS:
         return _matmul_macs(args[1], out)
-    if fn in (F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default):
-        return _attention_macs(args[0], args[1], args[2])
+    if fn in ATTENTION_FUNCTIONS:
+        return _attention_macs(_get(args, kwargs, 0, "query"), _get(args, kwargs, 1, "key"),
+                               _get(args, kwargs, 2, "value"))
     return 0
+
+
+class _MacCounter(TorchDispatchMode):
+    """Count the MACs of the aten ops run inside a node the graph does not see into.
+
+    Leaf modules (timm's no-trace registry) and autowrapped functions
+    (torchvision's ``shifted_window_attention``) hide their Linear layers and
+    matrix products from the graph; without this, ``graph_macs`` undercounts such
+    models (swin_t: by two thirds). The same per-op rules apply at aten level.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.macs += _function_macs(func, args, kwargs, out)
+        return out
 
 
 def _module_macs(mod: nn.Module, args: tuple, out: Any) -> int:
@@ -115,12 +163,28 @@ class CostProp(torch.fx.Interpreter):
 
     def run_node(self, n: torch.fx.Node) -> Any:
         try:
-            out = super().run_node(n)
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            n.meta["cost"] = NodeCost(_shape(out), self._params(n), self._macs(n, args, kwargs, out))
+            if self._counted(n):
+                out = super().run_node(n)
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                macs = self._macs(n, args, kwargs, out)
+            else:  # a node no rule covers may still hide matrix products: count them at aten level
+                with _MacCounter() as counter:
+                    out = super().run_node(n)
+                macs = counter.macs
+            n.meta["cost"] = NodeCost(_shape(out), self._params(n), macs)
         except Exception as exc:
             raise RuntimeError(f"cost analysis failed at node {n.format_node()}: {exc}") from exc
         return out
+
+    def _counted(self, n: torch.fx.Node) -> bool:
+        """True when a per-node rule gives the node's MACs (or it computes nothing)."""
+        if n.op == "call_module":
+            return isinstance(self.module.get_submodule(n.target), COUNTED_MODULES)
+        if n.op == "call_function":
+            return n.target in COUNTED_FUNCTIONS
+        if n.op == "call_method":
+            return n.target in COUNTED_METHODS
+        return True
 
     def _params(self, n: torch.fx.Node) -> int:
         if n.op == "call_module":
@@ -135,7 +199,7 @@ class CostProp(torch.fx.Interpreter):
             return _module_macs(self.module.get_submodule(n.target), args, out)
         if n.op == "call_function":
             return _function_macs(n.target, args, kwargs, out)
-        if n.op == "call_method" and n.target in ("matmul", "bmm", "mm", "__matmul__"):
+        if n.op == "call_method" and n.target in COUNTED_METHODS:
             return _matmul_macs(args[0], out)
         return 0
 

@@ -28,9 +28,15 @@ from torch import nn
 aten = torch.ops.aten
 
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear.default}
-CONV2D_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default}
+# aten.conv2d.padding is what torch.export records for padding="same"/"valid".
+CONV2D_FUNCTIONS = {F.conv2d, torch.conv2d, aten.conv2d.default, aten.conv2d.padding}
 ADDMM_FUNCTIONS = {aten.addmm.default, torch.addmm}
-TRANSPOSE_FUNCTIONS = {aten.t.default, aten.transpose.int, aten.permute.default, torch.t}
+# How a transposed weight ``Wᵀ`` reaches an addmm: functions (export, Dynamo) or, in
+# symbolically traced code such as ``torch.addmm(b, x, self.weight.t())``, tensor methods.
+TRANSPOSE_FUNCTIONS: dict[Any, str] = {aten.t.default: "t", torch.t: "t", aten.transpose.int: "transpose",
+                                       torch.transpose: "transpose", aten.permute.default: "permute",
+                                       torch.permute: "permute"}
+TRANSPOSE_METHODS = {"t", "transpose", "permute"}
 
 # Layers we recognise but do not decompose, with the reason a report shows.
 SKIPPED_FUNCTIONS: dict[Any, str] = {
@@ -41,7 +47,9 @@ SKIPPED_FUNCTIONS: dict[Any, str] = {
     F.conv_transpose3d: "transposed convolution is not decomposed",
     F.embedding: "embedding lookups are not decomposed",
     aten.conv1d.default: "conv1d is not decomposed",
+    aten.conv1d.padding: "conv1d is not decomposed",
     aten.conv3d.default: "conv3d is not decomposed",
+    aten.conv3d.padding: "conv3d is not decomposed",
     aten.conv_transpose2d.input: "transposed convolution is not decomposed",
     aten.embedding.default: "embedding lookups are not decomposed",
     aten.convolution.default: "aten.convolution is not decomposed",
@@ -57,6 +65,11 @@ SKIPPED_MODULES: dict[type, str] = {
     nn.Bilinear: "bilinear layers are not decomposed",
     nn.MultiheadAttention: "projections inside a leaf nn.MultiheadAttention are not visible to the graph",
 }
+# Where the weight sits in a skipped function's arguments when it is not argument 1:
+# aten.embedding takes (weight, indices), unlike F.embedding(input, weight).
+SKIPPED_WEIGHT_ARG: dict[Any, int] = {aten.embedding.default: 0}
+# Layer types whose weights we look for inside nodes the graph does not trace into.
+LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,15 +162,29 @@ def _constant_name(node: Any) -> str | None:
     return node.target if isinstance(node, torch.fx.Node) and node.op == "get_attr" else None
 
 
+def _is_transpose(node: Any) -> bool:
+    """True when ``node`` transposes a matrix: ``t(W)``, ``W.t()``, ``transpose(W, 0, 1)``, ``W.permute(1, 0)``."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return False
+    if node.op == "call_function" and node.target in TRANSPOSE_FUNCTIONS:
+        kind = TRANSPOSE_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in TRANSPOSE_METHODS:
+        kind = node.target
+    else:
+        return False
+    if kind == "t":
+        return True
+    rest = node.args[1:]
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+        return False
+    dims = [d % 2 for d in dims]
+    return sorted(dims) == [0, 1] if kind == "transpose" else dims == [1, 0]
+
+
 def _transposed_constant(node: Any) -> str | None:
-    """The get_attr name behind ``t(W)`` / ``transpose(W, 0, 1)`` / ``permute(W, [1, 0])``."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or node.target not in TRANSPOSE_FUNCTIONS:
-        return None
-    if node.target is aten.permute.default and list(node.args[1]) != [1, 0]:
-        return None
-    if node.target is aten.transpose.int and sorted(int(d) % 2 for d in node.args[1:3]) != [0, 1]:
-        return None
-    return _constant_name(node.args[0])
+    """The get_attr name behind a transposed matrix (see :func:`_is_transpose`)."""
+    return _constant_name(node.args[0]) if _is_transpose(node) else None
 
 
 def _function_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | SkippedSite | None:
@@ -196,7 +223,7 @@ def _function_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | Skip
         return Site(node.name, "linear", _owner(weight_name), weight_name, bias_name, shape,
                     weight_transposed=transposed)
     if fn in SKIPPED_FUNCTIONS:
-        w = _constant_name(_arg(node, 1, "weight"))
+        w = _constant_name(_arg(node, SKIPPED_WEIGHT_ARG.get(fn, 1), "weight"))
         return SkippedSite(node.name, _owner(w) if w else node.name, SKIPPED_FUNCTIONS[fn])
     return None
 
@@ -212,6 +239,60 @@ def _candidates(gm: torch.fx.GraphModule) -> list[Site | SkippedSite]:
         if result is not None:
             found.append(result)
     return found
+
+
+# Callables from these modules are ops the graph records itself; any other
+# call_function target is user code the tracer did not enter (an autowrapped function).
+_TRACED_MODULES = {"torch", "_operator", "operator", "builtins", "math"}
+
+
+def _opaque(node: torch.fx.Node) -> bool:
+    """True when ``node`` runs code the graph does not see: a leaf module or an autowrapped function."""
+    if node.op == "call_module":
+        return True
+    if node.op == "call_function":
+        return (getattr(node.target, "__module__", None) or "torch").split(".")[0] not in _TRACED_MODULES
+    return False
+
+
+def _callee(node: torch.fx.Node) -> str:
+    """A readable name for what ``node`` calls (``shifted_window_attention``, ``blocks.0``)."""
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def _hidden_layers(gm: torch.fx.GraphModule, found: list[Site | SkippedSite]) -> list[SkippedSite]:
+    """Linear/Conv layers the graph uses only from inside nodes it does not trace into.
+
+    Leaf modules (timm's no-trace registry, user ``leaf_modules``) and autowrapped
+    functions that receive a layer's weight (torchvision's
+    ``shifted_window_attention``) run their layers out of the graph's sight: they
+    can be neither measured nor rewritten, and must be reported rather than
+    silently missing from the decomposition. Leaf modules keep their type in the
+    GraphModule; a weight reaching a function only shows as a ``get_attr`` of a
+    ``*.weight`` tensor (the tracer copies it without its owner's class).
+    """
+    reported = {c.target for c in found}
+    remedy = "capture the model with torch.export (passes.export_capture) to decompose it"
+    hidden: dict[str, SkippedSite] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target not in reported:
+            mod = gm.get_submodule(node.target)
+            for sub_name, sub in mod.named_modules():
+                name = f"{node.target}.{sub_name}"
+                if sub_name and isinstance(sub, LAYER_TYPES) and name not in reported and name not in hidden:
+                    hidden[name] = SkippedSite(node.name, name, f"inside leaf module {node.target!r} "
+                                               f"({type(mod).__name__}), which the graph does not trace into; {remedy}")
+        elif node.op == "get_attr" and node.target.endswith(".weight"):
+            name, weight = _owner(node.target), fetch_attr(gm, node.target)
+            if name in reported or name in hidden or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+                continue
+            callees = sorted({_callee(u) for u in node.users if _opaque(u)})
+            if callees:
+                hidden[name] = SkippedSite(node.name, name, f"weight passed to {', '.join(callees)}, which the graph "
+                                           f"does not trace into; {remedy}")
+    return list(hidden.values())
 
 
 def _tensor_names(gm: nn.Module) -> dict[int, list[str]]:
@@ -234,8 +315,7 @@ def _non_site_users(gm: torch.fx.GraphModule, sites: list[Site]) -> dict[int, st
             if id(t) not in weight_ids:
                 continue
             for user in node.users:
-                via_transpose = user.op == "call_function" and user.target in TRANSPOSE_FUNCTIONS and all(
-                    u.name in site_nodes for u in user.users)
+                via_transpose = _is_transpose(user) and all(u.name in site_nodes for u in user.users)
                 if user.name not in site_nodes and not via_transpose:
                     outside.setdefault(id(t), user.name)
         elif node.op == "call_module" and node.name not in site_nodes:
@@ -251,7 +331,9 @@ def find_sites(gm: torch.fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]
     A weight used by several nodes of one layer (a module called twice) stays a
     site per node, sharing ``target``; a weight tied between different layers or
     also used outside a layer (e.g. an embedding tied to an output projection)
-    is skipped, since factorizing it would not remove its parameters.
+    is skipped, since factorizing it would not remove its parameters. Linear/Conv
+    layers hidden inside leaf modules or autowrapped functions are reported as
+    skipped too.
 
     Example:
         >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv1d(8, 8, 1)))
@@ -261,7 +343,7 @@ def find_sites(gm: torch.fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]
     """
     candidates = _candidates(gm)
     sites = [c for c in candidates if isinstance(c, Site)]
-    skipped = [c for c in candidates if isinstance(c, SkippedSite)]
+    skipped = [c for c in candidates if isinstance(c, SkippedSite)] + _hidden_layers(gm, candidates)
     outside = _non_site_users(gm, sites)
     targets_by_weight: dict[int, set[str]] = defaultdict(set)
     for s in sites:
