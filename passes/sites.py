@@ -295,15 +295,6 @@ def _hidden_layers(gm: torch.fx.GraphModule, found: list[Site | SkippedSite]) ->
     return list(hidden.values())
 
 
-def _tensor_names(gm: nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = defaultdict(list)
-    for name, t in gm.named_parameters(remove_duplicate=False):
-        names[id(t)].append(name)
-    for name, t in gm.named_buffers(remove_duplicate=False):
-        names[id(t)].append(name)
-    return names
-
-
 def _non_site_users(gm: torch.fx.GraphModule, sites: list[Site]) -> dict[int, str]:
     """Map weight tensor id -> a node that uses the weight outside any site."""
     site_nodes = {s.node for s in sites}
