@@ -66,6 +66,7 @@ def prepare(
     skip: Iterable[str] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    capture: str = "auto",
     row_weights: RowWeights | None = None,
 ) -> PreparedModel:
     """Capture ``model`` and return a :class:`PreparedModel` that collects statistics when called.
@@ -84,7 +85,8 @@ def prepare(
         True
     """
     params_original = sum(p.numel() for p in model.parameters())
-    gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions))
+    gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                             capture=capture))
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)
     for k in skipped:
@@ -169,6 +171,7 @@ def transform(
     skip: Iterable[str] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    capture: str = "auto",
     show_progress: bool | None = None,
     **method_options: Any,
 ) -> torch.fx.GraphModule:
@@ -199,6 +202,6 @@ def transform(
     if example_inputs is None:
         example_inputs = input_fn(first) if input_fn is not None else first
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
-                       autowrap_functions=autowrap_functions)
+                       autowrap_functions=autowrap_functions, capture=capture)
     calibrate(prepared, itertools.chain([first], iterator), input_fn=input_fn, show_progress=show_progress)
     return convert(prepared, method, **method_options)

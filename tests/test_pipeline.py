@@ -61,3 +61,35 @@ def test_tied_weight_warned_and_skipped_shared_layer_factorized_once() -> None:
     called = [n.target for n in small.graph.nodes if n.op == "call_module"]
     assert called.count("mix.0") == 2 and called.count("mix.1") == 2
     assert torch.equal(small.get_parameter("out.weight"), model.embed.weight)
+
+
+class _Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class _WithLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.head = _Inner(), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner(x))
+
+
+def test_capture_export_sees_inside_leaf_modules() -> None:
+    model, x = _WithLeaf(), torch.randn(4, 8)
+    hidden = fxdeco.prepare(model, leaf_modules=(_Inner,))
+    assert [s.target for s in hidden.sites] == ["head"]
+    assert any(k.target == "inner.fc" and "capture='export'" in k.reason for k in hidden.skipped)
+    exported = fxdeco.prepare(model, x, leaf_modules=(_Inner,), capture="export")
+    assert exported.gm.meta["fxdeco_capture"] == "export"
+    assert sorted(s.target for s in exported.sites) == ["head", "inner.fc"]
+    with pytest.raises(fxdeco.CaptureError, match="needs example_inputs"):
+        fxdeco.trace(model, capture="export")
+    with pytest.raises(ValueError, match="capture must be"):
+        fxdeco.trace(model, capture="dynamo")
