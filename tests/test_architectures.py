@@ -35,19 +35,7 @@ from passes.sites import fetch_attr
 REL_TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    """Run this module single-threaded.
-
-    float64 depthwise convolutions run one small OpenMP region per channel group;
-    when other processes load the (2-core) machine, each region's barrier waits
-    for a time slice and a 0.1 s forward pass takes many seconds. One thread is
-    as fast on an idle machine for these small inputs, and stays fast on a busy one.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- helpers
