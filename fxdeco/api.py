@@ -14,13 +14,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxdeco.batches import model_inputs
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError
 from fxdeco.falor import check_options as check_falor_options
 from fxdeco.falor import falor_local
 from fxdeco.plan import matches_any
-from fxdeco.prepared import PreparedModel, RowWeights
+from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
 from fxdeco.progress import progress
 from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
 
@@ -38,8 +37,8 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
         >>> check_method_options("falor", {"nsr_treshold": 0.1})
         Traceback (most recent call last):
         ...
-        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: center, damping, min_rank, \
-nsr_threshold, proportion_threshold, show_progress, skip
+        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: center, damping, keep_macs, \
+keep_params, min_rank, nsr_threshold, proportion_threshold, rank_multiple, show_progress, skip
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
@@ -59,6 +58,12 @@ def _skip_patterns(skip: Iterable[str]) -> tuple[str, ...]:
     return tuple(skip)
 
 
+def _check_stat_mask_fn(stat_mask_fn: Any) -> None:
+    if stat_mask_fn is not None and not callable(stat_mask_fn):
+        raise TypeError(f"stat_mask_fn must be a function of the batch, got {type(stat_mask_fn).__name__}; "
+                        "write stat_mask_fn=lambda batch: batch['attention_mask']")
+
+
 def prepare(
     model: nn.Module,
     example_inputs: Any = None,
@@ -67,12 +72,25 @@ def prepare(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     capture: str = "auto",
+    stat_mask_fn: StatMaskFn | None = None,
     row_weights: RowWeights | None = None,
 ) -> PreparedModel:
     """Capture ``model`` and return a :class:`PreparedModel` that collects statistics when called.
 
     ``skip`` holds glob patterns on layer names (``"head"``, ``"blocks.*.attn.qkv"``)
     for layers to keep dense. The caller's model is never modified.
+
+    ``stat_mask_fn`` keeps padding out of the statistics of padded text batches:
+    it maps a batch (as the loader yields it, after ``input_fn``) to a
+    ``(batch, tokens)`` tensor, 0 at padding and 1 at real tokens, typically
+    ``stat_mask_fn=lambda batch: batch["attention_mask"]``. It applies to every
+    Linear whose rows are ``(batch, tokens, ..., channels)``; Conv2d layers and
+    Linears of other shapes (after pooling) are unmasked. Non-negative weights
+    other than 0/1 weight each position's contribution. Feed such a prepared
+    model with :func:`calibrate` or :meth:`PreparedModel.calibrate_batch`; a
+    direct call takes the mask as ``prepared(..., stat_mask=mask)``.
+    ``row_weights(site, tensor) -> weights | None`` is the lower-level hook
+    (one weight per row of ``tensor``), multiplied with the mask when both are given.
 
     Example:
         >>> import torch, fxdeco
@@ -84,6 +102,7 @@ def prepare(
         >>> isinstance(small, torch.fx.GraphModule)
         True
     """
+    _check_stat_mask_fn(stat_mask_fn)
     params_original = sum(p.numel() for p in model.parameters())
     gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                              capture=capture))
@@ -100,7 +119,7 @@ def prepare(
         raise NoSitesError(f"{type(model).__name__} has no decomposable Linear/Conv2d layer ({reasons})")
     log.info("prepared %d layers for calibration (%d skipped, %d dead)", len({s.target for s in sites}),
              len(skipped), len(removed))
-    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights)
+    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights, stat_mask_fn)
 
 
 def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> torch.fx.GraphModule:
@@ -141,7 +160,10 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
 
 def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn: Callable[[Any], Any] | None = None,
               show_progress: bool | None = None) -> PreparedModel:
-    """Run every batch of ``calib_loader`` through ``prepared``.
+    """Run every batch of ``calib_loader`` through ``prepared`` (:meth:`PreparedModel.calibrate_batch`).
+
+    ``input_fn`` adapts each batch first (``lambda b: b[0]`` for ``(x, y)``);
+    the prepared model's ``stat_mask_fn``, if any, sees the adapted batch.
 
     Example:
         >>> import torch, fxdeco
@@ -152,8 +174,7 @@ def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn:
     total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
     seen = 0
     for batch in progress(calib_loader, desc="calibrating", total=total, enabled=show_progress):
-        args, kwargs = model_inputs(batch, input_fn)
-        prepared(*args, **kwargs)
+        prepared.calibrate_batch(input_fn(batch) if input_fn is not None else batch)
         seen += 1
     if seen == 0:
         raise CalibrationError("the calibration loader yielded no batches")
@@ -172,6 +193,7 @@ def transform(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     capture: str = "auto",
+    stat_mask_fn: StatMaskFn | None = None,
     show_progress: bool | None = None,
     **method_options: Any,
 ) -> torch.fx.GraphModule:
@@ -181,7 +203,9 @@ def transform(
     input, a tuple/list the positional inputs, a dict the keyword inputs;
     ``input_fn`` adapts other batches (``input_fn=lambda b: b[0]`` for ``(x, y)``).
     When symbolic tracing fails, the first batch (or ``example_inputs``) is used
-    to capture the model with ``torch.export``.
+    to capture the model with ``torch.export``. For padded text batches,
+    ``stat_mask_fn=lambda batch: batch["attention_mask"]`` keeps padding out of
+    the statistics (see :func:`prepare`).
 
     Example:
         >>> import torch, fxdeco
@@ -194,6 +218,7 @@ def transform(
     # Before calibration: a typo must not cost a calibration run.
     check_method_options(method, method_options)
     skip = _skip_patterns(skip)
+    _check_stat_mask_fn(stat_mask_fn)
     iterator = iter(calib_loader)
     try:
         first = next(iterator)
@@ -202,6 +227,6 @@ def transform(
     if example_inputs is None:
         example_inputs = input_fn(first) if input_fn is not None else first
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
-                       autowrap_functions=autowrap_functions, capture=capture)
+                       autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn)
     calibrate(prepared, itertools.chain([first], iterator), input_fn=input_fn, show_progress=show_progress)
     return convert(prepared, method, **method_options)

@@ -1,23 +1,34 @@
-"""falor (Features Are LOw Rank), local mode.
+"""falor (Features Are LOw Rank), local closed-form mode and global budget mode.
 
-Every layer gets the smallest rank whose *layer-output* noise-to-signal ratio
-stays under ``nsr_threshold``. The NSR of all ranks comes in closed form from
-one eigen-decomposition of the layer's output second moment (see
-``fxdeco.lowrank``), so no forward pass is spent per candidate rank.
+Each layer's output second moment is eigen-decomposed once; the layer-output
+noise-to-signal ratio of *every* rank then follows in closed form (see
+``fxdeco.lowrank``), so no forward pass is spent per candidate rank. Ranks are
+chosen either
+
+* per layer: the smallest rank whose NSR stays under ``nsr_threshold``; or
+* globally: ``keep_params=0.6`` (or ``keep_macs=``) allocates ranks across all
+  layers so the model keeps that fraction of its original size with the least
+  summed layer NSR (``fxdeco.budget``).
+
+``rank_multiple`` rounds ranks up to hardware-friendly multiples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Iterable
 
 import torch
 
-from fxdeco.lowrank import centred_bias, nsr_by_rank, projection_factors, spectrum
-from fxdeco.plan import LayerDecision, check_fraction, decision, matches_any, unique_targets
+from fxdeco.budget import LayerOptions, allocate
+from fxdeco.lowrank import Spectrum, centred_bias, nsr_by_rank, projection_factors, spectrum
+from fxdeco.plan import (LayerDecision, check_fraction, decision, dense_macs, factored_macs, matches_any,
+                         unique_targets)
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
+from passes.rewrite import factored_params
 from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
@@ -29,9 +40,27 @@ def smallest_rank(nsr: torch.Tensor, threshold: float, min_rank: int, full_rank:
     return min_rank + int(candidates[0]) if len(candidates) else full_rank
 
 
+def round_rank(rank: int, multiple: int, full_rank: int) -> int:
+    """Round ``rank`` up to a multiple of ``multiple``, at most ``full_rank``.
+
+    Example:
+        >>> round_rank(13, 8, 64), round_rank(61, 8, 64), round_rank(3, 8, 5)
+        (16, 64, 5)
+    """
+    return min(full_rank, -(-rank // multiple) * multiple)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
 def check_options(
     *,
     nsr_threshold: float = 0.02,
+    keep_params: float | None = None,
+    keep_macs: float | None = None,
+    rank_multiple: int = 1,
     damping: float = 0.0,
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
@@ -52,13 +81,97 @@ def check_options(
     """
     check_fraction("nsr_threshold", nsr_threshold, high=math.inf)
     check_fraction("proportion_threshold", proportion_threshold)
+    if keep_params is not None and keep_macs is not None:
+        raise ValueError("give keep_params or keep_macs, not both")
+    for name, value in (("keep_params", keep_params), ("keep_macs", keep_macs)):
+        if value is not None:
+            check_fraction(name, value)
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0 or math.isnan(damping):
         raise ValueError(f"damping must be a number >= 0, got {damping!r}")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, (int, float)) or int(min_rank) != min_rank \
-            or min_rank < 1:
-        raise ValueError(f"min_rank must be a positive integer, got {min_rank!r}")
+    _check_positive_int("min_rank", min_rank)
+    _check_positive_int("rank_multiple", rank_multiple)
     if isinstance(skip, str):  # a bare string would be read as one pattern per character
         raise TypeError(f"skip must be a list of glob patterns, got the string {skip!r}; write skip=[{skip!r}]")
+
+
+@dataclasses.dataclass
+class _Layer:
+    """One layer's analysis: statistics, spectrum and the NSR of every rank."""
+
+    site: Site
+    stats: SiteStatistics
+    spec: Spectrum
+    nsr: torch.Tensor  # nsr[k] for k = 0..out
+
+    def candidate_ranks(self, min_rank: int, multiple: int, proportion_threshold: float) -> list[int]:
+        """Ranks worth considering: multiples of ``multiple`` that save parameters."""
+        s = self.site
+        ranks = sorted({round_rank(k, multiple, s.full_rank) for k in range(max(min_rank, 1), s.full_rank + 1)})
+        return [k for k in ranks if k * (s.in_features + s.out_features) < s.in_features * s.out_features
+                and k / s.full_rank <= proportion_threshold]
+
+
+def _analyse(gm: torch.fx.GraphModule, sites: Iterable[Site], statistics: dict[str, SiteStatistics],
+             damping: float, center: bool, show_progress: bool | None) -> list[_Layer]:
+    layers = []
+    for site in progress(sites, desc="falor: spectra", enabled=show_progress):
+        stats = statistics[site.target]
+        spec = spectrum(stats, damping, center)
+        layers.append(_Layer(site, stats, spec, nsr_by_rank(spec)))
+    return layers
+
+
+def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, multiple: int,
+                     proportion_threshold: float) -> dict[str, int | str]:
+    """Per layer: the chosen rank, or the reason it stays dense."""
+    chosen: dict[str, int | str] = {}
+    for layer in layers:
+        s = layer.site
+        rank = round_rank(smallest_rank(layer.nsr, nsr_threshold, min(min_rank, s.full_rank), s.full_rank),
+                          multiple, s.full_rank)
+        if rank * (s.in_features + s.out_features) >= s.in_features * s.out_features:
+            chosen[s.target] = f"rank {rank} would not reduce parameters"
+        elif rank / s.full_rank > proportion_threshold:
+            chosen[s.target] = f"rank {rank}/{s.full_rank} above proportion_threshold"
+        else:
+            chosen[s.target] = rank
+    return chosen
+
+
+def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: float, min_rank: int,
+                  multiple: int, proportion_threshold: float, center: bool) -> dict[str, int | str]:
+    """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs)."""
+    options, ranks = [], []
+    for layer in layers:
+        s = layer.site
+        candidates = layer.candidate_ranks(min_rank, multiple, proportion_threshold)
+        bias = s.out_features if s.bias else 0
+        if measure == "params":
+            dense = s.in_features * s.out_features + bias
+            costs = [dense] + [factored_params(s, k) + (s.out_features if center else bias) for k in candidates]
+        else:
+            dense = dense_macs(s, layer.stats)
+            costs = [dense] + [factored_macs(s, layer.stats, k) for k in candidates]
+        errors = [0.0] + [float(layer.nsr[k]) for k in candidates]
+        options.append(LayerOptions(s.target, torch.tensor(costs, dtype=torch.float64),
+                                    torch.tensor(errors, dtype=torch.float64)))
+        ranks.append([None] + candidates)
+    fixed = model_total - sum(float(o.costs[0]) for o in options)
+    choice = allocate(options, keep * model_total, fixed)
+    total = fixed + sum(float(o.costs[i]) for o, i in zip(options, choice))
+    log.info("falor budget: kept %.4f of the model's %s (asked %.4f)", total / model_total, measure, keep)
+    return {layer.site.target: (r[i] if r[i] is not None else "kept dense by the budget allocation")
+            for layer, r, i in zip(layers, ranks, choice)}
+
+
+def _model_total(gm: torch.fx.GraphModule, measure: str) -> float:
+    """The original model's params/MACs per sample, recorded by ``fxdeco.prepare``."""
+    totals = gm.meta.get("fxdeco_totals", {})
+    if measure == "params":
+        return float(totals.get("params", sum(p.numel() for p in gm.parameters())))
+    if totals.get("macs") is None:
+        raise ValueError("keep_macs needs the model's MACs: calibrate through fxdeco.prepare(...) first")
+    return float(totals["macs"])
 
 
 def falor_local(
@@ -67,6 +180,9 @@ def falor_local(
     statistics: dict[str, SiteStatistics],
     *,
     nsr_threshold: float = 0.02,
+    keep_params: float | None = None,
+    keep_macs: float | None = None,
+    rank_multiple: int = 1,
     damping: float = 0.0,
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
@@ -76,9 +192,15 @@ def falor_local(
 ) -> tuple[dict[str, Factorization], list[LayerDecision]]:
     """Plan the factorization of every site from its statistics.
 
+    Threshold mode (default): each layer gets the smallest rank (rounded up to
+    ``rank_multiple``) whose layer-output NSR is at most ``nsr_threshold``.
+    Budget mode: ``keep_params`` / ``keep_macs`` is the fraction of the original
+    model's parameters / MACs per sample to keep; ranks are allocated across
+    layers to minimise the summed NSR (``nsr_threshold`` is then ignored).
+
     A layer is factorized at rank ``k`` only when ``k`` reduces its parameters
-    (``k * (in + out) < in * out``) and ``k / full_rank <= proportion_threshold``;
-    layers whose qualified name matches a ``skip`` glob are kept dense. With
+    and MACs (``k * (in + out) < in * out``) and ``k / full_rank <=
+    proportion_threshold``; layers matching a ``skip`` glob are kept dense. With
     ``center`` (default) the covariance is decomposed and the mean of the
     discarded directions folded into the bias (see ``fxdeco.lowrank``).
 
@@ -92,29 +214,36 @@ def falor_local(
         >>> decisions[0].rank
         4
     """
-    check_options(nsr_threshold=nsr_threshold, damping=damping, min_rank=min_rank,
+    check_options(nsr_threshold=nsr_threshold, keep_params=keep_params, keep_macs=keep_macs,
+                  rank_multiple=rank_multiple, damping=damping, min_rank=min_rank,
                   proportion_threshold=proportion_threshold, skip=skip)
     skip = tuple(skip)
+    targets = unique_targets(sites)
+    skipped = [s for s in targets if matches_any(s.target, skip)]
+    layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, damping, center, show_progress)
+    min_rank, rank_multiple = int(min_rank), int(rank_multiple)
+    if keep_params is not None or keep_macs is not None:
+        measure, keep = ("params", keep_params) if keep_params is not None else ("macs", keep_macs)
+        chosen = _budget_ranks(layers, float(keep), measure, _model_total(gm, measure), min_rank, rank_multiple,
+                               proportion_threshold, center)
+    else:
+        chosen = _threshold_ranks(layers, nsr_threshold, min_rank, rank_multiple, proportion_threshold)
+
     plan: dict[str, Factorization] = {}
-    decisions: list[LayerDecision] = []
-    for site in progress(unique_targets(sites), desc="falor", enabled=show_progress):
-        stats = statistics[site.target]
-        if matches_any(site.target, skip):
-            decisions.append(decision(site, stats, None, None, "skipped by pattern"))
+    by_target = {layer.site.target: layer for layer in layers}
+    decisions = []
+    for site in targets:
+        if site in skipped:
+            decisions.append(decision(site, statistics[site.target], None, None, "skipped by pattern"))
             continue
-        spec = spectrum(stats, damping, center)
-        nsr = nsr_by_rank(spec)
-        rank = smallest_rank(nsr, nsr_threshold, min(int(min_rank), site.full_rank), site.full_rank)
-        estimate = float(nsr[rank])
-        if rank * (site.in_features + site.out_features) >= site.in_features * site.out_features:
-            decisions.append(decision(site, stats, None, None, f"rank {rank} would not reduce parameters"))
-        elif rank / site.full_rank > proportion_threshold:
-            decisions.append(decision(site, stats, None, None,
-                                      f"rank {rank}/{site.full_rank} above proportion_threshold"))
-        else:
-            first, second = projection_factors(site, fetch_attr(gm, site.weight), spec, rank)
-            bias = centred_bias(spec, fetch_attr(gm, site.bias) if site.bias else None, rank)
-            plan[site.target] = Factorization(first, second, {"nsr": estimate}, bias)
-            decisions.append(decision(site, stats, rank, estimate, "decomposed", adds_bias=bias is not None))
+        layer, rank = by_target[site.target], chosen[site.target]
+        if isinstance(rank, str):
+            decisions.append(decision(site, layer.stats, None, None, rank))
+            continue
+        estimate = float(layer.nsr[rank])
+        first, second = projection_factors(site, fetch_attr(gm, site.weight), layer.spec, rank)
+        bias = centred_bias(layer.spec, fetch_attr(gm, site.bias) if site.bias else None, rank)
+        plan[site.target] = Factorization(first, second, {"nsr": estimate}, bias)
+        decisions.append(decision(site, layer.stats, rank, estimate, "decomposed", adds_bias=bias is not None))
         log.debug("%s: rank %d/%d, nsr %.4g", site.target, rank, site.full_rank, estimate)
     return plan, decisions

@@ -4,21 +4,28 @@
 original model runs the graph through :class:`passes.StatsInterpreter` (in eval
 mode, without gradients) and returns the model's outputs, so users with their
 own data loops can calibrate before ``fxdeco.convert``.
+
+Padded text batches: a *statistics mask* (the attention mask, ``(batch,
+tokens)``) keeps padding positions out of the statistics of every Linear whose
+rows are ``(batch, tokens, channels)``; see :meth:`PreparedModel.forward` and
+:meth:`PreparedModel.calibrate_batch`.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable
 
 import torch
 import torch.fx
 from torch import nn
 
-from fxdeco.batches import leading_dim
+from fxdeco.batches import as_call, leading_dim
 from fxdeco.errors import CalibrationError
 from fxdeco.modes import eval_mode
-from passes import CostProp, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs, graph_macs
+from passes import (CostProp, LeadingDimWeights, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs,
+                    graph_macs)
 from passes.stats import ActivationStatistics
 from passes.stats import NonFiniteActivationError
 
@@ -40,6 +47,43 @@ def _describe(node: torch.fx.Node | None) -> str:
 
 
 RowWeights = Callable[[Site, torch.Tensor], "torch.Tensor | None"]
+# batch (as the loader yields it, after input_fn) -> (batch, tokens) mask of the rows to count, or None
+StatMaskFn = Callable[[Any], "torch.Tensor | None"]
+
+
+def check_stat_mask(mask: Any, index: int) -> torch.Tensor:
+    """Validate a statistics mask and return it as float64 on the CPU (raises :class:`CalibrationError`).
+
+    Example:
+        >>> check_stat_mask(torch.tensor([[1, 1, 0]]), 0)
+        tensor([[1., 1., 0.]], dtype=torch.float64)
+        >>> check_stat_mask(torch.tensor([[1, -1]]), 3)
+        Traceback (most recent call last):
+        ...
+        fxdeco.errors.CalibrationError: the statistics mask of calibration batch 3 has a negative weight (-1); use 0 for positions to ignore (padding) and 1, or any positive weight, for positions to count
+    """
+    where = f"the statistics mask of calibration batch {index}"
+    if not isinstance(mask, torch.Tensor):
+        raise CalibrationError(f"{where} must be a tensor shaped like the (batch, tokens) leading dimensions of the "
+                               f"layers' inputs (e.g. the attention mask), got {type(mask).__name__}")
+    if mask.dim() == 0 or mask.is_complex():
+        raise CalibrationError(f"{where} must be a real tensor with at least one dimension, e.g. (batch, tokens); "
+                               f"got {mask.dtype} of shape {tuple(mask.shape)}")
+    weights = mask.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(weights).all()):
+        raise CalibrationError(f"{where} holds NaN or Inf")
+    if weights.numel() and float(weights.min()) < 0:
+        raise CalibrationError(f"{where} has a negative weight ({float(weights.min()):g}); use 0 for positions to "
+                               "ignore (padding) and 1, or any positive weight, for positions to count")
+    return weights
+
+
+def _both(first: RowWeights, second: RowWeights) -> RowWeights:
+    """Row weights that multiply two hooks' weights (either may return None: all ones)."""
+    def weights(site: Site, tensor: torch.Tensor) -> torch.Tensor | None:
+        a, b = first(site, tensor), second(site, tensor)
+        return b if a is None else a if b is None else a.reshape(-1).double().cpu() * b.reshape(-1).double().cpu()
+    return weights
 
 
 class PreparedModel(nn.Module):
@@ -53,6 +97,8 @@ class PreparedModel(nn.Module):
         collected: the raw, mergeable sums (:class:`passes.stats.ActivationStatistics`).
         statistics: ``{layer name: SiteStatistics}`` of each layer's output, merged over all calls.
         batches: number of calibration calls so far.
+        stat_mask_fn: ``batch -> mask | None`` given to ``prepare``, applied by :meth:`calibrate_batch`.
+        row_weights: ``(site, tensor) -> weights | None``, a lower-level hook given to ``prepare``.
     """
 
     def __init__(
@@ -63,6 +109,7 @@ class PreparedModel(nn.Module):
         removed: list[str],
         params_original: int,
         row_weights: RowWeights | None = None,
+        stat_mask_fn: StatMaskFn | None = None,
     ) -> None:
         super().__init__()
         self.gm = gm
@@ -70,21 +117,111 @@ class PreparedModel(nn.Module):
         self.skipped = skipped
         self.removed = removed
         self.params_original = params_original
+        # what convert's methods need to know of the original model (budgets are fractions of it)
+        gm.meta["fxdeco_totals"] = {"params": params_original, "macs": None}
         self.row_weights = row_weights
+        self.stat_mask_fn = stat_mask_fn
+        self._warned_unmatched_mask = False
         self.collected = ActivationStatistics()
         self._per_site: dict[str, SiteStatistics] | None = None  # derived lazily from ``collected``
         self.batches = 0
         self.macs_per_sample: float | None = None
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, stat_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Run one calibration batch like the original model, add its statistics, return the model's outputs.
+
+        ``stat_mask`` (keyword only) keeps padding out of the statistics: a tensor
+        shaped like the leading dimensions of the layers' rows, ``(batch, tokens)``
+        for a text model (its attention mask), 0 for positions to ignore and 1 for
+        positions to count. It applies to every Linear whose input/output is
+        ``(batch, tokens, ..., channels)``; other layers (Conv2d, a classifier
+        after pooling) are unmasked. Weights other than 0/1 are allowed and weight
+        each row's contribution to the moments (they are normalised by the sum of
+        weights); negative weights are an error. A mask that fits no layer is
+        warned about once and ignored. A prepared model made with
+        ``stat_mask_fn=`` must be fed through :meth:`calibrate_batch` (or given
+        ``stat_mask=`` here).
+
+        Example:
+            >>> import torch, fxdeco
+            >>> class Tagger(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.embed, self.fc = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16)
+            ...     def forward(self, input_ids, attention_mask):
+            ...         return self.fc(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+            >>> prepared = fxdeco.prepare(Tagger())
+            >>> batch = {"input_ids": torch.randint(0, 100, (2, 5)),
+            ...          "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+            >>> out = prepared(**batch, stat_mask=batch["attention_mask"])   # the model's output
+            >>> out.shape, prepared.statistics["fc"].rows, prepared.statistics["fc"].weight
+            (torch.Size([2, 5, 16]), 10, 8.0)
+        """
+        if stat_mask is None and self.stat_mask_fn is not None:
+            raise CalibrationError(
+                f"calibration batch {self.batches}: this model was prepared with stat_mask_fn, which reads whole "
+                "loader batches; call prepared.calibrate_batch(batch) (or fxdeco.calibrate), or pass the mask "
+                "yourself: prepared(..., stat_mask=batch['attention_mask'])")
+        return self._run(args, kwargs, stat_mask)
+
+    def calibrate_batch(self, batch: Any) -> Any:
+        """Run one batch as the loader yields it (after any ``input_fn``); return the model's outputs.
+
+        A tensor is the positional input, a tuple/list the positional inputs, a
+        dict the keyword inputs (as in :func:`fxdeco.calibrate`); the statistics
+        mask is ``stat_mask_fn(batch)`` when ``prepare`` was given one.
+
+        Example:
+            >>> import torch, fxdeco
+            >>> class Tagger(torch.nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.embed, self.fc = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16)
+            ...     def forward(self, input_ids, attention_mask):
+            ...         return self.fc(self.embed(input_ids)) * attention_mask.unsqueeze(-1)
+            >>> prepared = fxdeco.prepare(Tagger(), stat_mask_fn=lambda batch: batch["attention_mask"])
+            >>> loader = [{"input_ids": torch.randint(0, 100, (2, 5)),
+            ...            "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}]
+            >>> for batch in loader:
+            ...     _ = prepared.calibrate_batch(batch)
+            >>> prepared.statistics["fc"].weight   # 8 real tokens of 10
+            8.0
+        """
+        mask = None
+        if self.stat_mask_fn is not None:
+            try:
+                mask = self.stat_mask_fn(batch)
+            except Exception as exc:
+                raise CalibrationError(f"stat_mask_fn failed on calibration batch {self.batches}: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+        args, kwargs = as_call(batch)
+        return self._run(args, kwargs, mask)
+
+    def _row_weights(self, mask: Any, index: int) -> tuple[RowWeights | None, LeadingDimWeights | None]:
+        if mask is None:
+            return self.row_weights, None
+        by_mask = LeadingDimWeights(check_stat_mask(mask, index))
+        return (by_mask if self.row_weights is None else _both(self.row_weights, by_mask)), by_mask
+
+    def _warn_unmatched(self, by_mask: LeadingDimWeights | None) -> None:
+        if by_mask is None or by_mask.matched or self._warned_unmatched_mask:
+            return
+        self._warned_unmatched_mask = True
+        shapes = ", ".join(f"{name!r} {shape}" for name, shape in list(by_mask.unmatched.items())[:3])
+        warnings.warn(f"the statistics mask of shape {tuple(by_mask.mask.shape)} fits no layer (a mask must equal "
+                      "the leading dimensions of a Linear's input/output, e.g. (batch, tokens); seen: "
+                      f"{shapes}); the statistics are unmasked", UserWarning, stacklevel=4)
+
+    def _run(self, args: tuple, kwargs: dict[str, Any], stat_mask: Any) -> Any:
         index = self.batches  # taken before _reset() zeroes the counter, so errors name the real batch
         try:
             flat = flatten_inputs(self.gm, args, kwargs)
         except TypeError as exc:
             raise CalibrationError(f"calibration batch {index} does not fit the model's inputs: {exc}") from exc
+        row_weights, by_mask = self._row_weights(stat_mask, index)
         with eval_mode(self.gm), torch.no_grad():
             self._per_site = None
-            interpreter = StatsInterpreter(self.gm, self.sites, self.collected, self.row_weights)
+            interpreter = StatsInterpreter(self.gm, self.sites, self.collected, row_weights)
             interpreter.batch_index = index
             interpreter.extra_traceback = False  # we name the node ourselves, without torch's tlparse footer
             try:
@@ -107,11 +244,13 @@ class PreparedModel(nn.Module):
                     self._reset()
                     raise CalibrationError(f"cost analysis of calibration batch {index} failed: {exc}") from exc
         self.batches += 1
+        self._warn_unmatched(by_mask)
         return self.gm.graph._codegen.process_outputs(out)
 
     def _measure_cost(self, flat: list[Any], batch_size: int) -> None:
         CostProp(self.gm).run(*flat)
         self.macs_per_sample = graph_macs(self.gm) / batch_size
+        self.gm.meta["fxdeco_totals"]["macs"] = self.macs_per_sample
 
     @staticmethod
     def _discarded(index: int) -> str:

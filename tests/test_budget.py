@@ -1,0 +1,104 @@
+"""falor budget mode (keep_params / keep_macs) and hardware-friendly ranks (rank_multiple)."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+from fxdeco.budget import BudgetError, LayerOptions, allocate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 64),
+                         nn.GELU(), nn.Linear(64, 10))
+
+
+def _data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(64, 64, generator=g) * torch.logspace(0, -2, 64)[:, None]  # decaying spectrum
+    return [torch.randn(128, 64, generator=g) @ basis for _ in range(4)]
+
+
+def _prepared() -> fxdeco.PreparedModel:
+    return fxdeco.calibrate(fxdeco.prepare(_model()), _data())
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.8])
+def test_keep_params_hits_the_budget(keep: float) -> None:
+    small = fxdeco.convert(_prepared(), keep_params=keep)
+    totals = fxdeco.report(small).totals
+    real = sum(p.numel() for p in small.parameters())
+    assert totals["params_after"] == real
+    assert real <= keep * totals["params_before"]
+    assert real / totals["params_before"] == pytest.approx(keep, abs=0.01)
+
+
+def test_keep_macs_hits_the_budget() -> None:
+    small = fxdeco.convert(_prepared(), keep_macs=0.5)
+    totals = fxdeco.report(small).totals
+    assert totals["macs_after"] <= 0.5 * totals["macs_before"]
+    assert totals["macs_after"] / totals["macs_before"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_budget_spends_error_better_than_a_uniform_threshold() -> None:
+    """At the size the threshold mode reaches, the budget allocation's summed NSR is no larger."""
+    prepared = _prepared()
+    by_threshold = fxdeco.convert(prepared, nsr_threshold=0.02)
+    t = fxdeco.report(by_threshold).totals
+    keep = t["params_after"] / t["params_before"]
+    by_budget = fxdeco.convert(prepared, keep_params=keep)
+    b = fxdeco.report(by_budget).totals
+    assert b["params_after"] <= t["params_after"]
+
+    def summed_nsr(gm: torch.fx.GraphModule) -> float:
+        return sum(d.nsr or 0.0 for d in gm.meta["fxdeco"]["decisions"])
+
+    assert summed_nsr(by_budget) <= summed_nsr(by_threshold) + 1e-9
+
+
+def test_unreachable_budget_names_the_smallest_reachable_value() -> None:
+    with pytest.raises(BudgetError, match="smallest reachable total"):
+        fxdeco.convert(_prepared(), keep_params=0.01)
+
+
+def test_budget_options_rejected() -> None:
+    prepared = _prepared()
+    with pytest.raises(ValueError, match="not both"):
+        fxdeco.convert(prepared, keep_params=0.5, keep_macs=0.5)
+    with pytest.raises(ValueError, match="keep_params"):
+        fxdeco.convert(prepared, keep_params=1.5)
+    with pytest.raises(ValueError, match="rank_multiple"):
+        fxdeco.convert(prepared, rank_multiple=0)
+
+
+@pytest.mark.parametrize("mode", [{"nsr_threshold": 0.01}, {"keep_params": 0.5}])
+def test_rank_multiple_rounds_ranks(mode: dict) -> None:
+    small = fxdeco.convert(_prepared(), rank_multiple=8, **mode)
+    ranks = [(d.rank, d.full_rank) for d in small.meta["fxdeco"]["decisions"] if d.decomposed]
+    assert ranks and all(r % 8 == 0 or r == full for r, full in ranks)
+
+
+def test_allocate_matches_brute_force_on_small_problems() -> None:
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        layers = []
+        for i in range(3):
+            costs = torch.cat([torch.tensor([10.0]), torch.sort(torch.rand(3, generator=g) * 9, descending=True)[0]])
+            # error falls as cost grows; the knapsack DP is exact up to its cost resolution
+            errors = torch.cat([torch.tensor([0.0]), (10 - costs[1:]) ** 2 / 100])
+            layers.append(LayerOptions(str(i), costs, errors))
+        budget = float(torch.rand(1, generator=g)) * 20 + 10
+        choice = allocate(layers, budget)
+        assert sum(float(l.costs[c]) for l, c in zip(layers, choice)) <= budget + 1e-9
+        best = min(sum(float(l.errors[c]) for l, c in zip(layers, combo))
+                   for combo in itertools.product(range(4), repeat=3)
+                   if sum(float(l.costs[c]) for l, c in zip(layers, combo)) <= budget)
+        got = sum(float(l.errors[c]) for l, c in zip(layers, choice))
+        assert got <= best * 1.05 + 1e-9  # exact but for the rounding of costs to 1/4000 of the budget
+    with pytest.raises(BudgetError):
+        allocate(layers, budget=1.0)
