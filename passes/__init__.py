@@ -12,13 +12,14 @@ from passes.cost import CostProp, NodeCost, graph_macs
 from passes.inputs import flatten_inputs
 from passes.rewrite import Factorization, factorize_sites
 from passes.sites import Site, SkippedSite, find_sites, remove_dead_sites
-from passes.stats import SiteStatistics, StatsInterpreter
+from passes.stats import LeadingDimWeights, SiteStatistics, StatsInterpreter
 
 __all__ = [
     "CaptureError",
     "CostProp",
     "Factorization",
     "GraphTracer",
+    "LeadingDimWeights",
     "NodeCost",
     "Site",
     "SiteStatistics",

@@ -6,6 +6,11 @@ per token for a Linear, per output pixel for a Conv2d). Activations are never
 kept, and statistics merge by addition so several processes or several
 calibration runs can be combined (or all-reduced) afterwards.
 
+Rows may carry weights (``row_weights=`` of :class:`StatsInterpreter`), e.g. an
+attention mask so that padding tokens do not count: :class:`LeadingDimWeights`
+turns a ``(batch, tokens)`` mask into the row weights of every Linear whose
+rows have those leading dimensions.
+
 Where it is cheaper, a Linear's moments are accumulated on its *input* and
 mapped through the weight afterwards (``E[y yᵀ] = W E[x xᵀ] Wᵀ`` exactly, for
 the bias-free output): an ``in x in`` sum instead of ``out x out``, shared by
@@ -28,58 +33,93 @@ from passes.sites import ADDMM_FUNCTIONS, Site, fetch_attr
 class SiteStatistics:
     """Streaming sums of a site's bias-free output ``y`` (float64).
 
+    With row weights ``w`` the sums are ``Σ w y yᵀ`` and ``Σ w y`` and the moments
+    are normalised by ``weight = Σ w``; rows of weight 0 (padding) add nothing to
+    the moments but still count in ``rows``, which is the cost basis (a layer
+    computes padded rows too). Without weights ``weight == rows``.
+
     Example:
         >>> s = SiteStatistics.empty(2)
         >>> s.update(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
         >>> s.second_moment()
         tensor([[1., 1.],
                 [1., 2.]], dtype=torch.float64)
+        >>> s.update(torch.tensor([[9.0, 9.0]]), weights=torch.tensor([0.0]))  # a padded row
+        >>> s.rows, s.weight, bool((s.second_moment() == torch.tensor([[1., 1.], [1., 2.]])).all())
+        (3, 2.0, True)
     """
 
-    sum_outer: torch.Tensor  # Σ y yᵀ, (out, out)
-    sum: torch.Tensor  # Σ y, (out,)
-    rows: int = 0  # number of output vectors seen
+    sum_outer: torch.Tensor  # Σ w y yᵀ, (out, out)
+    sum: torch.Tensor  # Σ w y, (out,)
+    rows: int = 0  # number of output vectors seen, weighted or not (MACs are counted on these)
     samples: int = 0  # number of batch elements seen
+    weight: float | None = None  # Σ w, the moments' denominator (None: equal to rows, i.e. unweighted)
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            self.weight = float(self.rows)
 
     @classmethod
     def empty(cls, channels: int) -> "SiteStatistics":
         return cls(torch.zeros(channels, channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64))
 
     def update(self, rows: torch.Tensor, samples: int | None = None, weights: torch.Tensor | None = None) -> None:
-        """Add a ``(n, channels)`` block of outputs (optionally weighted per row)."""
-        rows = rows.detach().to(device="cpu", dtype=torch.float64)
+        """Add a ``(n, channels)`` block of outputs, optionally with ``n`` non-negative row weights.
+
+        Rows of weight 0 are dropped before the products, so a 0/1 mask gives
+        exactly the sums of the kept rows (and costs nothing for the padding).
+        """
+        n = rows.shape[0]
+        rows = rows.detach()
         if weights is not None:
-            w = weights.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+            w = weights.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+            if w.numel() != n:
+                raise ValueError(f"{w.numel()} row weights for {n} rows")
+            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ValueError("row weights must be finite and non-negative")
+            keep = w != 0
+            if not bool(keep.all()):
+                rows, w = rows[keep.to(rows.device)], w[keep]
+            if bool((w == 1).all()):
+                weights = None  # a 0/1 mask: the plain sums of the kept rows
+        rows = rows.to(device="cpu", dtype=torch.float64)
+        if weights is not None:
             self.sum_outer += (rows * w[:, None]).T @ rows
             self.sum += w @ rows
-            self.rows += int(w.count_nonzero())
+            self.weight += float(w.sum())
         else:
             self.sum_outer += rows.T @ rows
             self.sum += rows.sum(0)
-            self.rows += rows.shape[0]
-        self.samples += rows.shape[0] if samples is None else samples
+            self.weight += rows.shape[0]
+        self.rows += n
+        self.samples += n if samples is None else samples
 
     def __add__(self, other: "SiteStatistics") -> "SiteStatistics":
         return SiteStatistics(self.sum_outer + other.sum_outer, self.sum + other.sum,
-                              self.rows + other.rows, self.samples + other.samples)
+                              self.rows + other.rows, self.samples + other.samples, self.weight + other.weight)
 
     def through(self, weight: torch.Tensor) -> "SiteStatistics":
         """The statistics of ``W x`` given these of ``x`` (``weight``: ``(out, in)`` float64)."""
-        return SiteStatistics(weight @ self.sum_outer @ weight.T, weight @ self.sum, self.rows, self.samples)
+        return SiteStatistics(weight @ self.sum_outer @ weight.T, weight @ self.sum, self.rows, self.samples,
+                              self.weight)
+
+    def _denominator(self) -> float:
+        return self.weight if self.weight > 0 else 1.0
 
     def second_moment(self) -> torch.Tensor:
-        """``E[y yᵀ]`` over all rows seen."""
-        return self.sum_outer / max(self.rows, 1)
+        """``E[y yᵀ]`` over all rows seen (weighted)."""
+        return self.sum_outer / self._denominator()
 
     def mean(self) -> torch.Tensor:
-        return self.sum / max(self.rows, 1)
+        return self.sum / self._denominator()
 
     def variance(self) -> torch.Tensor:
         """Per-channel (population) variance of ``y``; the bias does not change it."""
-        return (self.sum_outer.diagonal() / max(self.rows, 1) - self.mean() ** 2).clamp_min(0.0)
+        return (self.sum_outer.diagonal() / self._denominator() - self.mean() ** 2).clamp_min(0.0)
 
     @property
     def rows_per_sample(self) -> float:
+        """Rows per batch element, padding included: the cost basis of the layer's MACs."""
         return self.rows / max(self.samples, 1)
 
 
@@ -92,6 +132,47 @@ def output_rows(site: Site, y: torch.Tensor) -> torch.Tensor:
     if site.kind == "conv2d":
         y = y.movedim(1, -1)
     return y.reshape(-1, site.out_features)
+
+
+class LeadingDimWeights:
+    """Row weights from a mask over the leading dimensions of Linear rows, e.g. an attention mask.
+
+    A Linear site's input and output are ``(*lead, channels)``; when ``lead``
+    starts with ``mask.shape`` (``(batch, tokens)`` for a text model), each row
+    gets the mask value of its position. Other sites get no weights: Conv2d
+    (its rows are output pixels) and Linears whose rows have other leading
+    dimensions (e.g. a classifier after pooling, whose input is ``(batch,
+    features)``). Pass an instance as ``row_weights`` of :class:`StatsInterpreter`;
+    ``matched`` / ``unmatched`` record the sites (and row shapes) it was asked about.
+
+    Example:
+        >>> from passes.sites import find_sites
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
+        >>> sites, _ = find_sites(gm)
+        >>> mask = torch.tensor([[1, 1, 0], [1, 0, 0]])           # 2 sentences, 3 positions
+        >>> weights = LeadingDimWeights(mask)
+        >>> interp = StatsInterpreter(gm, sites, row_weights=weights)
+        >>> _ = interp.run(torch.randn(2, 3, 4))
+        >>> interp.statistics["0"].rows, interp.statistics["0"].weight, sorted(weights.matched)
+        (6, 3.0, ['0'])
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        if mask.dim() == 0:
+            raise ValueError("a row mask needs at least one dimension, e.g. (batch, tokens)")
+        self.mask = mask.detach()
+        self.matched: set[str] = set()  # site targets that were weighted
+        self.unmatched: dict[str, tuple[int, ...]] = {}  # site target -> leading dims of its rows
+
+    def __call__(self, site: Site, tensor: torch.Tensor) -> torch.Tensor | None:
+        lead = tuple(tensor.shape[:-1]) if site.kind == "linear" else None
+        dims = self.mask.dim()
+        if lead is None or len(lead) < dims or lead[:dims] != tuple(self.mask.shape):
+            self.unmatched[site.target] = tuple(tensor.shape)
+            return None
+        self.matched.add(site.target)
+        m = self.mask.reshape(*self.mask.shape, *([1] * (len(lead) - dims)))
+        return m.expand(lead).reshape(-1)
 
 
 def weight_matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
