@@ -18,7 +18,8 @@ def _demo(args: argparse.Namespace) -> int:
     from fxdeco.demo import DemoConfig, format_demo, run_demo
 
     cfg = DemoConfig(nsr_threshold=args.nsr_threshold, calib_sentences=args.calib_sentences,
-                     eval_sentences=args.eval_sentences, batch_size=args.batch_size, max_length=args.max_length)
+                     eval_sentences=args.eval_sentences, batch_size=args.batch_size, max_length=args.max_length,
+                     mask_padding=not args.no_stat_mask)
     print(format_demo(run_demo(cfg)))
     return 0
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-sentences", type=int, default=512, help="evaluation sentences (default 512)")
     demo.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
     demo.add_argument("--max-length", type=int, default=64, help="tokens per sentence at most (default 64)")
+    demo.add_argument("--no-stat-mask", action="store_true",
+                      help="count padding tokens in the layers' statistics (default: masked out by the attention mask)")
     demo.set_defaults(func=_demo)
     return parser
 

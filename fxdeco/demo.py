@@ -5,6 +5,11 @@ on one set of English sentences from the standard library's docstrings and
 evaluated on a disjoint set: fidelity is the mean cosine similarity of the
 decomposed model's sentence embeddings to the original's, plus the fraction of
 sentences whose nearest neighbour is unchanged.
+
+Batches are padded to their longest sentence (over half of the calibration
+tokens are padding), so the statistics are masked with the attention mask
+(``stat_mask_fn``): at the same parameter count this gives higher fidelity than
+statistics that count padding (``mask_padding=False``, ``--no-stat-mask``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from tabulate import tabulate
 
 import fxdeco
-from fxdeco.minilm import embed, fidelity, load_minilm, tokenized_batches
+from fxdeco.minilm import embed, fidelity, load_minilm, padding_mask, tokenized_batches
 from fxdeco.report import human
 from fxdeco.text_corpus import calibration_and_evaluation
 
@@ -30,6 +35,7 @@ class DemoConfig:
     batch_size: int = 32
     max_length: int = 64
     seed: int = 0
+    mask_padding: bool = True  # statistics of real tokens only (stat_mask_fn = the attention mask)
 
 
 def run_demo(cfg: DemoConfig, show_progress: bool | None = None) -> dict[str, Any]:
@@ -41,7 +47,8 @@ def run_demo(cfg: DemoConfig, show_progress: bool | None = None) -> dict[str, An
     evaluation = list(tokenized_batches(tokenizer, eval_texts, cfg.batch_size, cfg.max_length))
 
     start = time.perf_counter()
-    small = fxdeco.transform(model, calib, nsr_threshold=cfg.nsr_threshold, show_progress=show_progress)
+    small = fxdeco.transform(model, calib, nsr_threshold=cfg.nsr_threshold, show_progress=show_progress,
+                             stat_mask_fn=padding_mask if cfg.mask_padding else None)
     decompose_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -79,7 +86,8 @@ def format_demo(result: dict[str, Any]) -> str:
     )
     return (
         f"all-MiniLM-L6-v2, falor (local), nsr_threshold={cfg.nsr_threshold}; calibration: {cfg.calib_sentences} "
-        f"sentences, evaluation: {cfg.eval_sentences} other sentences (stdlib docstrings)\n\n"
+        f"sentences ({'padding masked out of' if cfg.mask_padding else 'padding counted in'} the statistics), "
+        f"evaluation: {cfg.eval_sentences} other sentences (stdlib docstrings)\n\n"
         f"{rep}\n\n{summary}\n\ndecomposition wall time: {result['decompose_s']:.1f} s "
         "(capture + calibration + eigendecompositions + rewrite)"
     )

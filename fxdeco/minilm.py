@@ -54,6 +54,19 @@ def tokenized_batches(tokenizer: Any, texts: list[str], batch_size: int, max_len
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def padding_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The statistics mask of a tokenized batch: its attention mask (1 = real token, 0 = padding).
+
+    Use as ``fxdeco.transform(..., stat_mask_fn=padding_mask)`` so that padding
+    positions do not count in the layers' statistics.
+
+    Example:
+        >>> padding_mask({"attention_mask": torch.tensor([[1, 1, 1, 0]])})
+        tensor([[1, 1, 1, 0]])
+    """
+    return batch["attention_mask"]
+
+
 @torch.no_grad()
 def embed(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Concatenate the model's embeddings over ``batches``."""

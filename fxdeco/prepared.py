@@ -60,7 +60,8 @@ def check_stat_mask(mask: Any, index: int) -> torch.Tensor:
         >>> check_stat_mask(torch.tensor([[1, -1]]), 3)
         Traceback (most recent call last):
         ...
-        fxdeco.errors.CalibrationError: the statistics mask of calibration batch 3 has a negative weight (-1); use 0 for positions to ignore (padding) and 1, or any positive weight, for positions to count
+        fxdeco.errors.CalibrationError: the statistics mask of calibration batch 3 has a negative weight (-1); \
+use 0 for positions to ignore (padding) and 1, or any positive weight, for positions to count
     """
     where = f"the statistics mask of calibration batch {index}"
     if not isinstance(mask, torch.Tensor):
