@@ -1,0 +1,1 @@
+"""Real-data benchmarks of fxdeco (not imported by the library)."""
