@@ -125,9 +125,19 @@ def prepare(
 def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> torch.fx.GraphModule:
     """Decompose a calibrated :class:`PreparedModel` with ``method``; return a new GraphModule.
 
-    ``options`` go to the method (falor: ``nsr_threshold``, ``min_rank``,
-    ``proportion_threshold``, ``damping``, ``skip``). Per-layer results are in
-    ``node.meta["fxdeco"]`` and summarised by :func:`fxdeco.report`.
+    ``options`` go to the method (falor: ``nsr_threshold`` or ``keep_params`` /
+    ``keep_macs``, ``rank_multiple``, ``min_rank``, ``proportion_threshold``,
+    ``damping``, ``center``, ``skip``; see :func:`fxdeco.falor.falor_local`).
+    Per-layer results are in ``node.meta["fxdeco"]`` and summarised by
+    :func:`fxdeco.report`.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+        >>> prepared = fxdeco.calibrate(fxdeco.prepare(model), [torch.randn(64, 32) for _ in range(4)])
+        >>> half = fxdeco.convert(prepared, keep_params=0.5)
+        >>> sum(p.numel() for p in half.parameters()) <= 0.5 * sum(p.numel() for p in model.parameters())
+        True
     """
     if not isinstance(prepared, PreparedModel):
         raise TypeError("convert() expects the result of fxdeco.prepare(...)")
