@@ -37,8 +37,8 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
         >>> check_method_options("falor", {"nsr_treshold": 0.1})
         Traceback (most recent call last):
         ...
-        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: center, damping, keep_macs, \
-keep_params, min_rank, nsr_threshold, proportion_threshold, rank_multiple, show_progress, skip
+        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: budget_criterion, center, damping, \
+keep_macs, keep_params, min_rank, nsr_threshold, proportion_threshold, rank_multiple, show_progress, skip
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
@@ -74,6 +74,7 @@ def prepare(
     capture: str = "auto",
     stat_mask_fn: StatMaskFn | None = None,
     row_weights: RowWeights | None = None,
+    sensitivity: bool = False,
 ) -> PreparedModel:
     """Capture ``model`` and return a :class:`PreparedModel` that collects statistics when called.
 
@@ -91,6 +92,10 @@ def prepare(
     direct call takes the mask as ``prepared(..., stat_mask=mask)``.
     ``row_weights(site, tensor) -> weights | None`` is the lower-level hook
     (one weight per row of ``tensor``), multiplied with the mask when both are given.
+    ``sensitivity=True`` also collects, with one backward pass per batch, how much
+    each layer's output moves the final output (``passes.sensitivity``); falor's
+    budget mode then allocates ranks by predicted final-output error
+    (:func:`transform` turns it on by itself in budget mode).
 
     Example:
         >>> import torch, fxdeco
@@ -119,7 +124,7 @@ def prepare(
         raise NoSitesError(f"{type(model).__name__} has no decomposable Linear/Conv2d layer ({reasons})")
     log.info("prepared %d layers for calibration (%d skipped, %d dead)", len({s.target for s in sites}),
              len(skipped), len(removed))
-    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights, stat_mask_fn)
+    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights, stat_mask_fn, sensitivity)
 
 
 def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> torch.fx.GraphModule:
@@ -236,7 +241,11 @@ def transform(
         raise CalibrationError("the calibration loader yielded no batches") from None
     if example_inputs is None:
         example_inputs = input_fn(first) if input_fn is not None else first
+    # Budget mode weighs each layer's error by how much it moves the final output (passes.sensitivity).
+    sensitivity = (method_options.get("keep_params") is not None or method_options.get("keep_macs") is not None) \
+        and method_options.get("budget_criterion", "auto") != "nsr"
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
-                       autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn)
+                       autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
+                       sensitivity=sensitivity)
     calibrate(prepared, itertools.chain([first], iterator), input_fn=input_fn, show_progress=show_progress)
     return convert(prepared, method, **method_options)

@@ -61,6 +61,7 @@ def check_options(
     keep_params: float | None = None,
     keep_macs: float | None = None,
     rank_multiple: int = 1,
+    budget_criterion: str = "auto",
     damping: float = 0.0,
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
@@ -90,6 +91,8 @@ def check_options(
         raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     _check_positive_int("min_rank", min_rank)
     _check_positive_int("rank_multiple", rank_multiple)
+    if budget_criterion not in ("auto", "nsr", "output"):
+        raise ValueError(f"budget_criterion must be 'auto', 'nsr' or 'output', got {budget_criterion!r}")
     if isinstance(skip, str):  # a bare string would be read as one pattern per character
         raise TypeError(f"skip must be a list of glob patterns, got the string {skip!r}; write skip=[{skip!r}]")
 
@@ -102,6 +105,21 @@ class _Layer:
     stats: SiteStatistics
     spec: Spectrum
     nsr: torch.Tensor  # nsr[k] for k = 0..out
+
+    def output_error(self) -> torch.Tensor | None:
+        """Predicted final-output squared error per sample for every rank (index k), or None.
+
+        With the output-gradient moment ``G`` (``passes.sensitivity``) and the
+        spectrum ``C = Σ λ_j u_j u_jᵀ``, dropping directions ``j > k`` changes the
+        final output by ``tr(G Σ_{j>k} λ_j u_j u_jᵀ) = Σ_{j>k} λ_j u_jᵀ G u_j``.
+        """
+        g = self.stats.sensitivity
+        if g is None:
+            return None
+        u = self.spec.eigenvectors
+        weights = self.spec.eigenvalues * ((g @ u) * u).sum(0)
+        tail = weights.flip(0).cumsum(0).flip(0)
+        return torch.cat([tail, tail.new_zeros(1)])
 
     def candidate_ranks(self, min_rank: int, multiple: int, proportion_threshold: float) -> list[int]:
         """Ranks worth considering: multiples of ``multiple`` that save parameters."""
@@ -139,8 +157,14 @@ def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, 
 
 
 def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: float, min_rank: int,
-                  multiple: int, proportion_threshold: float, center: bool) -> dict[str, int | str]:
+                  multiple: int, proportion_threshold: float, center: bool, criterion: str) -> dict[str, int | str]:
     """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs)."""
+    use_output = criterion == "output" or (criterion == "auto" and all(l.stats.sensitivity is not None
+                                                                       for l in layers))
+    if use_output and any(l.stats.sensitivity is None for l in layers):
+        raise ValueError("budget_criterion='output' needs output-gradient statistics: "
+                         "fxdeco.prepare(..., sensitivity=True) (transform collects them in budget mode)")
+    log.info("falor budget: allocating by %s", "predicted final-output error" if use_output else "summed layer NSR")
     options, ranks = [], []
     for layer in layers:
         s = layer.site
@@ -152,7 +176,8 @@ def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: 
         else:
             dense = dense_macs(s, layer.stats)
             costs = [dense] + [factored_macs(s, layer.stats, k) for k in candidates]
-        errors = [0.0] + [float(layer.nsr[k]) for k in candidates]
+        curve = layer.output_error() if use_output else layer.nsr
+        errors = [0.0] + [float(curve[k]) for k in candidates]
         options.append(LayerOptions(s.target, torch.tensor(costs, dtype=torch.float64),
                                     torch.tensor(errors, dtype=torch.float64)))
         ranks.append([None] + candidates)
@@ -183,6 +208,7 @@ def falor_local(
     keep_params: float | None = None,
     keep_macs: float | None = None,
     rank_multiple: int = 1,
+    budget_criterion: str = "auto",
     damping: float = 0.0,
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
@@ -196,7 +222,10 @@ def falor_local(
     ``rank_multiple``) whose layer-output NSR is at most ``nsr_threshold``.
     Budget mode: ``keep_params`` / ``keep_macs`` is the fraction of the original
     model's parameters / MACs per sample to keep; ranks are allocated across
-    layers to minimise the summed NSR (``nsr_threshold`` is then ignored).
+    layers (``nsr_threshold`` is then ignored) to minimise the predicted
+    final-output error when the statistics carry output-gradient moments
+    (``budget_criterion="output"``; ``"auto"`` picks it when available), else
+    the summed layer NSR (``"nsr"``).
 
     A layer is factorized at rank ``k`` only when ``k`` reduces its parameters
     and MACs (``k * (in + out) < in * out``) and ``k / full_rank <=
@@ -215,7 +244,7 @@ def falor_local(
         4
     """
     check_options(nsr_threshold=nsr_threshold, keep_params=keep_params, keep_macs=keep_macs,
-                  rank_multiple=rank_multiple, damping=damping, min_rank=min_rank,
+                  rank_multiple=rank_multiple, budget_criterion=budget_criterion, damping=damping, min_rank=min_rank,
                   proportion_threshold=proportion_threshold, skip=skip)
     skip = tuple(skip)
     targets = unique_targets(sites)
@@ -225,7 +254,7 @@ def falor_local(
     if keep_params is not None or keep_macs is not None:
         measure, keep = ("params", keep_params) if keep_params is not None else ("macs", keep_macs)
         chosen = _budget_ranks(layers, float(keep), measure, _model_total(gm, measure), min_rank, rank_multiple,
-                               proportion_threshold, center)
+                               proportion_threshold, center, budget_criterion)
     else:
         chosen = _threshold_ranks(layers, nsr_threshold, min_rank, rank_multiple, proportion_threshold)
 

@@ -26,6 +26,7 @@ from fxdeco.errors import CalibrationError
 from fxdeco.modes import eval_mode
 from passes import (CostProp, LeadingDimWeights, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs,
                     graph_macs)
+from passes.sensitivity import SensitivityInterpreter
 from passes.stats import ActivationStatistics
 from passes.stats import NonFiniteActivationError
 
@@ -111,8 +112,13 @@ class PreparedModel(nn.Module):
         params_original: int,
         row_weights: RowWeights | None = None,
         stat_mask_fn: StatMaskFn | None = None,
+        sensitivity: bool = False,
     ) -> None:
         super().__init__()
+        # output-gradient moments per layer (passes.sensitivity): one extra backward pass per batch
+        self.sensitivity_moments: dict[str, torch.Tensor] | None = {} if sensitivity else None
+        self.sensitivity_samples = 0
+        self._projections = torch.Generator().manual_seed(0)
         self.gm = gm
         self.sites = sites
         self.skipped = skipped
@@ -244,6 +250,12 @@ class PreparedModel(nn.Module):
                 except Exception as exc:
                     self._reset()
                     raise CalibrationError(f"cost analysis of calibration batch {index} failed: {exc}") from exc
+        if self.sensitivity_moments is not None:
+            with eval_mode(self.gm):
+                sens = SensitivityInterpreter(self.gm, self.sites, generator=self._projections,
+                                              moments=self.sensitivity_moments)
+                sens.run(*flat)
+                self.sensitivity_samples += sens.samples
         self.batches += 1
         self._warn_unmatched(by_mask)
         return self.gm.graph._codegen.process_outputs(out)
@@ -277,10 +289,16 @@ class PreparedModel(nn.Module):
         self.collected.clear()
         self._per_site = None
         self.batches = 0
+        if self.sensitivity_moments is not None:
+            self.sensitivity_moments.clear()
+            self.sensitivity_samples = 0
 
     @property
     def statistics(self) -> dict[str, SiteStatistics]:
         """Each layer's output statistics (input-side sums mapped through the weights)."""
         if self._per_site is None:
             self._per_site = self.collected.per_site(self.gm, self.sites)
+            for target, moment in (self.sensitivity_moments or {}).items():
+                if target in self._per_site:
+                    self._per_site[target].sensitivity = moment / max(self.sensitivity_samples, 1)
         return self._per_site

@@ -54,6 +54,8 @@ class SiteStatistics:
     rows: int = 0  # number of output vectors seen, weighted or not (MACs are counted on these)
     samples: int = 0  # number of batch elements seen
     weight: float | None = None  # Σ w, the moments' denominator (None: equal to rows, i.e. unweighted)
+    # E[g gᵀ] per sample of the final-output gradient at y (passes.sensitivity), when collected
+    sensitivity: torch.Tensor | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.weight is None:

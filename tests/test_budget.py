@@ -102,3 +102,38 @@ def test_allocate_matches_brute_force_on_small_problems() -> None:
         assert got <= best * 1.05 + 1e-9  # exact but for the rounding of costs to 1/4000 of the budget
     with pytest.raises(BudgetError):
         allocate(layers, budget=1.0)
+
+
+def test_output_gradient_moment_is_the_jacobian_gram() -> None:
+    """For f = W2 (W1 x), the gradient at W1's output is W2ᵀ u, so E[g gᵀ] = W2ᵀ W2 per row."""
+    from passes import find_sites
+    from passes.sensitivity import SensitivityInterpreter
+
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.Linear(5, 3, bias=False)).double()
+    gm = fxdeco.trace(model)
+    sites, _ = find_sites(gm)
+    interp = SensitivityInterpreter(gm, sites, generator=torch.Generator().manual_seed(0))
+    for _ in range(20):
+        interp.run(torch.randn(500, 6, dtype=torch.float64))
+    w2 = model[1].weight.detach()
+    torch.testing.assert_close(interp.moments["0"] / interp.samples, w2.T @ w2, rtol=0.05, atol=0.02)
+    assert all(p.requires_grad for p in model.parameters())  # weights' flags restored
+
+
+def test_budget_by_output_error_beats_summed_nsr_on_its_own_criterion() -> None:
+    data = _data()
+    small = fxdeco.transform(_model(), data, keep_params=0.4)  # budget mode collects sensitivity itself
+    prepared = fxdeco.calibrate(fxdeco.prepare(_model(), sensitivity=True), data)
+    assert all(s.sensitivity is not None for s in prepared.statistics.values())
+    by_output = fxdeco.convert(prepared, keep_params=0.4, budget_criterion="output")
+    by_nsr = fxdeco.convert(prepared, keep_params=0.4, budget_criterion="nsr")
+    assert [d.rank for d in small.meta["fxdeco"]["decisions"]] == [d.rank for d in by_output.meta["fxdeco"]["decisions"]]
+
+    def final_error(gm: torch.fx.GraphModule) -> float:
+        reference = _model()
+        with torch.no_grad():
+            return float(sum(((gm(x) - reference(x)) ** 2).sum() for x in data))
+
+    assert final_error(by_output) <= final_error(by_nsr)
+    with pytest.raises(ValueError, match="sensitivity=True"):
+        fxdeco.convert(_prepared(), keep_params=0.4, budget_criterion="output")

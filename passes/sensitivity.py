@@ -1,0 +1,95 @@
+"""How much each site's output matters downstream: output-gradient second moments.
+
+For a random projection ``s = Σ u ⊙ f(x)`` of the model's final output ``f``
+(``u`` standard normal), the gradient ``g = ∂s/∂y`` at a site's output ``y``
+satisfies ``E_u[g gᵀ] = J Jᵀ`` (``J`` the Jacobian of the final output with
+respect to ``y``). Accumulating ``G = Σ g gᵀ`` over rows and batches therefore
+gives, for any small change ``δ`` of that site's output with covariance ``Σ_δ``,
+the predicted increase of the final output's squared error ``tr(G Σ_δ)`` —
+for every site at once, from one backward pass per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from passes.sites import Site
+from passes.stats import output_rows
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The first tensor in a (possibly nested) model output."""
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    raise TypeError(f"the model output ({type(output).__name__}) holds no floating-point tensor; pass output_fn=...")
+
+
+class SensitivityInterpreter(torch.fx.Interpreter):
+    """Run the graph with autograd and accumulate ``Σ g gᵀ`` at every site's output.
+
+    Example:
+        >>> from passes.sites import find_sites
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+        >>> sites, _ = find_sites(gm)
+        >>> interp = SensitivityInterpreter(gm, sites, generator=torch.Generator().manual_seed(0))
+        >>> _ = interp.run(torch.randn(5, 4))
+        >>> interp.moments["0"].shape, interp.samples
+        (torch.Size([3, 3]), 5)
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: Iterable[Site],
+                 output_fn: Callable[[Any], torch.Tensor] = first_tensor,
+                 generator: torch.Generator | None = None, moments: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(gm)
+        self.sites = {s.node: s for s in sites}
+        self.output_fn = output_fn
+        self.generator = generator
+        self.moments = moments if moments is not None else {}
+        self.samples = 0
+        self._outputs: list[tuple[Site, torch.Tensor]] = []
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        self._outputs = []
+        frozen = [p for p in self.module.parameters() if p.requires_grad]
+        for p in frozen:  # gradients are wanted at site outputs only, not for the weights
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                out = super().run(*args, **kwargs)
+                self._backward(out)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return out
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        site = self.sites.get(n.name)
+        if site is not None and isinstance(out, torch.Tensor):
+            if not out.requires_grad:
+                out.requires_grad_()  # a leaf: nothing upstream needs gradients
+            self._outputs.append((site, out))
+        return out
+
+    def _backward(self, out: Any) -> None:
+        final = self.output_fn(self.module.graph._codegen.process_outputs(out))
+        if not self._outputs or not final.requires_grad:
+            return
+        u = torch.randn(final.shape, generator=self.generator, dtype=final.dtype).to(final.device)
+        grads = torch.autograd.grad((final * u).sum(), [y for _, y in self._outputs], allow_unused=True)
+        for (site, _), g in zip(self._outputs, grads):
+            if g is None:
+                continue
+            rows = output_rows(site, g.detach()).to(device="cpu", dtype=torch.float64)
+            moment = self.moments.get(site.target)
+            if moment is None:
+                moment = self.moments[site.target] = torch.zeros(site.out_features, site.out_features,
+                                                                 dtype=torch.float64)
+            moment += rows.T @ rows
+        self.samples += final.shape[0] if final.dim() > 0 else 1
+        self._outputs = []
