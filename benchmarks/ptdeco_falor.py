@@ -37,6 +37,7 @@ from torch import nn
 import fxdeco
 from benchmarks import fashion_mnist as fm
 from passes import CostProp, graph_macs
+from passes.sensitivity import SensitivityInterpreter
 
 THRESHOLDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
 MODELS = ("cnn", "vit")
@@ -145,18 +146,27 @@ class _Counting:
 
 
 def run_fxdeco(name: str, model: nn.Module, calib: list[torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-               threshold: float, keep: float, skip: list[str], mode: str) -> dict[str, Any]:
-    """fxdeco budget mode at ``keep_params=keep``; forward passes = calibration batches + cost-pass runs."""
+               threshold: float, keep: float, skip: list[str], mode: str,
+               criterion: str = "auto") -> dict[str, Any]:
+    """fxdeco budget mode at ``keep_params=keep``.
+
+    Forward passes = calibration batches + cost-pass runs + sensitivity passes (each of those also
+    runs one backward pass).
+    """
     loader = _Counting(calib)
-    with mock.patch.object(CostProp, "run", autospec=True, side_effect=CostProp.run) as cost_runs:
+    with mock.patch.object(CostProp, "run", autospec=True, side_effect=CostProp.run) as cost_runs, \
+            mock.patch.object(SensitivityInterpreter, "run", autospec=True,
+                              side_effect=SensitivityInterpreter.run) as sensitivity_runs:
         start = time.perf_counter()
-        small = fxdeco.transform(model, loader, keep_params=keep, skip=skip, show_progress=False)
+        small = fxdeco.transform(model, loader, keep_params=keep, skip=skip, budget_criterion=criterion,
+                                 show_progress=False)
         seconds = time.perf_counter() - start
     layers = {r["name"]: {"rank": r["rank"], "full_rank": r["full_rank"]} for r in fxdeco.report(small).rows}
     return {"model": name, "threshold": threshold, "tool": "fxdeco", "mode": mode,
             "params": n_params(small), "params_kept": n_params(small) / n_params(model),
             "macs": macs_per_image(small, calib[0]), "accuracy": fm.accuracy(small, *test),
-            "seconds": seconds, "forward_passes": loader.read + cost_runs.call_count, "layers": layers}
+            "seconds": seconds, "forward_passes": loader.read + cost_runs.call_count + sensitivity_runs.call_count,
+            "layers": layers}
 
 
 def model_rows(name: str) -> list[dict[str, Any]]:
@@ -175,6 +185,8 @@ def model_rows(name: str) -> list[dict[str, Any]]:
         pt = run_ptdeco(name, model, calib, test, threshold)
         rows.append(pt)
         rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], [], "budget"))
+        rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], [],
+                               "budget, summed layer NSR", criterion="nsr"))
         if skip:
             rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], skip,
                                    "budget, ptdeco's layers only"))
@@ -200,6 +212,7 @@ def plot(rows: list[dict[str, Any]], path: Path = PLOT) -> Path:
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
     series = [("ptdeco", "falor nsr_final_threshold", "ptdeco falor", "o-"),
               ("fxdeco", "budget", "fxdeco budget (all layers)", "s-"),
+              ("fxdeco", "budget, summed layer NSR", "fxdeco budget, summed layer NSR", "x:"),
               ("fxdeco", "budget, ptdeco's layers only", "fxdeco budget (ptdeco's layers)", "^--")]
     for ax, name in zip(axes[0], names):
         mine = [r for r in rows if r["model"] == name]
