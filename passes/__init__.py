@@ -11,6 +11,7 @@ from passes.capture import CaptureError, GraphTracer, export_capture, symbolic_c
 from passes.cost import CostProp, NodeCost, graph_macs
 from passes.inputs import flatten_inputs
 from passes.rewrite import Factorization, factorize_sites
+from passes.sensitivity import SensitivityInterpreter
 from passes.sites import Site, SkippedSite, find_sites, remove_dead_sites
 from passes.stats import LeadingDimWeights, SiteStatistics, StatsInterpreter
 
@@ -22,6 +23,7 @@ __all__ = [
     "LeadingDimWeights",
     "NodeCost",
     "Site",
+    "SensitivityInterpreter",
     "SiteStatistics",
     "SkippedSite",
     "StatsInterpreter",
