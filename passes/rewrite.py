@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.sites import ADDMM_FUNCTIONS, Site, fetch_attr
+from passes.sites import Site, fetch_attr, site_input
 
 
 @dataclasses.dataclass
@@ -176,7 +176,7 @@ def factorize_sites(
 
 
 def _rewrite_node(graph: torch.fx.Graph, node: torch.fx.Node, site: Site, path: str, fact: Factorization) -> None:
-    x = node.args[1] if node.target in ADDMM_FUNCTIONS else (node.args[0] if node.args else node.kwargs["input"])
+    x = site_input(node)
     with graph.inserting_before(node):
         hidden = graph.call_module(f"{path}.0", (x,))
         out = graph.call_module(f"{path}.1", (hidden,))

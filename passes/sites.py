@@ -135,6 +135,13 @@ def _owner(weight_name: str) -> str:
     return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name + "_lowrank"
 
 
+def site_input(node: torch.fx.Node) -> Any:
+    """The ``x`` argument of a site node (``addmm(bias, x, Wᵀ)`` takes it second)."""
+    if node.target in ADDMM_FUNCTIONS:
+        return node.args[1]
+    return node.args[0] if node.args else node.kwargs["input"]
+
+
 def _module_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | SkippedSite | None:
     mod = gm.get_submodule(node.target)
     cls = type(mod)

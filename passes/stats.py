@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
-from passes.sites import ADDMM_FUNCTIONS, Site, fetch_attr
+from passes.sites import Site, fetch_attr, site_input
 
 
 @dataclasses.dataclass
@@ -183,13 +183,6 @@ def weight_matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
     if site.weight_transposed:
         w = w.T
     return w.reshape(site.out_features, -1)
-
-
-def site_input(node: torch.fx.Node) -> Any:
-    """The ``x`` argument of a site node (``addmm(bias, x, Wᵀ)`` takes it second)."""
-    if node.target in ADDMM_FUNCTIONS:
-        return node.args[1]
-    return node.args[0] if node.args else node.kwargs["input"]
 
 
 def input_side_groups(gm: torch.fx.GraphModule, sites: Iterable[Site]) -> dict[str, list[Site]]:
