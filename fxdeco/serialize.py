@@ -1,0 +1,538 @@
+"""``fxdeco.save`` / ``fxdeco.load``: a decomposed model as a plan (JSON) plus its weights.
+
+A decomposed GraphModule cannot be rebuilt by ``load_state_dict`` on the
+original class: its factored layers are new modules. So :func:`save` writes a
+directory holding
+
+* ``plan.json`` -- what was done to which layer: per decomposed layer its
+  target, kind, weight shape, rank, full rank, factor shapes, whether the
+  second factor carries a bias and the per-layer metadata; the layers kept
+  dense, the skipped ones and why, the totals, method, options and how the
+  model was captured (the spirit of ptdeco's ``decompose_config``);
+* the weights, every tensor of the decomposed model's state_dict:
+  ``weights.safetensors`` when ``safetensors`` is importable, else ``weights.pt``
+  (``torch.save``); ``plan.json`` records which.
+
+:func:`load` captures a freshly built *original* model the same way, checks the
+plan fits it (the first mismatch is named), factorizes the same layers with
+placeholder factors of the recorded shapes and loads the weights strictly, so
+the result computes exactly what the saved model computed.
+
+Example:
+    >>> import tempfile, torch, fxdeco
+    >>> from fxdeco.serialize import load, save
+    >>> def build():
+    ...     torch.manual_seed(0)
+    ...     return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> small = fxdeco.transform(build(), [torch.randn(32, 3) @ torch.randn(3, 16)], nsr_threshold=0.01)
+    >>> folder = save(small, tempfile.mkdtemp() + "/small")
+    >>> again = load(folder, build())
+    >>> x = torch.randn(5, 16)
+    >>> torch.equal(again(x), small(x))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import pathlib
+import tempfile
+from types import ModuleType
+from typing import Any, Mapping
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxdeco.capture import trace
+from fxdeco.plan import LayerDecision
+from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "fxdeco.plan"
+SCHEMA_VERSION = 1
+PLAN_FILE = "plan.json"
+WEIGHT_FILES = {"safetensors": "weights.safetensors", "torch": "weights.pt"}
+# Entries of gm.meta["fxdeco"] that are rebuilt from their own plan sections.
+_OWN_SECTIONS = ("decisions", "skipped", "removed", "method", "capture", "options")
+# Keys the rewrite pass computes itself for node.meta["fxdeco"]; the rest is the method's metadata.
+_REWRITE_KEYS = ("target", "kind", "weight_shape", "rank", "full_rank", "params_before", "params_after")
+
+
+class PlanError(ValueError):
+    """A saved plan cannot be used (base class of the errors below)."""
+
+
+class PlanFormatError(PlanError):
+    """``plan.json`` (or the weights file) is corrupted, foreign, or of an unsupported schema version."""
+
+
+class PlanMismatchError(PlanError):
+    """The plan does not fit the model it is applied to; the message names the first mismatch."""
+
+
+class PlanNotFoundError(FileNotFoundError):
+    """The directory, its ``plan.json`` or the weights file it names does not exist."""
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+def _safetensors() -> ModuleType | None:
+    """``safetensors.torch`` when installed, else None (weights then go through ``torch.save``)."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        return None
+    return safetensors.torch
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: tuples become lists, one-element tensors numbers, the rest strings."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    log.debug("plan.json stores %r as a string", value)
+    return str(value)
+
+
+def _dumps(value: Any, indent: str = "") -> str:
+    """JSON with one key per line but lists of numbers (shapes) on one line, so a plan stays readable."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {_dumps(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _dumps(v, inner) for v in value) + f"\n{indent}]"
+    return json.dumps(value)
+
+
+def _decomposed_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+    """Layer name -> the node the rewrite left for it (the second factor; one per layer)."""
+    found: dict[str, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        info = node.meta.get("fxdeco")
+        if node.op == "call_module" and isinstance(info, dict) and "target" in info:
+            found.setdefault(info["target"], node)
+    return found
+
+
+def _site_record(gm: torch.fx.GraphModule, node: torch.fx.Node, decision: LayerDecision) -> dict[str, Any]:
+    """Everything :func:`load` needs to rebuild one factored layer, read off the installed modules."""
+    module = node.target[: -len(".1")]
+    first, second = gm.get_submodule(f"{module}.0"), gm.get_submodule(f"{module}.1")
+    info = node.meta["fxdeco"]
+    record: dict[str, Any] = {
+        "target": decision.target,
+        "module": module,
+        "kind": decision.kind,
+        "weight_shape": list(decision.weight_shape),
+        "rank": first.weight.shape[0],
+        "full_rank": decision.full_rank,
+        "first_shape": list(first.weight.shape),
+        "second_shape": list(second.weight.shape),
+        "second_bias": second.bias is not None,
+        "layer_bias": info["params_before"] > math.prod(decision.weight_shape),
+        "metadata": _jsonable({k: v for k, v in info.items() if k not in _REWRITE_KEYS}),
+    }
+    if decision.kind == "conv2d":
+        record["geometry"] = _geometry(first)
+    return record
+
+
+def _geometry(conv: nn.Module) -> dict[str, Any]:
+    """Stride, padding and dilation of a conv, as JSON (a model with other geometry does not fit the plan)."""
+    return _jsonable({"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation})
+
+
+def _inputs(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
+    """Name, shape (symbolic sizes as names) and dtype of each graph input, when the capture recorded them."""
+    described = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            entry: dict[str, Any] = {"name": node.name}
+            if isinstance(val, torch.Tensor):
+                entry["shape"] = [d if isinstance(d, int) else str(d) for d in val.shape]
+                entry["dtype"] = str(val.dtype).removeprefix("torch.")
+            described.append(entry)
+    return described
+
+
+def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> dict[str, Any]:
+    """The content of ``plan.json`` for a GraphModule returned by ``fxdeco.convert``/``transform``.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> small = fxdeco.transform(model, [torch.randn(16, 2) @ torch.randn(2, 8)], nsr_threshold=0.01)
+        >>> plan = plan_dict(small)
+        >>> plan["schema"], [(s["target"], s["rank"], s["first_shape"]) for s in plan["sites"]]
+        ('fxdeco.plan', [('0', 2, [2, 8])])
+    """
+    info = _fxdeco_meta(gm)
+    decisions: list[LayerDecision] = info["decisions"]
+    nodes = _decomposed_nodes(gm)
+    sites = []
+    for d in decisions:
+        if d.decomposed:
+            if d.target not in nodes:
+                raise ValueError(f"layer {d.target!r} is decomposed according to gm.meta['fxdeco'] but the graph has "
+                                 "no factored node for it; was the graph edited after fxdeco.convert?")
+            sites.append(_site_record(gm, nodes[d.target], d))
+    return {
+        "schema": SCHEMA,
+        "version": SCHEMA_VERSION,
+        "method": info.get("method"),
+        "capture": info.get("capture", gm.meta.get("fxdeco_capture", "graph")),
+        "options": _jsonable(info.get("options", {})),
+        "inputs": _inputs(gm),
+        "training": gm.training,
+        "sites": sites,
+        "decisions": [_jsonable(d.as_dict()) for d in decisions],
+        "skipped": [{"target": k.target, "node": k.node, "reason": k.reason} for k in info.get("skipped", [])],
+        "removed": list(info.get("removed", [])),
+        "totals": _jsonable({k: v for k, v in info.items() if k not in _OWN_SECTIONS}),
+        "weights": {"file": WEIGHT_FILES[weights_format], "format": weights_format},
+    }
+
+
+def _fxdeco_meta(gm: Any) -> dict[str, Any]:
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"save() expects the GraphModule returned by fxdeco.transform/convert, got {type(gm).__name__}")
+    info = gm.meta.get("fxdeco")
+    if not isinstance(info, dict) or "decisions" not in info:
+        raise ValueError("this GraphModule was not produced by fxdeco.transform/convert (gm.meta['fxdeco'] is "
+                         "missing); only a decomposed model can be saved as a plan")
+    return info
+
+
+def _weights_to_save(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The state_dict as standalone CPU tensors (safetensors refuses tensors that share memory)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in gm.state_dict().items():
+        t = t.detach().cpu()
+        whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if not t.is_contiguous() or not whole or t.untyped_storage().data_ptr() in seen:
+            t = t.clone(memory_format=torch.contiguous_format)  # a tied weight is stored twice
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    return tensors
+
+
+def _replace(target: pathlib.Path, write: Any) -> None:
+    """Write through a temporary file then rename, so a crash never leaves half a file under ``target``."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _directory(path: str | os.PathLike) -> pathlib.Path:
+    folder = pathlib.Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{str(folder)!r} exists and is not a directory; fxdeco saves a model as a "
+                                 "directory (plan.json + weights): give a new or existing directory path")
+    return folder
+
+
+def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> pathlib.Path:
+    """Write ``plan.json`` and the weights of a decomposed GraphModule into directory ``path``.
+
+    ``path`` is created if absent; files of an earlier save there are
+    replaced. Returns the directory. Re-apply with :func:`load`.
+
+    Example:
+        >>> import tempfile, torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> small = fxdeco.transform(model, [torch.randn(16, 2) @ torch.randn(2, 8)], nsr_threshold=0.01)
+        >>> folder = save(small, tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir())
+        ['plan.json', 'weights.safetensors']
+    """
+    _fxdeco_meta(gm)
+    folder = _directory(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    st = _safetensors()
+    fmt = "safetensors" if st is not None else "torch"
+    plan = plan_dict(gm, fmt)
+    tensors = _weights_to_save(gm)
+    if st is not None:
+        _replace(folder / WEIGHT_FILES[fmt], lambda tmp: st.save_file(tensors, tmp, metadata={"format": "pt"}))
+    else:
+        _replace(folder / WEIGHT_FILES[fmt], lambda tmp: torch.save(tensors, tmp))
+    stale = folder / WEIGHT_FILES["torch" if fmt == "safetensors" else "safetensors"]
+    if stale.is_file():  # an earlier save in the other format: the plan no longer names it
+        stale.unlink()
+    # The plan goes last: a directory with a plan always has the weights it names.
+    text = _dumps(plan) + "\n"
+    _replace(folder / PLAN_FILE, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
+    log.info("saved %d decomposed layers and %d tensors to %s", len(plan["sites"]), len(tensors), folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+def read_plan(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``plan.json`` in directory ``path`` (schema name, version, sections).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "plan.json").write_text('{"schema": "fxdeco.plan", "version": 99}')
+        >>> read_plan(folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxdeco.serialize.PlanFormatError: ... has schema version 99; this fxdeco reads version 1: save the model \
+again with this version of fxdeco, or upgrade fxdeco
+    """
+    folder = _directory(path)
+    file = folder / PLAN_FILE
+    if not folder.exists():
+        raise PlanNotFoundError(f"no saved model at {str(folder)!r}: the directory does not exist")
+    if not file.is_file():
+        raise PlanNotFoundError(f"{str(folder)!r} holds no {PLAN_FILE}; give the directory written by fxdeco.save")
+    try:
+        plan = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanFormatError(f"{str(file)!r} is not valid JSON ({exc}); the file is corrupted: save the model "
+                              "again") from exc
+    if not isinstance(plan, dict) or plan.get("schema") != SCHEMA:
+        found = plan.get("schema") if isinstance(plan, dict) else type(plan).__name__
+        raise PlanFormatError(f"{str(file)!r} is not an fxdeco plan (schema {found!r}, expected {SCHEMA!r}); "
+                              "give the directory written by fxdeco.save")
+    if plan.get("version") != SCHEMA_VERSION:
+        raise PlanFormatError(f"{str(file)!r} has schema version {plan.get('version')!r}; this fxdeco reads version "
+                              f"{SCHEMA_VERSION}: save the model again with this version of fxdeco, or upgrade fxdeco")
+    _check_sections(plan, file)
+    return plan
+
+
+_SECTIONS: dict[str, type | tuple[type, ...]] = {
+    "capture": str, "sites": list, "decisions": list, "skipped": list, "removed": list, "totals": dict,
+    "weights": dict, "options": dict,
+}
+_SITE_FIELDS = ("target", "module", "kind", "weight_shape", "rank", "first_shape", "second_shape", "second_bias",
+                "layer_bias", "metadata")
+
+
+def _check_sections(plan: dict[str, Any], file: pathlib.Path) -> None:
+    for key, kind in _SECTIONS.items():
+        if not isinstance(plan.get(key), kind):
+            raise PlanFormatError(f"{str(file)!r} lacks a valid {key!r} section; the file is damaged: save the model "
+                                  "again")
+    for i, record in enumerate(plan["sites"]):
+        missing = [f for f in _SITE_FIELDS if not isinstance(record, dict) or f not in record]
+        if missing:
+            raise PlanFormatError(f"{str(file)!r}: decomposed layer #{i} lacks {', '.join(missing)}; the file is "
+                                  "damaged: save the model again")
+    if plan["weights"].get("format") not in WEIGHT_FILES or not isinstance(plan["weights"].get("file"), str):
+        raise PlanFormatError(f"{str(file)!r} names weights {plan['weights']!r}; expected format "
+                              f"{' or '.join(WEIGHT_FILES)}")
+
+
+def _weights_file(folder: pathlib.Path, plan: dict[str, Any]) -> pathlib.Path:
+    file = folder / plan["weights"]["file"]
+    if not file.is_file():
+        raise PlanNotFoundError(f"the weights file {str(file)!r} named by {PLAN_FILE} is missing; copy the whole "
+                                "directory written by fxdeco.save, or save the model again")
+    return file
+
+
+def _read_weights(file: pathlib.Path, fmt: str) -> dict[str, torch.Tensor]:
+    try:
+        if fmt == "safetensors":
+            st = _safetensors()
+            if st is None:
+                raise PlanError(f"{str(file)!r} is a safetensors file but safetensors is not installed; "
+                                "pip install safetensors")
+            return st.load_file(str(file), device="cpu")
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except PlanError:
+        raise
+    except Exception as exc:  # each format fails in its own way on a damaged file
+        raise PlanFormatError(f"could not read the weights {str(file)!r} ({type(exc).__name__}: {exc}); the file "
+                              "is damaged: save the model again") from exc
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise PlanFormatError(f"{str(file)!r} does not hold a dict of tensors; save the model again")
+    return tensors
+
+
+def _capture(model: nn.Module, plan: dict[str, Any], example_inputs: Any) -> torch.fx.GraphModule:
+    """Capture ``model`` the way the saved model was captured; a private copy (the caller's stays untouched)."""
+    mode = plan["capture"]
+    if mode == "export" and example_inputs is None:
+        shapes = ", ".join(f"{i['name']}: {i.get('dtype', '?')} {tuple(i.get('shape', ()))}"
+                           for i in plan.get("inputs", []) if isinstance(i, dict))
+        raise PlanError("this model was captured with torch.export, so load() must capture it again: pass "
+                        f"example_inputs=... (a batch the model accepts{'; inputs: ' + shapes if shapes else ''})")
+    if mode not in ("symbolic", "export"):
+        # convert() was given a GraphModule: re-apply to the same kind of graph
+        log.info("plan captured as %r; capturing the model with capture='auto'", mode)
+        mode = "auto"
+    gm = copy.deepcopy(trace(model, example_inputs, capture=mode))
+    remove_dead_sites(gm)  # as fxdeco.prepare did
+    return gm
+
+
+def _shape(values: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
+
+
+def _check_layer(what: str, site: Site | None, skipped: SkippedSite | None, kind: str, shape: tuple[int, ...]) -> None:
+    """Raise :class:`PlanMismatchError` when the model's layer is absent or unlike the plan's."""
+    if site is None:
+        if skipped is not None:
+            raise PlanMismatchError(f"{what}: the model's layer cannot be decomposed here ({skipped.reason})")
+        raise PlanMismatchError(f"{what}: the model has no such Linear/Conv2d layer; build the model the plan was "
+                                "made for")
+    if site.kind != kind:
+        raise PlanMismatchError(f"{what}: the plan has a {kind} layer, the model a {site.kind}")
+    if site.weight_shape != shape:
+        raise PlanMismatchError(f"{what}: the plan has a {kind} weight of shape {shape}, the model's is "
+                                f"{site.weight_shape}; build the model with the configuration the plan was made for")
+
+
+def _fit(plan: dict[str, Any], sites: list[Site], skipped: list[SkippedSite]) -> dict[str, Factorization]:
+    """Check the plan against the model's layers, in graph order; return placeholder factorizations."""
+    by_target = {s.target: s for s in sites}
+    skipped_by_target = {k.target: k for k in skipped}
+    records = {r["target"]: r for r in plan["sites"]}
+    plan_targets = set()
+    factors: dict[str, Factorization] = {}
+    for d in plan["decisions"]:
+        target = d.get("target") if isinstance(d, dict) else None
+        if not isinstance(target, str):
+            raise PlanFormatError(f"{PLAN_FILE}: a decision lacks its target; save the model again")
+        plan_targets.add(target)
+        what = f"layer {target!r}"
+        site = by_target.get(target)
+        _check_layer(what, site, skipped_by_target.get(target), d.get("kind"), _shape(d.get("weight_shape", ())))
+        if d.get("rank") is not None:
+            if target not in records:
+                raise PlanFormatError(f"{PLAN_FILE}: layer {target!r} is decomposed but has no entry in 'sites'; "
+                                      "save the model again")
+            factors[target] = _placeholder(what, site, records[target])
+    unknown = [s.target for s in sites if s.target not in plan_targets and
+               s.target not in {k["target"] for k in plan["skipped"]}]
+    if unknown:
+        raise PlanMismatchError(f"layer {unknown[0]!r}: the model has this layer, the plan does not know it; build "
+                                "the model the plan was made for")
+    return factors
+
+
+def _placeholder(what: str, site: Site, record: dict[str, Any]) -> Factorization:
+    """Zero factors of the recorded shapes; their values come from the weights file."""
+    if record["layer_bias"] != (site.bias is not None):
+        has = "has" if site.bias is not None else "has no"
+        raise PlanMismatchError(f"{what}: the model's layer {has} bias, unlike the plan's")
+    first, second = torch.zeros(_shape(record["first_shape"])), torch.zeros(_shape(record["second_shape"]))
+    # A bias the method added (falor's centring of a bias-free layer) needs a slot too.
+    bias = torch.zeros(site.out_features) if record["second_bias"] and site.bias is None else None
+    meta = record["metadata"] if isinstance(record["metadata"], dict) else {}
+    return Factorization(first, second, dict(meta), bias)
+
+
+def _check_modules(gm: torch.fx.GraphModule, plan: dict[str, Any]) -> None:
+    """The rebuilt factors sit where the saved ones did, with the same conv geometry."""
+    nodes = _decomposed_nodes(gm)
+    for record in plan["sites"]:
+        what = f"layer {record['target']!r}"
+        node = nodes[record["target"]]
+        if node.target != f"{record['module']}.1":
+            raise PlanMismatchError(f"{what}: its factors would go to {node.target[:-2]!r}, the plan's are at "
+                                    f"{record['module']!r}")
+        geometry = record.get("geometry")
+        if geometry is not None and _geometry(gm.get_submodule(node.target[:-2] + ".0")) != geometry:
+            found = _geometry(gm.get_submodule(node.target[:-2] + ".0"))
+            raise PlanMismatchError(f"{what}: the plan's convolution has {geometry}, the model's {found}")
+
+
+def _check_weights(gm: torch.fx.GraphModule, weights: dict[str, torch.Tensor]) -> None:
+    """Name the first tensor the weights file and the rebuilt model disagree on (name, shape or dtype)."""
+    expected = gm.state_dict()
+    for name, t in expected.items():
+        if name not in weights:
+            raise PlanMismatchError(f"the weights file has no tensor {name!r}, which the model needs; build the "
+                                    "model the plan was made for")
+        w = weights[name]
+        if w.shape != t.shape:
+            raise PlanMismatchError(f"tensor {name!r}: shape {tuple(w.shape)} in the weights file, "
+                                    f"{tuple(t.shape)} in the model")
+        if w.dtype != t.dtype:
+            raise PlanMismatchError(f"tensor {name!r}: {w.dtype} in the weights file, {t.dtype} in the model; "
+                                    f"convert the model first (e.g. model.to({w.dtype}))")
+    extra = [name for name in weights if name not in expected]
+    if extra:
+        raise PlanMismatchError(f"the weights file has tensor {extra[0]!r}, which the model does not; build the "
+                                "model the plan was made for")
+
+
+def _restore_meta(gm: torch.fx.GraphModule, plan: dict[str, Any]) -> None:
+    """Rebuild gm.meta['fxdeco'] as fxdeco.convert left it, so ``fxdeco.report`` works on the loaded model."""
+    try:
+        decisions = [LayerDecision(**{**d, "weight_shape": _shape(d["weight_shape"])}) for d in plan["decisions"]]
+        skipped = [SkippedSite(k["node"], k["target"], k["reason"]) for k in plan["skipped"]]
+    except (TypeError, KeyError) as exc:
+        raise PlanFormatError(f"{PLAN_FILE}: a decision or skipped layer is malformed ({exc}); save the model "
+                              "again") from exc
+    gm.meta["fxdeco"] = {**plan["totals"], "method": plan.get("method"), "capture": plan["capture"],
+                         "options": plan["options"], "decisions": decisions, "skipped": skipped,
+                         "removed": list(plan["removed"])}
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, example_inputs: Any = None) -> torch.fx.GraphModule:
+    """Re-apply the plan saved in directory ``path`` to ``model``, a freshly built original; load the weights.
+
+    ``model`` is captured as the saved model was (a plan made with
+    ``capture="export"`` needs ``example_inputs``, a batch the model accepts),
+    checked against the plan (:class:`PlanMismatchError` names the first layer
+    or tensor that does not fit), factorized with the recorded shapes, and
+    given the saved weights, so the result computes bit-exactly what the saved
+    GraphModule did. ``model`` itself is not modified.
+
+    Example:
+        >>> import tempfile, torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        >>> small = fxdeco.transform(model, [torch.randn(16, 2) @ torch.randn(2, 8)], nsr_threshold=0.01)
+        >>> folder = save(small, tempfile.mkdtemp())
+        >>> load(folder, torch.nn.Sequential(torch.nn.Linear(8, 6)))
+        Traceback (most recent call last):
+        ...
+        fxdeco.serialize.PlanMismatchError: layer '0': the plan has a linear weight of shape (8, 8), the model's \
+is (6, 8); build the model with the configuration the plan was made for
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load() re-applies a plan to a freshly built original model (an nn.Module), got "
+                        f"{type(model).__name__}")
+    folder = _directory(path)
+    plan = read_plan(folder)
+    weights_file = _weights_file(folder, plan)  # before the (slow) capture
+    gm = _capture(model, plan, example_inputs)
+    sites, skipped = find_sites(gm)
+    new = factorize_sites(gm, sites, _fit(plan, sites, skipped))
+    new.delete_all_unused_submodules()
+    _check_modules(new, plan)
+    weights = _read_weights(weights_file, plan["weights"]["format"])
+    _check_weights(new, weights)
+    new.load_state_dict(weights, strict=True)
+    _restore_meta(new, plan)
+    new.train(bool(plan.get("training", False)))
+    log.info("loaded %d decomposed layers from %s", len(plan["sites"]), folder)
+    return new

@@ -1,0 +1,290 @@
+"""fxdeco.serialize: save a decomposed model as plan.json + weights, re-apply it to a fresh model."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdeco
+import fxdeco.serialize as serialize
+from fxdeco.serialize import PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class ConvNet(nn.Module):
+    """3x3 conv, BatchNorm, 1x1 conv without bias, a Linear called twice, a head."""
+
+    def __init__(self, width: int = 16, padding: int = 1, with_fc: bool = True) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, width, 3, padding=padding)
+        self.bn = nn.BatchNorm2d(width)
+        self.c2 = nn.Conv2d(width, 32, 1, bias=False)
+        self.fc = nn.Linear(32, 32) if with_fc else nn.Identity()
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c2(F.relu(self.bn(self.c1(x))))).mean((2, 3))
+        return self.head(self.fc(F.relu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """A transformer-ish block: attention with a fused qkv projection, then an MLP."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Mixed(nn.Module):
+    """One layer that decomposes, one kept dense (full-rank data), a Conv1d and a head skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low = nn.Linear(24, 24)
+        self.conv1d = nn.Conv1d(1, 1, 3, padding=1)
+        self.dense = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.low(x[:, :24])
+        noise = self.conv1d(x[:, None, 24:]).squeeze(1)
+        return self.head(low + self.dense(noise))
+
+
+def built(cls: type[nn.Module], seed: int, **kwargs) -> nn.Module:
+    """A freshly built model; different seeds give different initial weights."""
+    torch.manual_seed(seed)
+    return cls(**kwargs).eval()
+
+
+def images(n: int = 3) -> list[torch.Tensor]:
+    return [torch.randn(8, 3, 8, 8) for _ in range(n)]
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def cnn_saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.fx.GraphModule, pathlib.Path]:
+    torch.manual_seed(0)
+    # a loose threshold: every conv and Linear decomposes even on random images
+    small = fxdeco.transform(built(ConvNet, 0), images(), capture="symbolic", nsr_threshold=0.3)
+    small.eval()
+    return small, save(small, tmp_path_factory.mktemp("cnn") / "saved")
+
+
+def test_symbolic_round_trip_is_bit_exact_and_leaves_the_model_alone(cnn_saved) -> None:
+    small, folder = cnn_saved
+    assert small.meta["fxdeco"]["capture"] == "symbolic"
+    assert {d.target for d in small.meta["fxdeco"]["decisions"] if d.decomposed} >= {"c1", "c2", "fc"}
+    fresh = built(ConvNet, 123)  # other initial weights: everything must come from the weights file
+    before = state(fresh)
+    names_before = [n for n, _ in fresh.named_modules()]
+
+    again = load(folder, fresh)
+
+    x = torch.randn(5, 3, 8, 8)
+    assert torch.equal(again(x), small(x))
+    assert again.state_dict().keys() == small.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in small.state_dict().items())
+    assert str(fxdeco.report(again)) == str(fxdeco.report(small))
+    assert [n.meta.get("fxdeco") for n in again.graph.nodes if "fxdeco" in n.meta] == \
+        [n.meta["fxdeco"] for n in small.graph.nodes if "fxdeco" in n.meta]
+    after = fresh.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert [n for n, _ in fresh.named_modules()] == names_before
+
+
+def test_export_capture_round_trip_is_bit_exact(tmp_path: pathlib.Path) -> None:
+    data = [torch.randn(4, 6, 8) @ torch.randn(8, 32) for _ in range(3)]
+    small = fxdeco.transform(built(Block, 0), data, capture="export", nsr_threshold=0.05).eval()
+    assert small.meta["fxdeco"]["capture"] == "export"
+    assert sum(d.decomposed for d in small.meta["fxdeco"]["decisions"]) >= 3
+    folder = save(small, tmp_path / "block")
+    fresh = built(Block, 7)
+    before = state(fresh)
+
+    with pytest.raises(serialize.PlanError, match="example_inputs"):
+        load(folder, fresh)
+    again = load(folder, fresh, example_inputs=torch.randn(3, 5, 32))
+
+    x = torch.randn(2, 9, 32)
+    assert torch.equal(again(x), small(x))
+    assert again.meta["fxdeco"]["capture"] == "export"
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+def test_dense_and_skipped_layers_survive(tmp_path: pathlib.Path) -> None:
+    mix = torch.randn(4, 24)
+    data = [torch.cat([torch.randn(32, 4) @ mix, torch.randn(32, 24)], 1) for _ in range(3)]
+    small = fxdeco.transform(built(Mixed, 0), data, skip=["head"], nsr_threshold=0.001).eval()
+    folder = save(small, tmp_path)
+    plan = json.loads((folder / "plan.json").read_text())
+
+    ranks = {d["target"]: d["rank"] for d in plan["decisions"]}
+    assert ranks["low"] is not None and ranks["dense"] is None
+    assert [s["target"] for s in plan["sites"]] == ["low"]
+    reasons = {k["target"]: k["reason"] for k in plan["skipped"]}
+    assert reasons["head"] == "skipped by pattern" and "Conv1d" in reasons["conv1d"]
+
+    again = load(folder, built(Mixed, 5))
+    x = torch.randn(6, 48)
+    assert torch.equal(again(x), small(x))
+    assert fxdeco.report(again).rows == fxdeco.report(small).rows
+
+
+def test_plan_json_matches_the_report_and_the_weights(cnn_saved) -> None:
+    small, folder = cnn_saved
+    plan = json.loads((folder / "plan.json").read_text())
+    assert (plan["schema"], plan["version"]) == (serialize.SCHEMA, serialize.SCHEMA_VERSION)
+    assert plan["capture"] == "symbolic" and plan["method"] == "falor"
+    assert plan["options"] == {"nsr_threshold": 0.3}
+    report = fxdeco.report(small)
+    assert {s["target"]: s["rank"] for s in plan["sites"]} == {r["name"]: r["rank"] for r in report.rows if r["rank"]}
+    assert {k: plan["totals"][k] for k in ("params_before", "params_after", "macs_before", "macs_after")} == \
+        {k: report.totals[k] for k in ("params_before", "params_after", "macs_before", "macs_after")}
+
+    import safetensors.torch
+    assert plan["weights"] == {"file": "weights.safetensors", "format": "safetensors"}
+    tensors = safetensors.torch.load_file(folder / "weights.safetensors")
+    for s in plan["sites"]:
+        rank, shape = s["rank"], s["weight_shape"]
+        assert s["first_shape"] == [rank, *shape[1:]]
+        assert s["second_shape"][:2] == [shape[0], rank]
+        assert list(tensors[f"{s['module']}.0.weight"].shape) == s["first_shape"]
+        assert list(tensors[f"{s['module']}.1.weight"].shape) == s["second_shape"]
+        assert (f"{s['module']}.1.bias" in tensors) == s["second_bias"]
+        assert s["metadata"]["nsr"] == next(r["nsr"] for r in report.rows if r["name"] == s["target"])
+    c1 = next(s for s in plan["sites"] if s["target"] == "c1")
+    assert c1["geometry"] == {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}
+    assert c1["layer_bias"] and not next(s for s in plan["sites"] if s["target"] == "c2")["layer_bias"]
+
+
+def test_weights_fall_back_to_torch_save(cnn_saved, tmp_path: pathlib.Path, monkeypatch) -> None:
+    small, _ = cnn_saved
+    save(small, tmp_path)
+    assert (tmp_path / "weights.safetensors").is_file()
+    monkeypatch.setattr(serialize, "_safetensors", lambda: None)
+    save(small, tmp_path)  # same directory: the safetensors file of the first save must go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "weights.pt"]
+    assert json.loads((tmp_path / "plan.json").read_text())["weights"]["format"] == "torch"
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(load(tmp_path, built(ConvNet, 1))(x), small(x))
+
+
+@pytest.mark.parametrize("model, first", [
+    (lambda: ConvNet(width=24), "layer 'c1': the plan has a conv2d weight of shape (16, 3, 3, 3), the model's is "
+                                "(24, 3, 3, 3)"),
+    (lambda: ConvNet(with_fc=False), "layer 'fc': the model has no such Linear/Conv2d layer"),
+    (lambda: ConvNet(padding=0), "layer 'c1': the plan's convolution has"),
+], ids=["wider", "missing-layer", "other-padding"])
+def test_a_plan_that_does_not_fit_is_refused_at_the_first_mismatch(cnn_saved, model, first) -> None:
+    _, folder = cnn_saved
+    fresh = model()
+    before = state(fresh)
+    with pytest.raises(PlanMismatchError) as caught:
+        load(folder, fresh)
+    assert str(caught.value).startswith(first)
+    assert "'c2'" not in str(caught.value)  # c2 differs too in the wider model, but comes later
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_layer_the_plan_does_not_know_is_refused(cnn_saved) -> None:
+    _, folder = cnn_saved
+
+    class Longer(ConvNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Linear(10, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.extra(super().forward(x))
+
+    with pytest.raises(PlanMismatchError, match="layer 'extra': the model has this layer, the plan does not"):
+        load(folder, Longer())
+
+
+def edited_copy(folder: pathlib.Path, tmp_path: pathlib.Path, edit) -> pathlib.Path:
+    """A copy of a saved directory whose plan.json went through ``edit(text) -> text``."""
+    copy = tmp_path / "edited"
+    copy.mkdir()
+    for f in folder.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "plan.json").write_text(edit((folder / "plan.json").read_text()))
+    return copy
+
+
+def test_wrong_kind_is_refused(cnn_saved, tmp_path: pathlib.Path) -> None:
+    def conv_as_linear(text: str) -> str:
+        plan = json.loads(text)
+        plan["decisions"][1]["kind"] = "linear"
+        return json.dumps(plan)
+
+    with pytest.raises(PlanMismatchError, match="layer 'c2': the plan has a linear layer, the model a conv2d"):
+        load(edited_copy(cnn_saved[1], tmp_path, conv_as_linear), ConvNet())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text[: len(text) // 2], "is not valid JSON"),
+    (lambda text: '{"model": "resnet18", "layers": []}', "is not an fxdeco plan"),
+    (lambda text: "[1, 2, 3]", "is not an fxdeco plan"),
+    (lambda text: text.replace('"version": 1', '"version": 2'), "schema version 2; this fxdeco reads version 1"),
+    (lambda text: text.replace('"sites"', '"places"'), "lacks a valid 'sites' section"),
+], ids=["truncated", "foreign", "not-an-object", "version", "missing-section"])
+def test_a_damaged_or_foreign_plan_is_refused(cnn_saved, tmp_path: pathlib.Path, edit, message) -> None:
+    with pytest.raises(PlanFormatError, match=message):
+        load(edited_copy(cnn_saved[1], tmp_path, edit), ConvNet())
+
+
+def test_missing_or_damaged_weights(cnn_saved, tmp_path: pathlib.Path) -> None:
+    folder = edited_copy(cnn_saved[1], tmp_path, lambda text: text)
+    weights = folder / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PlanFormatError, match="could not read the weights"):
+        load(folder, ConvNet())
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="weights.safetensors.* is missing"):
+        load(folder, ConvNet())
+    with pytest.raises(PlanNotFoundError, match="directory does not exist"):
+        load(tmp_path / "nowhere", ConvNet())
+
+
+def test_a_path_that_is_a_file_is_refused(cnn_saved, tmp_path: pathlib.Path) -> None:
+    small, folder = cnn_saved
+    file = tmp_path / "model.bin"
+    file.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        save(small, file)
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        load(file, ConvNet())
+    assert file.read_text() == "not a directory"
+
+
+def test_other_dtype_is_named(cnn_saved) -> None:
+    with pytest.raises(PlanMismatchError, match="torch.float32 in the weights file, torch.float64 in the model"):
+        load(cnn_saved[1], ConvNet().double())
+
+
+def test_only_decomposed_graphs_can_be_saved(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="not produced by fxdeco"):
+        save(torch.fx.symbolic_trace(ConvNet()), tmp_path)
+    with pytest.raises(TypeError, match="GraphModule"):
+        save(ConvNet(), tmp_path)
+    assert not any(tmp_path.iterdir())
