@@ -145,14 +145,14 @@ def _site_record(gm: torch.fx.GraphModule, node: torch.fx.Node, decision: LayerD
         "layer_bias": info["params_before"] > math.prod(decision.weight_shape),
         "metadata": _jsonable({k: v for k, v in info.items() if k not in _REWRITE_KEYS}),
     }
-    if decision.kind == "conv2d":
-        record["geometry"] = _geometry(first)
     return record
 
 
-def _geometry(conv: nn.Module) -> dict[str, Any]:
-    """Stride, padding and dilation of a conv, as JSON (a model with other geometry does not fit the plan)."""
-    return _jsonable({"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation})
+def _geometry(stride: Any, padding: Any, dilation: Any) -> dict[str, Any]:
+    """A conv's stride, padding and dilation as JSON, ``1`` and ``(1, 1)`` alike (``"same"`` stays a string)."""
+    def pair(v: Any) -> Any:
+        return [v, v] if isinstance(v, int) else v if isinstance(v, str) else [int(x) for x in v]
+    return {"stride": pair(stride), "padding": pair(padding), "dilation": pair(dilation)}
 
 
 def _inputs(gm: torch.fx.GraphModule) -> list[dict[str, Any]]:
@@ -183,13 +183,20 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
     info = _fxdeco_meta(gm)
     decisions: list[LayerDecision] = info["decisions"]
     nodes = _decomposed_nodes(gm)
-    sites = []
+    dense = {s.target: s for s in find_sites(gm)[0]}
+    sites, geometry = [], {}
     for d in decisions:
         if d.decomposed:
             if d.target not in nodes:
                 raise ValueError(f"layer {d.target!r} is decomposed according to gm.meta['fxdeco'] but the graph has "
                                  "no factored node for it; was the graph edited after fxdeco.convert?")
             sites.append(_site_record(gm, nodes[d.target], d))
+            if d.kind == "conv2d":
+                first = gm.get_submodule(f"{sites[-1]['module']}.0")
+                geometry[d.target] = _geometry(first.stride, first.padding, first.dilation)
+        elif d.kind == "conv2d" and d.target in dense:
+            s = dense[d.target]
+            geometry[d.target] = _geometry(s.stride, s.padding, s.dilation)
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
@@ -200,6 +207,7 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
         "training": gm.training,
         "sites": sites,
         "decisions": [_jsonable(d.as_dict()) for d in decisions],
+        "conv_geometry": geometry,
         "skipped": [{"target": k.target, "node": k.node, "reason": k.reason} for k in info.get("skipped", [])],
         "removed": list(info.get("removed", [])),
         "totals": _jsonable({k: v for k, v in info.items() if k not in _OWN_SECTIONS}),
@@ -326,7 +334,7 @@ again with this version of fxdeco, or upgrade fxdeco
 
 _SECTIONS: dict[str, type | tuple[type, ...]] = {
     "capture": str, "sites": list, "decisions": list, "skipped": list, "removed": list, "totals": dict,
-    "weights": dict, "options": dict,
+    "weights": dict, "options": dict, "conv_geometry": dict,
 }
 _SITE_FIELDS = ("target", "module", "kind", "weight_shape", "rank", "first_shape", "second_shape", "second_bias",
                 "layer_bias", "metadata")
@@ -424,6 +432,7 @@ def _fit(plan: dict[str, Any], sites: list[Site], skipped: list[SkippedSite]) ->
         what = f"layer {target!r}"
         site = by_target.get(target)
         _check_layer(what, site, skipped_by_target.get(target), d.get("kind"), _shape(d.get("weight_shape", ())))
+        _check_geometry(what, site, plan["conv_geometry"].get(target))
         if d.get("rank") is not None:
             if target not in records:
                 raise PlanFormatError(f"{PLAN_FILE}: layer {target!r} is decomposed but has no entry in 'sites'; "
@@ -435,6 +444,15 @@ def _fit(plan: dict[str, Any], sites: list[Site], skipped: list[SkippedSite]) ->
         raise PlanMismatchError(f"layer {unknown[0]!r}: the model has this layer, the plan does not know it; build "
                                 "the model the plan was made for")
     return factors
+
+
+def _check_geometry(what: str, site: Site, recorded: dict[str, Any] | None) -> None:
+    """A conv with the same weight but another stride/padding/dilation computes something else."""
+    if site.kind != "conv2d" or recorded is None:
+        return
+    found = _geometry(site.stride, site.padding, site.dilation)
+    if found != recorded:
+        raise PlanMismatchError(f"{what}: the plan's convolution has {recorded}, the model's {found}")
 
 
 def _placeholder(what: str, site: Site, record: dict[str, Any]) -> Factorization:
@@ -450,18 +468,13 @@ def _placeholder(what: str, site: Site, record: dict[str, Any]) -> Factorization
 
 
 def _check_modules(gm: torch.fx.GraphModule, plan: dict[str, Any]) -> None:
-    """The rebuilt factors sit where the saved ones did, with the same conv geometry."""
+    """The rebuilt factors sit where the saved ones did (so their weights find their names)."""
     nodes = _decomposed_nodes(gm)
     for record in plan["sites"]:
-        what = f"layer {record['target']!r}"
-        node = nodes[record["target"]]
-        if node.target != f"{record['module']}.1":
-            raise PlanMismatchError(f"{what}: its factors would go to {node.target[:-2]!r}, the plan's are at "
-                                    f"{record['module']!r}")
-        geometry = record.get("geometry")
-        if geometry is not None and _geometry(gm.get_submodule(node.target[:-2] + ".0")) != geometry:
-            found = _geometry(gm.get_submodule(node.target[:-2] + ".0"))
-            raise PlanMismatchError(f"{what}: the plan's convolution has {geometry}, the model's {found}")
+        installed = nodes[record["target"]].target[: -len(".1")]
+        if installed != record["module"]:
+            raise PlanMismatchError(f"layer {record['target']!r}: its factors would go to {installed!r}, the plan's "
+                                    f"are at {record['module']!r}")
 
 
 def _check_weights(gm: torch.fx.GraphModule, weights: dict[str, torch.Tensor]) -> None:

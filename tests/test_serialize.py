@@ -90,7 +90,7 @@ def cnn_saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.fx.GraphM
     return small, save(small, tmp_path_factory.mktemp("cnn") / "saved")
 
 
-def test_symbolic_round_trip_is_bit_exact_and_leaves_the_model_alone(cnn_saved) -> None:
+def test_symbolic_round_trip_is_bit_exact_and_leaves_the_model_alone(cnn_saved, tmp_path: pathlib.Path) -> None:
     small, folder = cnn_saved
     assert small.meta["fxdeco"]["capture"] == "symbolic"
     assert {d.target for d in small.meta["fxdeco"]["decisions"] if d.decomposed} >= {"c1", "c2", "fc"}
@@ -110,25 +110,51 @@ def test_symbolic_round_trip_is_bit_exact_and_leaves_the_model_alone(cnn_saved) 
     after = fresh.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert [n for n, _ in fresh.named_modules()] == names_before
+    # a loaded model saves to the same plan
+    assert (save(again, tmp_path) / "plan.json").read_text() == (folder / "plan.json").read_text()
 
 
-def test_export_capture_round_trip_is_bit_exact(tmp_path: pathlib.Path) -> None:
-    data = [torch.randn(4, 6, 8) @ torch.randn(8, 32) for _ in range(3)]
-    small = fxdeco.transform(built(Block, 0), data, capture="export", nsr_threshold=0.05).eval()
+@pytest.mark.parametrize("cls, batch, other", [
+    (Block, lambda: torch.randn(4, 6, 8) @ torch.randn(8, 32), torch.randn(2, 9, 32)),
+    (ConvNet, lambda: torch.randn(8, 3, 8, 8), torch.randn(5, 3, 8, 8)),
+], ids=["block", "cnn"])
+def test_export_capture_round_trip_is_bit_exact(cls, batch, other, cnn_saved, tmp_path: pathlib.Path) -> None:
+    small = fxdeco.transform(built(cls, 0), [batch() for _ in range(3)], capture="export", nsr_threshold=0.3).eval()
     assert small.meta["fxdeco"]["capture"] == "export"
     assert sum(d.decomposed for d in small.meta["fxdeco"]["decisions"]) >= 3
-    folder = save(small, tmp_path / "block")
-    fresh = built(Block, 7)
+    folder = save(small, tmp_path / "saved")
+    fresh = built(cls, 7)
     before = state(fresh)
 
     with pytest.raises(serialize.PlanError, match="example_inputs"):
         load(folder, fresh)
-    again = load(folder, fresh, example_inputs=torch.randn(3, 5, 32))
+    again = load(folder, fresh, example_inputs=batch()[:3])
 
-    x = torch.randn(2, 9, 32)
-    assert torch.equal(again(x), small(x))
+    assert torch.equal(again(other), small(other))
     assert again.meta["fxdeco"]["capture"] == "export"
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    if cls is ConvNet:  # an aten graph records the conv geometry in its own way; the plan must not show it
+        plan = json.loads((folder / "plan.json").read_text())
+        assert plan["conv_geometry"] == json.loads((cnn_saved[1] / "plan.json").read_text())["conv_geometry"]
+
+
+def test_tied_weights_round_trip(tmp_path: pathlib.Path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(torch.relu(self.a(x))))
+
+    with pytest.warns(UserWarning, match="tied"):
+        small = fxdeco.transform(built(Tied, 0), [torch.randn(32, 2) @ torch.randn(2, 16)], nsr_threshold=0.05)
+    assert [d.target for d in small.meta["fxdeco"]["decisions"] if d.decomposed] == ["c"]
+    again = load(save(small, tmp_path), built(Tied, 1))
+    x = torch.randn(4, 16)
+    assert torch.equal(again(x), small(x))
+    assert again.a.weight is again.b.weight  # still one tensor after loading
 
 
 def test_dense_and_skipped_layers_survive(tmp_path: pathlib.Path) -> None:
@@ -172,8 +198,9 @@ def test_plan_json_matches_the_report_and_the_weights(cnn_saved) -> None:
         assert list(tensors[f"{s['module']}.1.weight"].shape) == s["second_shape"]
         assert (f"{s['module']}.1.bias" in tensors) == s["second_bias"]
         assert s["metadata"]["nsr"] == next(r["nsr"] for r in report.rows if r["name"] == s["target"])
+    assert plan["conv_geometry"] == {"c1": {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]},
+                                     "c2": {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1]}}
     c1 = next(s for s in plan["sites"] if s["target"] == "c1")
-    assert c1["geometry"] == {"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1]}
     assert c1["layer_bias"] and not next(s for s in plan["sites"] if s["target"] == "c2")["layer_bias"]
 
 
