@@ -1,0 +1,238 @@
+"""Knowledge-distillation fine-tuning of a decomposed model from its original, and the loop pieces it shares.
+
+``finetune(student, teacher, loader, steps=...)`` works after any method
+(``fxdeco.transform``, ``fxdeco.lockd.finalize``): the student learns the
+teacher's softened output distribution (KL divergence on logits), optionally
+plus a task loss on labels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from fxdeco.batches import model_inputs
+from fxdeco.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+
+def batches_forever(loader: Iterable[Any]) -> Iterator[Any]:
+    """Yield ``loader``'s batches epoch after epoch (re-iterating it, so a shuffling DataLoader reshuffles).
+
+    Example:
+        >>> it = batches_forever([1, 2])
+        >>> [next(it) for _ in range(5)]
+        [1, 2, 1, 2, 1]
+        >>> next(batches_forever([]))
+        Traceback (most recent call last):
+        ...
+        fxdeco.errors.CalibrationError: the training loader yielded no batches
+    """
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise CalibrationError("the training loader yielded no batches")
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside ``obj`` (tensors, tuples, lists, dicts) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def use_amp(amp: bool, device: torch.device) -> bool:
+    """Whether to autocast: only when asked and on CUDA (elsewhere a warning, and full precision)."""
+    if amp and device.type != "cuda":
+        log.warning("amp=True is for CUDA models; this one is on %s, so training runs in full precision", device)
+        return False
+    return bool(amp)
+
+
+def autocast_context(enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when ``enabled`` (see :func:`use_amp`), else a no-op."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def check_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class StepBar:
+    """A tqdm bar over training steps with a loss readout; silent when disabled or tqdm is missing."""
+
+    def __init__(self, steps: int, desc: str, enabled: bool | None) -> None:
+        self.bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=steps, desc=desc, leave=False)
+            except ImportError:  # tqdm is optional
+                pass
+
+    def update(self, **values: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T² · KL(softmax(teacher/T) ‖ softmax(student/T))``, averaged over every row of logits.
+
+    Example:
+        >>> z = torch.randn(4, 10)
+        >>> float(kd_loss(z, z))
+        0.0
+    """
+    classes = student_logits.shape[-1]
+    s = nn.functional.log_softmax(student_logits.float().reshape(-1, classes) / temperature, -1)
+    t = nn.functional.log_softmax(teacher_logits.float().reshape(-1, classes) / temperature, -1)
+    return nn.functional.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+@dataclasses.dataclass
+class FinetuneHistory:
+    """Per-step losses of :func:`finetune` and its wall time."""
+
+    loss: list[float] = dataclasses.field(default_factory=list)
+    kd: list[float] = dataclasses.field(default_factory=list)
+    task: list[float] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _default_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}; "
+                    "pass output_fn=... that returns the logits tensor")
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    loader: Iterable[Any],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    temperature: float = 1.0,
+    task_loss: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    task_weight: float = 1.0,
+    input_fn: Callable[[Any], Any] | None = None,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    train_mode: bool = True,
+    amp: bool = False,
+    show_progress: bool | None = None,
+    log_every: int = 100,
+) -> FinetuneHistory:
+    """Fine-tune ``student`` in place for ``steps`` batches to imitate ``teacher`` (knowledge distillation).
+
+    Loss = ``kd_loss(student, teacher, temperature)`` + ``task_weight *
+    task_loss(student_logits, batch)`` when ``task_loss`` is given (e.g.
+    ``lambda logits, b: F.cross_entropy(logits, b[1])``). ``input_fn`` turns a
+    batch into model inputs (``lambda b: b[0]`` for ``(x, y)``), ``output_fn``
+    picks the logits from a model output (default: the tensor itself,
+    ``.logits``, or the first element). Adam with learning rate ``lr`` on the
+    student's parameters that require gradients; the teacher runs in eval mode
+    without gradients. ``train_mode=True`` trains the student in training mode
+    (BatchNorm statistics adapt to the decomposed layers); ``False`` keeps it
+    in eval mode. The student may be wrapped in DistributedDataParallel. Each
+    module's train/eval mode is restored at the end.
+
+    Example:
+        >>> import torch
+        >>> from fxdeco.finetune import finetune
+        >>> teacher = torch.nn.Linear(8, 4)
+        >>> student = torch.nn.Linear(8, 4)
+        >>> data = [torch.randn(32, 8) for _ in range(4)]
+        >>> history = finetune(student, teacher, data, steps=50, lr=1e-2)
+        >>> history.loss[-1] < history.loss[0]
+        True
+    """
+    check_steps(steps)
+    check_positive("lr", lr)
+    check_positive("temperature", temperature)
+    if task_weight < 0:
+        raise ValueError(f"task_weight must be >= 0, got {task_weight!r}")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student has no parameter that requires gradients; nothing to fine-tune")
+    get_logits = output_fn or _default_output
+    device = model_device(student)
+    amp = use_amp(amp, device)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    modes = [(m, m.training) for m in (*student.modules(), *teacher.modules())]
+    student.train(train_mode)
+    teacher.eval()
+    history = FinetuneHistory()
+    bar = StepBar(steps, "KD fine-tuning", show_progress)
+    start = time.perf_counter()
+    try:
+        for step, batch in zip(range(steps), batches_forever(loader)):
+            batch = to_device(batch, device)
+            args, kwargs = model_inputs(batch, input_fn)
+            with torch.no_grad(), autocast_context(amp):
+                teacher_logits = get_logits(teacher(*args, **kwargs))
+            with autocast_context(amp):
+                student_logits = get_logits(student(*args, **kwargs))
+            kd = kd_loss(student_logits, teacher_logits, temperature)
+            task = task_loss(student_logits, batch) if task_loss is not None else torch.zeros((), device=device)
+            loss = kd + task_weight * task
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss became {float(loss)} at step {step}; lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.loss.append(float(loss.detach()))
+            history.kd.append(float(kd.detach()))
+            history.task.append(float(task.detach()))
+            bar.update(loss=history.loss[-1], kd=history.kd[-1])
+            if log_every and (step + 1) % log_every == 0:
+                log.info("finetune step %d/%d: loss %.4g (kd %.4g, task %.4g)", step + 1, steps, history.loss[-1],
+                         history.kd[-1], history.task[-1])
+    finally:
+        bar.close()
+        for m, training in modes:
+            m.training = training
+    history.seconds = time.perf_counter() - start
+    return history

@@ -1,0 +1,362 @@
+"""lockd: prepared graphs keep the original outputs, training compresses, finalize decomposes, DDP stays in sync."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fxdeco
+from fxdeco import lockd
+from fxdeco.errors import CalibrationError, NoSitesError
+from fxdeco.finetune import finetune, kd_loss
+from fxdeco.lockd.finalize import _strip, pruned_chain
+from passes.chains import replace_sites_with_chains
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class SmallNet(nn.Module):
+    """kxk and 1x1 convs (strided, padded, dilated), BatchNorm, and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2, bias=False)
+        self.c3 = nn.Conv2d(12, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.c1(x)))
+        x = torch.relu(self.c3(torch.relu(self.c2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def small_net() -> SmallNet:
+    torch.manual_seed(0)
+    model = SmallNet()
+    with torch.no_grad():  # non-trivial running statistics, so eval mode matters
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def images(n: int = 4, batch: int = 8) -> list[torch.Tensor]:
+    return [torch.randn(batch, 3, 10, 10) for _ in range(n)]
+
+
+@pytest.mark.parametrize("init", ["svd", "random"])
+@pytest.mark.parametrize("conv_order", ["1x1-first", "kxk-first"])
+def test_prepared_graph_returns_original_outputs_exactly(init: str, conv_order: str) -> None:
+    model = small_net()
+    gm = lockd.prepare(model, init=init, conv_order=conv_order)
+    x = images(1)[0]
+    expected = model(x)
+    assert torch.equal(gm(x), expected)
+    lockd.train_mode(gm)  # Gumbel gates sampling: still the original output is passed on
+    assert torch.equal(gm(x), expected)
+    assert set(lockd.branches(gm)) == {"c1", "c2", "c3", "fc"}
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert trainable and all("_lockd." in n for n in trainable), "only branch weights and logits train"
+
+
+def test_svd_branches_start_exact_and_random_ones_do_not() -> None:
+    model = small_net()
+    x = images(1)[0]
+    for init, exact in (("svd", True), ("random", False)):
+        gm = lockd.prepare(model, init=init)
+        gm(x)  # eval mode: hard gates, all open at init
+        nsr = lockd.nsr_values(gm)
+        assert all((float(v.detach()) < 1e-8) == exact for v in nsr.values()), (init, nsr)
+
+
+def test_input_model_state_dict_and_flags_unchanged() -> None:
+    model = small_net().train()
+    before = copy.deepcopy(model.state_dict())
+    gm = lockd.prepare(model)
+    lockd.train(gm, images(), steps=3, eval_batches=1)
+    small = lockd.finalize(gm)
+    finetune(small, model, images(), steps=2)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.training
+    assert not any("lockd" in n for n, _ in model.named_modules())
+
+
+def test_a_few_steps_lower_the_combined_loss() -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    data = [torch.randn(32, 16) for _ in range(4)]
+    gm = lockd.prepare(model, init="random", nsr_threshold=0.05)
+    history = lockd.train(gm, data, steps=30, lr=1e-2, lmbda=0.1, eval_batches=0)
+    first, last = sum(history.loss[:5]) / 5, sum(history.loss[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+def _linear_net_with_rank(rank: int, width: int = 16) -> nn.Sequential:
+    """A first layer of rank ``rank``: its SVD branch needs only ``rank`` channels."""
+    model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(width, rank) @ torch.randn(rank, width) / 4)
+    return model.eval()
+
+
+def test_training_closes_gates_the_layer_does_not_need() -> None:
+    model = _linear_net_with_rank(4, width=24)
+    data = [torch.randn(64, 24) for _ in range(4)]
+    gm = lockd.prepare(model, nsr_threshold=0.05)
+    history = lockd.train(gm, data, steps=150, lmbda=1.0)
+    assert history.kept[-1] < history.kept[0]
+    small = lockd.finalize(gm, proportion_threshold=0.9)
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert rows["0"]["rank"] is not None and rows["0"]["rank"] <= 12, rows["0"]
+    x = data[0]
+    err = (small(x) - model(x)).square().mean() / model(x).var()
+    assert err < 0.1
+
+
+def test_finalize_with_positive_logits_reproduces_the_original() -> None:
+    model = _linear_net_with_rank(3)
+    gm = lockd.prepare(model, init="svd")
+    with torch.no_grad():  # keep the 3 channels with non-zero singular values, all with positive logits
+        lockd.branches(gm)["0"].gate.logits[3:] = -1.0
+    small = lockd.finalize(gm, proportion_threshold=1.0)
+    x = torch.randn(10, 16)
+    assert torch.allclose(small(x), model(x), atol=1e-5)
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert rows["0"]["rank"] == 3 and rows["2"]["rank"] is None
+    assert sum(p.numel() for p in small.parameters()) == 3 * 32 + 16 + 16 * 4 + 4
+
+
+@pytest.mark.parametrize("conv_order", ["1x1-first", "kxk-first"])
+def test_full_rank_pruned_chains_reproduce_every_layer(conv_order: str) -> None:
+    # At full rank a branch never has fewer params than its layer, so finalize keeps the layer;
+    # the substitution it would make is checked directly here.
+    model = small_net()
+    gm = lockd.prepare(model, init="svd", conv_order=conv_order)
+    state = gm.meta["lockd"]
+    chains = {t: pruned_chain(b) for t, b in lockd.branches(gm).items()}
+    work = copy.deepcopy(gm)
+    _strip(work, state)
+    full = replace_sites_with_chains(work, state.sites, chains)
+    x = images(1)[0]
+    assert torch.allclose(full(x), model(x), atol=1e-4)
+
+
+def test_finalize_honours_the_proportion_threshold() -> None:
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    gm = lockd.prepare(model)
+    with torch.no_grad():
+        lockd.branches(gm)["0"].gate.logits[8:] = -1.0  # 25% kept
+        lockd.branches(gm)["2"].gate.logits[12:] = -1.0  # 37.5% kept
+    rows = lambda small: {r["name"]: r for r in fxdeco.report(small).rows}  # noqa: E731
+    at_30 = rows(lockd.finalize(gm, proportion_threshold=0.3))
+    assert at_30["0"]["rank"] == 8 and at_30["2"]["rank"] is None
+    assert "kept proportion 0.375" in at_30["2"]["note"]
+    at_40 = rows(lockd.finalize(gm, proportion_threshold=0.4))
+    assert at_40["0"]["rank"] == 8 and at_40["2"]["rank"] == 12
+    small = lockd.finalize(gm, proportion_threshold=0.3)
+    meta = [n.meta["fxdeco"] for n in small.graph.nodes if "fxdeco" in n.meta]
+    assert {m["target"]: m["kept_proportion"] for m in meta} == {"0": 0.25, "2": 0.375}
+    assert all(p.requires_grad for p in small.parameters())
+
+
+def test_finalize_keeps_the_strongest_channel_when_all_close() -> None:
+    model = nn.Sequential(nn.Linear(32, 32))
+    gm = lockd.prepare(model)
+    with torch.no_grad():
+        lockd.branches(gm)["0"].gate.logits[:] = -1.0
+        lockd.branches(gm)["0"].gate.logits[5] = -0.5
+    small = lockd.finalize(gm, proportion_threshold=0.5)
+    assert fxdeco.report(small).rows[0]["rank"] == 1
+
+
+def test_train_then_finalize_reports_macs_nsr_and_params() -> None:
+    model = small_net()
+    gm = lockd.prepare(model, nsr_threshold=0.2, init_logit=1.0)
+    lockd.train(gm, images(), steps=6, logit_lr=0.5, lmbda=5.0)
+    small = lockd.finalize(gm)
+    rep = fxdeco.report(small)
+    t = rep.totals
+    assert t["method"] == "lockd" and t["params_before"] == sum(p.numel() for p in model.parameters())
+    assert t["params_after"] == sum(p.numel() for p in small.parameters()) < t["params_before"]
+    assert t["macs_before"] > t["macs_after"] > 0
+    decomposed = [r for r in rep.rows if r["rank"] is not None]
+    assert decomposed and all(r["nsr"] is not None and r["nsr"] >= 0 for r in decomposed)
+    x = images(1)[0]
+    assert small(x).shape == model(x).shape
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mix(torch.relu(self.mix(x))))
+
+
+def test_a_layer_called_twice_has_one_branch_and_a_tap_per_call() -> None:
+    model = _Shared().eval()
+    gm = lockd.prepare(model)
+    assert len(lockd.branches(gm)["mix"].taps) == 2
+    with torch.no_grad():
+        lockd.branches(gm)["mix"].gate.logits[4:] = -1.0
+    small = lockd.finalize(gm, proportion_threshold=0.5)
+    calls = [n.target for n in small.graph.nodes if n.op == "call_module"]
+    assert calls == ["mix.0", "mix.1", "mix.0", "mix.1", "out"]
+
+
+def test_export_captured_graph() -> None:
+    model = small_net()
+    x = images(1)[0]
+    gm = lockd.prepare(model, x, capture="export")
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    with torch.no_grad():
+        lockd.branches(gm)["c2"].gate.logits[2:] = -1.0  # 2 of 8 channels
+    small = lockd.finalize(gm, proportion_threshold=0.5)
+    assert fxdeco.report(small).totals["decomposed"] == 1
+    assert small(x).shape == (8, 5)
+
+
+def test_losses_values() -> None:
+    gm = lockd.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), init_logit=0.0)
+    assert float(lockd.proportion_loss(gm).detach()) == pytest.approx(0.5)
+    with torch.no_grad():
+        for b in lockd.branches(gm).values():
+            b.gate.logits.fill_(20.0)
+    assert float(lockd.entropy_loss(gm).detach()) < 1e-6
+    with pytest.raises(RuntimeError, match="run a forward pass"):
+        lockd.nsr_loss(gm)
+    gm(torch.randn(4, 8))
+    assert float(lockd.nsr_loss(gm, nsr_threshold=0.01).detach()) == 0.0
+
+
+def test_finetune_distils_the_teacher() -> None:
+    teacher = small_net()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    data = images(4)
+    before = float(kd_loss(student(data[0]), teacher(data[0])).detach())
+    labels = lambda logits, batch: nn.functional.cross_entropy(logits, teacher(batch).argmax(-1))  # noqa: E731
+    history = finetune(student, teacher, data, steps=40, lr=3e-3, task_loss=labels, task_weight=0.1,
+                       train_mode=False)
+    after = float(kd_loss(student(data[0]), teacher(data[0])).detach())
+    assert after < 0.5 * before and len(history.loss) == 40 and history.task[0] > 0
+    assert not student.training
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+
+def test_all_sites_skipped() -> None:
+    with pytest.raises(NoSitesError, match="skipped by pattern"):
+        lockd.prepare(small_net(), skip=["*"])
+    with pytest.raises(TypeError, match="write skip="):
+        lockd.prepare(small_net(), skip="fc")
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, float("nan")])
+def test_non_positive_tau_and_lambda(value: float) -> None:
+    with pytest.raises(ValueError, match="nsr_threshold"):
+        lockd.prepare(small_net(), nsr_threshold=value)
+    gm = lockd.prepare(small_net())
+    with pytest.raises(ValueError, match="lmbda"):
+        lockd.train(gm, images(), steps=1, lmbda=value)
+    with pytest.raises(ValueError, match="nsr_threshold"):
+        lockd.nsr_loss(gm, nsr_threshold=value)
+
+
+def test_finalize_or_train_on_a_graph_that_was_not_prepared() -> None:
+    gm = torch.fx.symbolic_trace(small_net())
+    with pytest.raises(ValueError, match="not prepared for lockd"):
+        lockd.finalize(gm)
+    with pytest.raises(ValueError, match="not prepared for lockd"):
+        lockd.train(small_net(), images(), steps=1)
+    prepared = lockd.prepare(small_net())
+    with pytest.raises(ValueError, match="already prepared"):
+        lockd.prepare(prepared)
+
+
+def test_training_on_an_empty_loader() -> None:
+    gm = lockd.prepare(small_net())
+    with pytest.raises(CalibrationError, match="no batches"):
+        lockd.train(gm, [], steps=3)
+
+
+def test_nan_stops_training_and_names_the_layer() -> None:
+    gm = lockd.prepare(small_net())
+    with torch.no_grad():
+        lockd.branches(gm)["c3"].second.weight[0, 0] = float("nan")
+    with pytest.raises(lockd.NonFiniteLossError, match="layer 'c3'.*step 0"):
+        lockd.train(gm, images(), steps=3)
+
+
+def test_failing_prepare_leaves_nothing_half_prepared(monkeypatch: pytest.MonkeyPatch) -> None:
+    prep = importlib.import_module("fxdeco.lockd.prepare")  # the package's ``prepare`` is the function
+    model = small_net()
+    before = copy.deepcopy(model.state_dict())
+    real, calls = prep.build_branch, []
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prep, "build_branch", fail_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        lockd.prepare(model)
+    assert not any("lockd" in n for n, _ in model.named_modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+# ---- DistributedDataParallel -----------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same model and branches everywhere
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.LazyLinear(4))
+        model(torch.randn(1, 3, 6, 6))
+        gm = lockd.prepare(model.eval())
+        ddp = nn.parallel.DistributedDataParallel(gm)
+        torch.manual_seed(100 + rank)  # different data and Gumbel noise on each rank
+        data = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+        lockd.train(ddp, data, steps=6, lr=1e-2, logit_lr=0.2, lmbda=2.0, eval_batches=1)
+        logits = torch.cat([b.gate.logits.detach() for b in lockd.branches(ddp).values()])
+        torch.save(logits, os.path.join(out_dir, f"logits{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_keeps_gate_logits_identical_across_ranks() -> None:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
+        logits = [torch.load(os.path.join(out_dir, f"logits{r}.pt")) for r in range(2)]
+    assert torch.equal(logits[0], logits[1])
+    assert not torch.equal(logits[0], torch.full_like(logits[0], logits[0][0].item())), "logits must have moved"
