@@ -65,6 +65,7 @@ the inner backend), with a log line. With ``keep_params``/``keep_macs``
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -99,12 +100,35 @@ def _inner_backend(inner: str | InnerBackend) -> InnerBackend:
                              "from torch._dynamo.list_backends(), or a backend callable") from exc
     if callable(inner):
         return inner
-    raise TypeError(f"inner must be a backend name or a callable (gm, example_inputs) -> fn, got {type(inner).__name__}")
+    raise TypeError("inner must be a backend name or a callable (gm, example_inputs) -> fn, "
+                    f"got {type(inner).__name__}")
 
 
 def _is_dynamic(example_inputs: Sequence[Any]) -> bool:
     """Dynamo passes sizes of dynamic dimensions as ``SymInt``/int inputs."""
     return any(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in example_inputs)
+
+
+def graph_output(outputs: Any) -> torch.Tensor:
+    """The tensor that final-output criteria (budget mode's sensitivity) compare: the graph's first float output.
+
+    A Dynamo graph returns a tuple; for a model that returns one tensor, its first element is that tensor.
+
+    Example:
+        >>> graph_output((torch.tensor([1, 2]), torch.ones(2)))
+        tensor([1., 1.])
+    """
+    for value in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    raise TypeError(f"the graph returns no floating-point tensor ({type(outputs).__name__}); budget mode needs one")
+
+
+def _prepare(lifted: torch.fx.GraphModule, sensitivity: bool) -> PreparedModel:
+    # output_fn arrives with the final-output criteria; older prepare() picks the first tensor itself.
+    if "output_fn" in inspect.signature(prepare).parameters:
+        return prepare(lifted, sensitivity=sensitivity, output_fn=graph_output)
+    return prepare(lifted, sensitivity=sensitivity)
 
 
 def _family_key(lifted: torch.fx.GraphModule) -> tuple:
@@ -171,7 +195,7 @@ class GraphDecomposer:
         self._compiled: CompiledFn | None = None
         self._last_inputs: list[Any] = []
         self._warned_online = False
-        self.prepared: PreparedModel | None = prepare(lifted, sensitivity=owner.sensitivity)
+        self.prepared: PreparedModel | None = _prepare(lifted, owner.sensitivity)
         if family.plan is not None:
             self.adopt([example_inputs[i] for i in kept])
 
@@ -351,7 +375,7 @@ class DecompositionBackend:
             if graph.family.plan is None and graph.calibration_calls < seen:
                 log.warning("graph %d is decomposed from %d of the %d calibration batches (the others reached a "
                             "recompiled copy of it, or another branch)", graph.index, graph.calibration_calls, seen)
-            if graph.calibration_calls or graph.family.plan is not None:
+            if graph.calibration_calls:  # a graph no batch reached adopts or calibrates on its next call
                 graph.finish()
         log.info("calibrated %d graphs on %d batches", len(self.graphs), seen)
         return compiled_model

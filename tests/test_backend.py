@@ -34,12 +34,13 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)  # its buffers stay graph inputs, its parameters are lifted
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.fc = nn.Linear(32, 32)
         self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = F.relu(self.conv2(F.relu(self.bn(self.conv1(x)))))
         return self.head(F.relu(self.fc(x.mean((2, 3)))))
 
 
@@ -159,6 +160,21 @@ def test_uneven_last_batch_recompiles_and_shares_one_decomposition():
     assert len(deco.graphs) == 2  # the second, dynamic graph serves every other batch size
 
 
+def test_budget_mode_matches_transform_and_applies_per_graph():
+    model = SmallMLP().eval()
+    batches = [low_rank(16, 32) for _ in range(3)]
+    deco = backend(inner="eager", calib_loader=batches, keep_params=0.6)
+    compiled = deco.calibrate(torch.compile(model, backend=deco))
+    reference = fxdeco.transform(model, batches, keep_params=0.6)
+    decomposed = deco.graphs[0].decomposed
+    assert decided_ranks(decomposed) == decided_ranks(reference)
+    totals = fxdeco.report(decomposed).totals
+    assert totals["params_after"] <= 0.6 * totals["params_before"]
+    with torch.no_grad():
+        x = low_rank(16, 32)
+        assert torch.allclose(compiled(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
 def test_calib_loader_with_input_fn():
     model = SmallMLP().eval()
     loader = [(low_rank(16, 32), torch.zeros(16)) for _ in range(3)]
@@ -266,16 +282,19 @@ def test_lift_names_parameters_after_the_model():
 
     def spy(gm, example_inputs):
         seen["lifted"], seen["kept"] = lift_parameters(gm, example_inputs)
+        seen["inputs"] = [example_inputs[i] for i in seen["kept"]]
         return gm.forward
 
     model = SmallCNN().eval()
+    x = images(2)
     with torch.no_grad():
-        torch.compile(model, backend=spy)(images(2))
+        torch.compile(model, backend=spy)(x)
     lifted = seen["lifted"]
-    assert [n.op for n in lifted.graph.nodes].count("placeholder") == len(seen["kept"]) == 1
+    placeholders = [n.target for n in lifted.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == len(seen["kept"]) == 3  # x and the two BatchNorm running statistics
+    assert sum("running" in p for p in placeholders) == 2
     assert {n for n, _ in lifted.named_parameters()} == {n for n, _ in model.named_parameters()}
-    x = images(3)
-    assert torch.equal(lifted(x)[0], model(x))
+    assert torch.equal(lifted(*seen["inputs"])[0], model(x))
 
 
 def test_weights_changed_after_compile_are_refused():
