@@ -184,6 +184,29 @@ def test_calib_loader_with_input_fn():
     assert decided_ranks(deco.graphs[0].decomposed) == decided_ranks(reference)
 
 
+def test_branch_the_loader_never_reached_calibrates_online():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 8), nn.Linear(32, 8)
+
+        def forward(self, x, use_b: bool = False):
+            h = F.relu(self.body(x))
+            return self.b(h) if use_b else self.a(h)
+
+    model = TwoHeads().eval()
+    compiled, deco = compile_with(model, calib_loader=[low_rank(16, 32) for _ in range(2)], calib_steps=2)
+    deco.calibrate(compiled)
+    assert [g.status for g in deco.graphs] == ["decomposed"]
+    x = low_rank(16, 32)
+    with torch.no_grad(), pytest.warns(UserWarning, match="not reached by the calibration loader"):
+        assert torch.equal(compiled(x, True), model(x, True))  # Dynamo compiles the other branch
+    with torch.no_grad():
+        compiled(x, True)
+    assert [(g.status, g.calibration_calls) for g in deco.graphs] == [("decomposed", 2), ("decomposed", 2)]
+    assert set(decided_ranks(deco.graphs[1].decomposed)) == {"body", "b"}
+
+
 def test_calib_loader_requires_calibrate_first():
     compiled, _ = compile_with(SmallMLP().eval(), calib_loader=[low_rank(4, 32)])
     with pytest.raises(CalibrationError, match=r"backend.calibrate\(compiled_model\)"):
@@ -352,7 +375,7 @@ def test_calibrate_without_loader_is_an_error():
         deco.calibrate(compiled)
 
 
-@pytest.mark.skipif(not os.environ.get("FXDECO_SLOW"), reason="inductor compiles C++ (minutes on a shared CPU); "
+@pytest.mark.skipif(not os.environ.get("FXDECO_SLOW"), reason="inductor compiles C++ (about a minute on a shared CPU); "
                     "set FXDECO_SLOW=1 to run")
 def test_inductor_inner_backend():
     model = SmallMLP().eval()
