@@ -1,8 +1,9 @@
 """A ``torch.compile`` backend that decomposes every graph Dynamo captures.
 
-    >>> import torch, fxdeco.backend
+    >>> import torch
+    >>> from fxdeco.backend import backend
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
-    >>> deco = fxdeco.backend.backend(inner="eager", calib_steps=4, nsr_threshold=0.05)
+    >>> deco = backend(inner="eager", calib_steps=4, nsr_threshold=0.05)
     >>> compiled = torch.compile(model, backend=deco)
     >>> for _ in range(5):            # 4 exact calibration calls, then the decomposed graph
     ...     out = compiled(torch.randn(16, 4) @ torch.randn(4, 32))
@@ -346,9 +347,10 @@ class DecompositionBackend:
         size) share one decomposition: the one that saw the most batches.
 
         Example:
-            >>> import torch, fxdeco.backend
+            >>> import torch
+            >>> from fxdeco.backend import backend
             >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
-            >>> deco = fxdeco.backend.backend(calib_loader=[torch.randn(8, 16) for _ in range(3)], inner="eager")
+            >>> deco = backend(calib_loader=[torch.randn(8, 16) for _ in range(3)], inner="eager")
             >>> compiled = deco.calibrate(torch.compile(model, backend=deco))
             >>> deco.graphs[0].calibration_calls, deco.graphs[0].status
             (3, 'decomposed')
@@ -403,8 +405,8 @@ def backend(
     docstring for how statistics reach each graph.
 
     Example:
-        >>> import torch, fxdeco.backend
-        >>> fxdeco.backend.backend(nsr_treshold=0.1)  # doctest: +ELLIPSIS
+        >>> from fxdeco.backend import backend
+        >>> backend(nsr_treshold=0.1)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: ...
