@@ -101,6 +101,8 @@ def test_a_few_steps_lower_the_combined_loss() -> None:
     history = lockd.train(gm, data, steps=30, lr=1e-2, lmbda=0.1, eval_batches=0)
     first, last = sum(history.loss[:5]) / 5, sum(history.loss[-5:]) / 5
     assert last < 0.5 * first, (first, last)
+    stopped = lockd.train(gm, data, steps=30, callback=lambda step, h: step == 4, eval_batches=0)
+    assert len(stopped.loss) == 5 and gm.meta["lockd"].steps_trained == 35
 
 
 def _linear_net_with_rank(rank: int, width: int = 16) -> nn.Sequential:

@@ -112,6 +112,7 @@ def train(
     eval_batches: int = 4,
     show_progress: bool | None = None,
     log_every: int = 100,
+    callback: Callable[[int, TrainHistory], bool | None] | None = None,
 ) -> TrainHistory:
     """Train the branches of a prepared graph for ``steps`` batches of ``loader``; return the loss history.
 
@@ -125,6 +126,8 @@ def train(
     the name of the layer whose NSR went bad. The original layers stay in eval
     mode; afterwards ``eval_batches`` batches measure each branch's NSR with
     hard gates (what ``finalize`` reports), and the graph is left in eval mode.
+    ``callback(step, history)`` runs after every step; returning True stops
+    training early (``history`` then has fewer than ``steps`` entries).
 
     Example:
         >>> import torch
@@ -175,7 +178,10 @@ def train(
             if log_every and (step + 1) % log_every == 0:
                 log.info("lockd step %d/%d: loss %.4g (nsr %.4g, proportion %.4g), kept %.1f%%", step + 1, steps,
                          history.loss[-1], history.nsr_loss[-1], history.proportion_loss[-1], 100 * history.kept[-1])
-        state.steps_trained += steps
+            if callback is not None and callback(step, history):
+                log.info("lockd: stopped by the callback after %d steps", step + 1)
+                break
+        state.steps_trained += len(history.loss)
         if eval_batches:
             measure_nsr(gm, [next(batches) for _ in range(eval_batches)], input_fn)
     finally:
