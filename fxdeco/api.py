@@ -17,15 +17,17 @@ from torch import nn
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError
 from fxdeco.falor import check_options as check_falor_options
-from fxdeco.falor import falor_local
+from fxdeco.falor import falor
 from fxdeco.plan import matches_any
+from fxdeco.outputs import OutputFn
 from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
 from fxdeco.progress import progress
 from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
 
 log = logging.getLogger(__name__)
 
-METHODS: dict[str, Callable[..., Any]] = {"falor": falor_local}
+# A method maps a calibrated PreparedModel and its options to (plan, decisions, summary).
+METHODS: dict[str, Callable[..., Any]] = {"falor": falor}
 # Each method's option validator: run before calibration, so a typo costs nothing.
 OPTION_CHECKS: dict[str, Callable[..., None]] = {"falor": check_falor_options}
 
@@ -38,7 +40,8 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
         Traceback (most recent call last):
         ...
         TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: budget_criterion, center, damping, \
-keep_macs, keep_params, min_rank, nsr_threshold, proportion_threshold, rank_multiple, show_progress, skip
+keep_macs, keep_params, kl_final_threshold, max_probes, min_rank, nsr_final_threshold, nsr_threshold, \
+num_metric_batches, proportion_threshold, rank_multiple, rank_tolerance, show_progress, skip
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
@@ -75,6 +78,8 @@ def prepare(
     stat_mask_fn: StatMaskFn | None = None,
     row_weights: RowWeights | None = None,
     sensitivity: bool = False,
+    output_fn: OutputFn | None = None,
+    keep_batches: int = 2,
 ) -> PreparedModel:
     """Capture ``model`` and return a :class:`PreparedModel` that collects statistics when called.
 
@@ -96,6 +101,11 @@ def prepare(
     each layer's output moves the final output (``passes.sensitivity``); falor's
     budget mode then allocates ranks by predicted final-output error
     (:func:`transform` turns it on by itself in budget mode).
+    ``output_fn(output) -> tensor`` selects the tensor that final-output criteria
+    compare when the model returns a tuple, dict or ``ModelOutput``
+    (``output_fn=lambda out: out.logits``). The first ``keep_batches``
+    calibration batches are kept (cloned) as the metric batches of falor's
+    final-output mode (``nsr_final_threshold``).
 
     Example:
         >>> import torch, fxdeco
@@ -108,6 +118,10 @@ def prepare(
         True
     """
     _check_stat_mask_fn(stat_mask_fn)
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be a function of the model's output, got {type(output_fn).__name__}")
+    if isinstance(keep_batches, bool) or not isinstance(keep_batches, int) or keep_batches < 0:
+        raise ValueError(f"keep_batches must be an integer >= 0, got {keep_batches!r}")
     params_original = sum(p.numel() for p in model.parameters())
     gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                              capture=capture))
@@ -124,7 +138,8 @@ def prepare(
         raise NoSitesError(f"{type(model).__name__} has no decomposable Linear/Conv2d layer ({reasons})")
     log.info("prepared %d layers for calibration (%d skipped, %d dead)", len({s.target for s in sites}),
              len(skipped), len(removed))
-    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights, stat_mask_fn, sensitivity)
+    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights, stat_mask_fn, sensitivity,
+                         output_fn=output_fn, keep_batches=keep_batches)
 
 
 def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> torch.fx.GraphModule:
@@ -150,7 +165,7 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
         raise CalibrationError("no calibration batch was run through the prepared model; call it on your data first")
     check_method_options(method, options)
     start = time.perf_counter()
-    plan, decisions = METHODS[method](prepared.gm, prepared.sites, prepared.statistics, **options)
+    plan, decisions, summary = METHODS[method](prepared, **options)
     new = factorize_sites(prepared.gm, prepared.sites, plan)
     new.delete_all_unused_submodules()
     saved_params = sum(d.params_before - d.params_after for d in decisions)
@@ -167,6 +182,7 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
         "macs_before": prepared.macs_per_sample,
         "macs_after": prepared.macs_per_sample - saved_macs,
         "calibration_batches": prepared.batches,
+        **summary,
     }
     log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", method,
              sum(d.decomposed for d in decisions), len(decisions), time.perf_counter() - start, saved_params)
@@ -209,6 +225,7 @@ def transform(
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     capture: str = "auto",
     stat_mask_fn: StatMaskFn | None = None,
+    output_fn: OutputFn | None = None,
     show_progress: bool | None = None,
     **method_options: Any,
 ) -> torch.fx.GraphModule:
@@ -220,7 +237,8 @@ def transform(
     When symbolic tracing fails, the first batch (or ``example_inputs``) is used
     to capture the model with ``torch.export``. For padded text batches,
     ``stat_mask_fn=lambda batch: batch["attention_mask"]`` keeps padding out of
-    the statistics (see :func:`prepare`).
+    the statistics (see :func:`prepare`). ``output_fn`` selects the output tensor
+    that final-output criteria compare when the model does not return a tensor.
 
     Example:
         >>> import torch, fxdeco
@@ -246,6 +264,7 @@ def transform(
         and method_options.get("budget_criterion", "auto") != "nsr"
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
-                       sensitivity=sensitivity)
+                       sensitivity=sensitivity, output_fn=output_fn,
+                       keep_batches=int(method_options.get("num_metric_batches", 2)))
     calibrate(prepared, itertools.chain([first], iterator), input_fn=input_fn, show_progress=show_progress)
     return convert(prepared, method, **method_options)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from fxdeco.budget import LayerOptions, allocate
-from fxdeco.lowrank import Spectrum, centred_bias, nsr_by_rank, projection_factors, spectrum
+from fxdeco.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
+                            spectrum)
 from fxdeco.plan import (LayerDecision, check_fraction, decision, dense_macs, factored_macs, matches_any,
                          unique_targets)
 from fxdeco.progress import progress
@@ -60,6 +61,11 @@ def check_options(
     nsr_threshold: float = 0.02,
     keep_params: float | None = None,
     keep_macs: float | None = None,
+    nsr_final_threshold: float | None = None,
+    kl_final_threshold: float | None = None,
+    num_metric_batches: int = 2,
+    max_probes: int = 8,
+    rank_tolerance: float = 0.02,
     rank_multiple: int = 1,
     budget_criterion: str = "auto",
     damping: float = 0.0,
@@ -87,6 +93,16 @@ def check_options(
     for name, value in (("keep_params", keep_params), ("keep_macs", keep_macs)):
         if value is not None:
             check_fraction(name, value)
+    for name, value in (("nsr_final_threshold", nsr_final_threshold), ("kl_final_threshold", kl_final_threshold)):
+        if value is not None:
+            check_fraction(name, value, high=math.inf)
+    if (nsr_final_threshold is not None or kl_final_threshold is not None) and \
+            (keep_params is not None or keep_macs is not None):
+        raise ValueError("give final-output thresholds (nsr_final_threshold / kl_final_threshold) or a budget "
+                         "(keep_params / keep_macs), not both")
+    _check_positive_int("num_metric_batches", num_metric_batches)
+    _check_positive_int("max_probes", max_probes)
+    check_fraction("rank_tolerance", rank_tolerance, low=-1e-12)
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0 or math.isnan(damping):
         raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     _check_positive_int("min_rank", min_rank)
@@ -114,12 +130,7 @@ class _Layer:
         final output by ``tr(G Σ_{j>k} λ_j u_j u_jᵀ) = Σ_{j>k} λ_j u_jᵀ G u_j``.
         """
         g = self.stats.sensitivity
-        if g is None:
-            return None
-        u = self.spec.eigenvectors
-        weights = self.spec.eigenvalues * ((g @ u) * u).sum(0)
-        tail = weights.flip(0).cumsum(0).flip(0)
-        return torch.cat([tail, tail.new_zeros(1)])
+        return None if g is None else output_error_by_rank(self.spec, g)
 
     def candidate_ranks(self, min_rank: int, multiple: int, proportion_threshold: float) -> list[int]:
         """Ranks worth considering: multiples of ``multiple`` that save parameters."""
@@ -276,3 +287,58 @@ def falor_local(
         decisions.append(decision(site, layer.stats, rank, estimate, "decomposed", adds_bias=bias is not None))
         log.debug("%s: rank %d/%d, nsr %.4g", site.target, rank, site.full_rank, estimate)
     return plan, decisions
+
+
+def falor(
+    prepared: Any,
+    *,
+    nsr_threshold: float = 0.02,
+    keep_params: float | None = None,
+    keep_macs: float | None = None,
+    nsr_final_threshold: float | None = None,
+    kl_final_threshold: float | None = None,
+    num_metric_batches: int = 2,
+    max_probes: int = 8,
+    rank_tolerance: float = 0.02,
+    rank_multiple: int = 1,
+    budget_criterion: str = "auto",
+    damping: float = 0.0,
+    min_rank: int = 1,
+    proportion_threshold: float = 1.0,
+    skip: Iterable[str] = (),
+    center: bool = True,
+    show_progress: bool | None = None,
+) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
+    """falor on a calibrated :class:`fxdeco.PreparedModel`, in one of three modes:
+
+    * ``nsr_threshold`` (default): per layer, closed form (:func:`falor_local`);
+    * ``keep_params`` / ``keep_macs``: a global budget (:func:`falor_local`);
+    * ``nsr_final_threshold`` / ``kl_final_threshold``: per layer, by the model's
+      final output, every rank verified by measurement on the first
+      ``num_metric_batches`` calibration batches (:func:`fxdeco.falor_final.falor_final`).
+
+    Returns the plan, the per-layer decisions and a summary for ``gm.meta``.
+    """
+    check_options(nsr_threshold=nsr_threshold, keep_params=keep_params, keep_macs=keep_macs,
+                  nsr_final_threshold=nsr_final_threshold, kl_final_threshold=kl_final_threshold,
+                  num_metric_batches=num_metric_batches, max_probes=max_probes, rank_tolerance=rank_tolerance,
+                  rank_multiple=rank_multiple, budget_criterion=budget_criterion, damping=damping,
+                  min_rank=min_rank, proportion_threshold=proportion_threshold, skip=skip)
+    common = dict(rank_multiple=int(rank_multiple), min_rank=int(min_rank), proportion_threshold=proportion_threshold,
+                  damping=damping, center=center, skip=skip, show_progress=show_progress)
+    if nsr_final_threshold is None and kl_final_threshold is None:
+        plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, nsr_threshold=nsr_threshold,
+                                      keep_params=keep_params, keep_macs=keep_macs,
+                                      budget_criterion=budget_criterion, **common)
+        return plan, decisions, {}
+    from fxdeco.falor_final import falor_final  # the final-output mode's machinery, only when asked for
+
+    kept = prepared.kept_inputs
+    if len(kept) < num_metric_batches:
+        raise ValueError(f"num_metric_batches={num_metric_batches} but the prepared model kept only {len(kept)} "
+                         f"calibration batch(es); prepare(..., keep_batches={num_metric_batches}) and calibrate on "
+                         "at least that many batches")
+    return falor_final(prepared.gm, prepared.sites, prepared.statistics, metric_inputs=kept[:num_metric_batches],
+                       nsr_final_threshold=math.inf if nsr_final_threshold is None else nsr_final_threshold,
+                       kl_final_threshold=kl_final_threshold, output_fn=prepared.output_fn, max_probes=max_probes,
+                       rank_tolerance=rank_tolerance, **common)

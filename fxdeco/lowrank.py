@@ -95,3 +95,21 @@ def centred_bias(spec: Spectrum, bias: torch.Tensor | None, rank: int) -> torch.
     basis = spec.eigenvectors[:, :rank]
     residual_mean = spec.mean - basis @ (basis.T @ spec.mean)
     return residual_mean if bias is None else bias.detach().to(torch.float64).reshape(-1) + residual_mean
+
+
+def output_error_by_rank(spec: Spectrum, sensitivity: torch.Tensor) -> torch.Tensor:
+    """Predicted final-output error for every rank ``k = 0..out`` (index k).
+
+    With the output-gradient moment ``G`` of the site (``passes.sensitivity``),
+    dropping the directions ``j > k`` of the spectrum changes the final output by
+    ``tr(G Σ_{j>k} λ_j u_j u_jᵀ) = Σ_{j>k} λ_j u_jᵀ G u_j`` (to first order).
+
+    Example:
+        >>> s = SiteStatistics.empty(2); s.update(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+        >>> output_error_by_rank(spectrum(s), torch.eye(2, dtype=torch.float64))  # G = I: the tail of λ
+        tensor([5.0000, 0.5000, 0.0000], dtype=torch.float64)
+    """
+    u = spec.eigenvectors
+    weights = spec.eigenvalues * ((sensitivity.to(u.dtype) @ u) * u).sum(0)
+    tail = weights.flip(0).cumsum(0).flip(0)
+    return torch.cat([tail, tail.new_zeros(1)])

@@ -26,6 +26,10 @@ class LayerDecision:
     macs_before: float  # per sample
     macs_after: float
     reason: str
+    # final-output mode: the measured final-output NSR / KL with only this layer decomposed, and the probes spent
+    nsr_final: float | None = None
+    kl_final: float | None = None
+    probes: int = 0
 
     @property
     def decomposed(self) -> bool:

@@ -24,6 +24,7 @@ from torch import nn
 from fxdeco.batches import as_call, leading_dim
 from fxdeco.errors import CalibrationError
 from fxdeco.modes import eval_mode
+from fxdeco.outputs import OutputFn, select_output
 from passes import (CostProp, LeadingDimWeights, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs,
                     graph_macs)
 from passes.sensitivity import SensitivityInterpreter
@@ -113,8 +114,14 @@ class PreparedModel(nn.Module):
         row_weights: RowWeights | None = None,
         stat_mask_fn: StatMaskFn | None = None,
         sensitivity: bool = False,
+        output_fn: OutputFn | None = None,
+        keep_batches: int = 2,
     ) -> None:
         super().__init__()
+        self.output_fn = output_fn
+        # the first calibration batches (flat placeholder values), falor's metric batches in final-output mode
+        self.keep_batches = keep_batches
+        self.kept_inputs: list[list[Any]] = []
         # output-gradient moments per layer (passes.sensitivity): one extra backward pass per batch
         self.sensitivity_moments: dict[str, torch.Tensor] | None = {} if sensitivity else None
         self.sensitivity_samples = 0
@@ -253,9 +260,12 @@ class PreparedModel(nn.Module):
         if self.sensitivity_moments is not None:
             with eval_mode(self.gm):
                 sens = SensitivityInterpreter(self.gm, self.sites, generator=self._projections,
-                                              moments=self.sensitivity_moments)
+                                              moments=self.sensitivity_moments,
+                                              output_fn=lambda out: select_output(out, self.output_fn))
                 sens.run(*flat)
                 self.sensitivity_samples += sens.samples
+        if len(self.kept_inputs) < self.keep_batches:
+            self.kept_inputs.append([v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat])
         self.batches += 1
         self._warn_unmatched(by_mask)
         return self.gm.graph._codegen.process_outputs(out)
@@ -289,6 +299,7 @@ class PreparedModel(nn.Module):
         self.collected.clear()
         self._per_site = None
         self.batches = 0
+        self.kept_inputs.clear()
         if self.sensitivity_moments is not None:
             self.sensitivity_moments.clear()
             self.sensitivity_samples = 0

@@ -44,8 +44,12 @@ class SensitivityInterpreter(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule, sites: Iterable[Site],
                  output_fn: Callable[[Any], torch.Tensor] = first_tensor,
-                 generator: torch.Generator | None = None, moments: dict[str, torch.Tensor] | None = None) -> None:
+                 generator: torch.Generator | None = None, moments: dict[str, torch.Tensor] | None = None,
+                 output_scale: torch.Tensor | None = None) -> None:
         super().__init__(gm)
+        # Scales the projection per output element: E[(uᵀδ)²] = Σ scale² δ², so the moments predict a
+        # weighted error (e.g. ptdeco's per-channel NSR, with scale² = 1 / (channels · (var_c + eps))).
+        self.output_scale = output_scale
         self.sites = {s.node: s for s in sites}
         self.output_fn = output_fn
         self.generator = generator
@@ -81,6 +85,8 @@ class SensitivityInterpreter(torch.fx.Interpreter):
         if not self._outputs or not final.requires_grad:
             return
         u = torch.randn(final.shape, generator=self.generator, dtype=final.dtype).to(final.device)
+        if self.output_scale is not None:
+            u = u * self.output_scale.to(device=final.device, dtype=final.dtype)
         grads = torch.autograd.grad((final * u).sum(), [y for _, y in self._outputs], allow_unused=True)
         for (site, _), g in zip(self._outputs, grads):
             if g is None:

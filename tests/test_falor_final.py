@@ -1,0 +1,163 @@
+"""falor's final-output mode: every accepted rank measured under the thresholds, graph replays exact."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+from fxdeco.final_metrics import final_nsr, symmetric_kl
+from passes import factorize_sites
+from passes.inputs import flatten_inputs
+from passes.replay import GraphWalk
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Residual(nn.Module):
+    """A residual MLP whose middle layer is called twice (shared weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(24, 48)
+        self.mid = nn.Linear(48, 48)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Linear(48 + 8, 10)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        h = h + torch.tanh(self.mid(h))
+        h = h + torch.tanh(self.mid(h))
+        pooled = self.conv(image).mean((2, 3))
+        return self.out(torch.cat([h, pooled], dim=1))
+
+
+def _batches(n: int = 4, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(6, 24, generator=g)
+    return [(torch.randn(size, 6, generator=g) @ basis, torch.randn(size, 3, 6, 6, generator=g)) for _ in range(n)]
+
+
+def test_replay_equals_forward_with_the_node_changed() -> None:
+    model = Residual().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x, image = _batches(1)[0]
+    walk = GraphWalk(gm, flatten_inputs(gm, (x, image), {}))
+    walk.advance_to("inp")
+    doubled = walk.replay({"inp": lambda y: 2 * y})
+    h = torch.relu(2 * model.inp(x))
+    h = h + torch.tanh(model.mid(h))
+    h = h + torch.tanh(model.mid(h))
+    expected = model.out(torch.cat([h, model.conv(image).mean((2, 3))], dim=1))
+    torch.testing.assert_close(doubled, expected)
+    # the walk itself is unchanged: an empty replay gives the reference output
+    torch.testing.assert_close(walk.replay({}), model(x, image))
+
+
+def _only(gm: torch.fx.GraphModule, prepared: fxdeco.PreparedModel, small: torch.fx.GraphModule,
+          target: str) -> torch.fx.GraphModule:
+    """The original graph with only ``target`` replaced by the factors ``small`` holds for it."""
+    from passes import Factorization
+
+    first, second = small.get_submodule(f"{target}.0"), small.get_submodule(f"{target}.1")
+    fact = Factorization(first.weight.detach(), second.weight.detach(), {}, second.bias.detach()
+                         if second.bias is not None else None)
+    return factorize_sites(prepared.gm, prepared.sites, {target: fact})
+
+
+@pytest.mark.parametrize("threshold", [0.002, 0.02])
+def test_every_accepted_rank_is_measured_under_the_threshold(threshold: float) -> None:
+    model = Residual().eval()
+    calib = _batches()
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), calib)
+    small = fxdeco.convert(prepared, nsr_final_threshold=threshold)
+    decisions = small.meta["fxdeco"]["decisions"]
+    decomposed = [d for d in decisions if d.decomposed]
+    assert decomposed, "low-rank inputs must let some layer be decomposed"
+    for d in decomposed:
+        one = _only(prepared.gm, prepared, small, d.target)
+        measured = [final_nsr(model(*b), one(*b)) for b in calib[:2]]
+        mean = sum(measured) / len(measured)
+        assert mean <= threshold
+        assert mean == pytest.approx(d.nsr_final, rel=1e-3, abs=1e-7)
+        assert d.probes >= 1
+    assert small.meta["fxdeco"]["probes"] == sum(d.probes for d in decisions)
+
+
+def test_a_smaller_threshold_keeps_more() -> None:
+    model = Residual().eval()
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), _batches())
+    loose = fxdeco.convert(prepared, nsr_final_threshold=0.05)
+    tight = fxdeco.convert(prepared, nsr_final_threshold=0.0005)
+    assert fxdeco.report(tight).totals["params_after"] > fxdeco.report(loose).totals["params_after"]
+
+
+def test_kl_threshold_alone() -> None:
+    model = Residual().eval()
+    calib = _batches()
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), calib)
+    small = fxdeco.convert(prepared, kl_final_threshold=1e-3)
+    for d in small.meta["fxdeco"]["decisions"]:
+        if d.decomposed:
+            one = _only(prepared.gm, prepared, small, d.target)
+            assert sum(symmetric_kl(model(*b), one(*b)) for b in calib[:2]) / 2 <= 1e-3
+
+
+def test_shared_layer_is_probed_at_both_calls() -> None:
+    """``mid`` runs twice; its probe must decompose both calls, as the rewrite does."""
+    model = Residual().eval()
+    calib = _batches()
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), calib)
+    small = fxdeco.convert(prepared, nsr_final_threshold=0.01, skip=["inp", "out", "conv"])
+    (mid,) = [d for d in small.meta["fxdeco"]["decisions"] if d.target == "mid"]
+    if mid.decomposed:
+        measured = sum(final_nsr(model(*b), small(*b)) for b in calib[:2]) / 2
+        assert measured == pytest.approx(mid.nsr_final, rel=1e-3, abs=1e-7)
+
+
+class DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc2(torch.relu(self.fc1(x))), "aux": x.sum(1)}
+
+
+def test_non_tensor_output_needs_output_fn() -> None:
+    basis = torch.randn(4, 16)
+    calib = [torch.randn(32, 4) @ basis for _ in range(3)]
+    with pytest.raises(TypeError, match="output_fn"):
+        fxdeco.transform(DictOut(), calib, nsr_final_threshold=0.01)
+    small = fxdeco.transform(DictOut(), calib, nsr_final_threshold=0.01, output_fn=lambda out: out["logits"])
+    assert any(d.decomposed for d in small.meta["fxdeco"]["decisions"])
+    with pytest.raises(TypeError, match="output_fn must return"):
+        fxdeco.transform(DictOut(), calib, nsr_final_threshold=0.01, output_fn=lambda out: out["missing"] if False
+                         else 3)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"nsr_final_threshold": 0.0}, "nsr_final_threshold"),
+    ({"nsr_final_threshold": math.nan}, "nsr_final_threshold"),
+    ({"kl_final_threshold": -1.0}, "kl_final_threshold"),
+    ({"nsr_final_threshold": 0.01, "keep_params": 0.5}, "not both"),
+    ({"nsr_final_threshold": 0.01, "num_metric_batches": 0}, "num_metric_batches"),
+])
+def test_bad_final_options(options: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fxdeco.transform(nn.Linear(4, 4), [torch.randn(8, 4)], **options)
+
+
+def test_more_metric_batches_than_kept() -> None:
+    prepared = fxdeco.calibrate(fxdeco.prepare(nn.Linear(8, 8), keep_batches=1), [torch.randn(16, 8)] * 3)
+    with pytest.raises(ValueError, match="keep_batches=2"):
+        fxdeco.convert(prepared, nsr_final_threshold=0.01)
+
+
+def test_single_sample_batches_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        fxdeco.transform(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), [torch.randn(1, 8)] * 3,
+                         nsr_final_threshold=0.01)
