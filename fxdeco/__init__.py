@@ -12,10 +12,12 @@ into ranks and factors and rewrites the graph; :func:`transform` does all three.
 """
 
 from fxdeco.api import calibrate, convert, prepare, transform
+from fxdeco.backend import backend
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, CaptureError, NonFiniteActivationError, NoSitesError
 from fxdeco.prepared import PreparedModel
 from fxdeco.report import Report, report
+from fxdeco.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
 
 __version__ = "0.1.0"
 
@@ -24,12 +26,19 @@ __all__ = [
     "CaptureError",
     "NoSitesError",
     "NonFiniteActivationError",
+    "PlanError",
+    "PlanFormatError",
+    "PlanMismatchError",
+    "PlanNotFoundError",
     "PreparedModel",
     "Report",
+    "backend",
     "calibrate",
     "convert",
+    "load",
     "prepare",
     "report",
+    "save",
     "trace",
     "transform",
 ]

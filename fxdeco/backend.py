@@ -66,7 +66,6 @@ the inner backend), with a log line. With ``keep_params``/``keep_macs``
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -126,10 +125,7 @@ def graph_output(outputs: Any) -> torch.Tensor:
 
 
 def _prepare(lifted: torch.fx.GraphModule, sensitivity: bool) -> PreparedModel:
-    # output_fn arrives with the final-output criteria; older prepare() picks the first tensor itself.
-    if "output_fn" in inspect.signature(prepare).parameters:
-        return prepare(lifted, sensitivity=sensitivity, output_fn=graph_output)
-    return prepare(lifted, sensitivity=sensitivity)
+    return prepare(lifted, sensitivity=sensitivity, output_fn=graph_output)
 
 
 def _family_key(lifted: torch.fx.GraphModule) -> tuple:

@@ -10,6 +10,8 @@ never imports it.
 from passes.capture import CaptureError, GraphTracer, export_capture, symbolic_capture
 from passes.cost import CostProp, NodeCost, graph_macs
 from passes.inputs import flatten_inputs
+from passes.lift import lift_parameters
+from passes.replay import GraphWalk
 from passes.rewrite import Factorization, factorize_sites
 from passes.sensitivity import SensitivityInterpreter
 from passes.sites import Site, SkippedSite, find_sites, remove_dead_sites
@@ -20,6 +22,7 @@ __all__ = [
     "CostProp",
     "Factorization",
     "GraphTracer",
+    "GraphWalk",
     "LeadingDimWeights",
     "NodeCost",
     "Site",
@@ -32,6 +35,7 @@ __all__ = [
     "find_sites",
     "flatten_inputs",
     "graph_macs",
+    "lift_parameters",
     "remove_dead_sites",
     "symbolic_capture",
 ]
