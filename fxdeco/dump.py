@@ -199,21 +199,27 @@ def _hide_params(graph: nx.DiGraph) -> int:
     return len(hidden)
 
 
-def _split_shared_inputs(graph: nx.DiGraph, max_users: int = 2) -> None:
-    """Draw a model input used all over (an attention mask) as a small copy beside each user.
+def _split_shared_values(graph: nx.DiGraph, max_input_users: int = 2, max_users: int = 4) -> None:
+    """Draw a value used all over (an attention mask, a sequence length) as a small copy beside each user.
 
-    Edges from one input node to every block would cross the whole drawing.
+    Edges from one node to every block would cross the whole drawing. The node
+    itself stays where it is, with its inputs; model inputs are split from 3
+    users on, other values from 5 (a transformer layer's input feeds 4 nodes).
     """
     for name, attrs in list(graph.nodes(data=True)):
-        if attrs["op"] != "placeholder" or graph.out_degree(name) <= max_users:
+        limit = max_input_users if attrs["op"] == "placeholder" else max_users
+        users = sorted(graph.successors(name), key=lambda u: graph.nodes[u]["index"])
+        if len(users) <= limit:
             continue
-        for i, user in enumerate(sorted(graph.successors(name), key=lambda u: graph.nodes[u]["index"])):
+        short = attrs["target"] if attrs["op"] == "placeholder" else attrs["label"].splitlines()[0]
+        for i, user in enumerate(users):
             copy = f"{name}.use{i}"
-            graph.add_node(copy, **{**attrs, "op": "input_copy", "role": "copy", "label": attrs["target"],
+            graph.add_node(copy, **{**attrs, "op": "copy", "role": "copy", "label": short,
                                     "scope": graph.nodes[user]["scope"], "index": graph.nodes[user]["index"] - 0.5,
-                                    "tooltip": f"model input {attrs['target']} (drawn once per user)"})
+                                    "tooltip": f"{name} (drawn beside each of its {len(users)} users)"})
+            graph.remove_edge(name, user)
             graph.add_edge(copy, user)
-        graph.remove_node(name)
+        attrs["label"] += f"\n(used by {len(users)} nodes)"
 
 
 def _hide_dead_ends(graph: nx.DiGraph) -> int:
@@ -255,7 +261,7 @@ def panel(gm: torch.fx.GraphModule, title: str, *, show_params: bool = False, ma
         notes.append(f"{dead} node{'s' if dead > 1 else ''} the output does not use (checks, assertions)")
     if notes:
         title += f" ({' and '.join(notes)} not shown)"
-    _split_shared_inputs(graph)
+    _split_shared_values(graph)
     return Panel(title, graph, boxes)
 
 

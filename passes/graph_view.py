@@ -47,6 +47,8 @@ import torch.fx
 
 # Module classes from these packages are layers or containers, not blocks.
 _NOT_BLOCKS = ("torch.nn.modules.", "torch.ao.nn.")
+# The stack entry torch.export gives nodes it made itself (sizes, guards).
+_EXPORT_MARKER = "_empty_nn_module_stack"
 
 
 def to_networkx(gm: torch.fx.GraphModule, *, max_depth: int = 2, min_block_nodes: int = 3) -> nx.DiGraph:
@@ -126,7 +128,9 @@ def node_scope(node: torch.fx.Node, *, max_depth: int = 2) -> tuple[tuple[str, .
     """
     stack = node.meta.get("nn_module_stack")
     if stack:
-        blocks = [(path, _class_name(kind)) for path, kind in stack.values() if path and _is_block(kind)]
+        # torch.export marks nodes it created itself with a placeholder stack entry; it is no block.
+        blocks = [(path, _class_name(kind)) for path, kind in stack.values()
+                  if path and not path.startswith(_EXPORT_MARKER) and _is_block(kind)]
         # A call_module node is its own module, never its own block.
         blocks = [(p, k) for p, k in blocks if not (node.op == "call_module" and p == node.target)]
         blocks = blocks[:max_depth]
@@ -145,10 +149,8 @@ def _innermost_module(node: torch.fx.Node) -> str | None:
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path or None
-    return None
+    paths = [path for path, _ in (stack or {}).values() if path and not path.startswith(_EXPORT_MARKER)]
+    return paths[-1] if paths else None
 
 
 def _module_path(node: torch.fx.Node) -> str | None:

@@ -234,6 +234,28 @@ def test_a_layer_called_twice_gets_two_boxes(tmp_path: Path) -> None:
     assert sorted(map(sorted, boxes)) == sorted(map(sorted, pairs))
 
 
+def test_an_input_used_everywhere_is_drawn_beside_each_user(tmp_path: Path) -> None:
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fcs = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            for fc in self.fcs:
+                x = fc(x) * mask
+            return x
+
+    gm = fxdeco.trace(Masked())
+    users = [n.name for n in gm.graph.nodes if any(a.name == "mask" for a in n.all_input_nodes)]
+    assert len(users) == 3
+    dot = parse_dot(dump(gm, tmp_path / "g.dot").read_text())
+    labels = dict(dot.nodes)
+    assert "used by 3 nodes" in labels["mask"]["label"]
+    assert not [e for e in dot.edges if e[0] == "mask"], "no edge runs from the one input node"
+    copies = sorted((source, target) for source, target in dot.edges if source.startswith("mask."))
+    assert [t for _, t in copies] == sorted(users) and all(labels[s]["label"] == "mask" for s, _ in copies)
+
+
 def test_skipped_and_dense_layers_say_so(decomposed, tmp_path: Path) -> None:
     _, gm = decomposed
     labels = {name: attrs for name, attrs in parse_dot(dump(gm, tmp_path / "g.dot").read_text()).nodes}
