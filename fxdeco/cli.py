@@ -1,17 +1,50 @@
-"""The ``fxdeco`` command line.
+"""The ``fxdeco`` command line: ``decompose``, ``report``, ``dump`` and ``demo``.
 
 Exit codes: 0 success, 2 usage error, 1 failure (a one-line reason; the
 traceback only with ``--debug``).
+
+``fxdeco decompose MODEL --calib SOURCE --out DIR`` writes into ``DIR``:
+
+* ``plan.json`` and the weights (:func:`fxdeco.serialize.save`; reload with
+  ``fxdeco.load(DIR, model)``);
+* ``report.txt`` and ``report.json``: the per-layer table and totals, with the
+  model and the calibration data named (random data is labelled as such);
+* ``graph.html`` (before/after) and ``graph.dot`` (:func:`fxdeco.dump.dump`);
+* ``cli.json``: the model spec and input size, so ``fxdeco dump DIR`` can
+  rebuild the model and draw the graphs again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import pathlib
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 log = logging.getLogger("fxdeco")
+
+CLI_FILE = "cli.json"
+CLI_SCHEMA = "fxdeco.cli"
+CLI_VERSION = 1
+REPORT_TEXT = "report.txt"
+REPORT_JSON = "report.json"
+
+
+class CLIError(Exception):
+    """A failure with a message meant for the user as it is (no exception type in front)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says it all; others are shown with their type."""
+    from fxdeco.calib_sources import CalibrationSourceError
+    from fxdeco.model_specs import ModelSpecError
+
+    return CLIError, ModelSpecError, CalibrationSourceError
+
+
+# ----------------------------------------------------------------------------- demo
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -24,12 +57,219 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxdeco", description="Low-rank decomposition of PyTorch models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="decompose all-MiniLM-L6-v2 on real English text and report fidelity",
+# ----------------------------------------------------------------------------- decompose
+
+
+def _out_dir(path: str) -> pathlib.Path:
+    out = pathlib.Path(path)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory; give a new or an existing directory")
+    return out
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for name in ("keep_params", "keep_macs", "nsr_threshold", "rank_multiple"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.skip:
+        options["skip"] = list(args.skip)
+    return options
+
+
+def _report_header(spec_text: str, weights: str, calib_description: str, method: str, options: dict[str, Any]) -> str:
+    opts = " ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    return (f"model: {spec_text}, {weights}\n"
+            f"calibration: {calib_description}\n"
+            f"method: {method} ({opts})\n")
+
+
+def _write_report(out: pathlib.Path, gm: Any, header: str, meta: dict[str, Any]) -> str:
+    from fxdeco.report import report
+
+    rep = report(gm)
+    text = header + "\n" + rep.table() + "\n"
+    (out / REPORT_TEXT).write_text(text, encoding="utf-8")
+    payload = {**meta, "totals": rep.totals, "rows": rep.rows}
+    (out / REPORT_JSON).write_text(json.dumps(payload, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    return text
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def _dumps(gm: Any, model: Any, out: pathlib.Path, formats: Sequence[str], example: Any) -> list[pathlib.Path]:
+    from fxdeco.dump import dump
+
+    return [dump(gm, out / f"graph.{fmt}", fmt, original=model, example_inputs=example) for fmt in formats]
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    import torch
+
+    import fxdeco
+    from fxdeco.calib_sources import input_info, load_calibration
+    from fxdeco.model_specs import build_model, describe_weights, parse_model_spec
+    from fxdeco.serialize import save
+
+    out = _out_dir(args.out)  # before the slow part
+    spec = parse_model_spec(args.model, args.weights)
+    torch.manual_seed(args.seed)  # random weights, when the model has them, are reproducible
+    built = build_model(spec)
+    calib = load_calibration(args.calib, built, batches=args.batches, batch_size=args.batch_size,
+                             image_size=args.image_size, max_length=args.max_length, seed=args.seed)
+    if calib.random:
+        log.warning("calibrating on random data: the ranks reflect noise statistics, not your data")
+    options = _method_options(args)
+    gm = fxdeco.transform(built.model, calib.batches, method=args.method, capture=args.capture,
+                          stat_mask_fn=calib.stat_mask_fn, show_progress=args.progress, **options)
+    out.mkdir(parents=True, exist_ok=True)
+    save(gm, out)
+    meta = {"model": spec.text, "weights": describe_weights(spec),
+            "calibration": {"source": calib.source, "random": calib.random, "description": calib.description},
+            "method": args.method, "options": options}
+    text = _write_report(out, gm, _report_header(spec.text, meta["weights"], calib.description, args.method, options),
+                         meta)
+    cli = {"schema": CLI_SCHEMA, "version": CLI_VERSION, "model": spec.text,
+           "weights_file": str(pathlib.Path(spec.weights).resolve()) if spec.weights else None,
+           "input": input_info(calib), "seed": args.seed, "capture": args.capture,
+           "calibration": meta["calibration"], "method": args.method, "options": options}
+    (out / CLI_FILE).write_text(json.dumps(cli, indent=1, default=_json_default) + "\n", encoding="utf-8")
+    written = _dumps(gm, built.model, out, args.dump_format, calib.example())
+    print(text, end="")
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    log.info("graph dumps: %s", ", ".join(map(str, written)))
+    return 0
+
+
+# ----------------------------------------------------------------------------- report / dump
+
+
+def _saved_dir(path: str, needed: str) -> pathlib.Path:
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise CLIError(f"{folder} is not a directory written by fxdeco decompose --out")
+    if not (folder / needed).is_file():
+        raise CLIError(f"{folder} has no {needed}; write it with: fxdeco decompose MODEL --calib SOURCE --out {folder}")
+    return folder
+
+
+def _report(args: argparse.Namespace) -> int:
+    folder = _saved_dir(args.dir, REPORT_JSON if args.json else REPORT_TEXT)
+    print((folder / (REPORT_JSON if args.json else REPORT_TEXT)).read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _read_cli_json(folder: pathlib.Path) -> dict[str, Any]:
+    try:
+        cli = json.loads((folder / CLI_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{folder / CLI_FILE} is not valid JSON ({exc})") from exc
+    if not isinstance(cli, dict) or cli.get("schema") != CLI_SCHEMA:
+        raise CLIError(f"{folder / CLI_FILE} was not written by fxdeco decompose")
+    if cli.get("version") != CLI_VERSION:
+        raise CLIError(f"{folder / CLI_FILE} has version {cli.get('version')!r}; this fxdeco reads version "
+                       f"{CLI_VERSION}: run fxdeco decompose again")
+    return cli
+
+
+def _dump(args: argparse.Namespace) -> int:
+    import torch
+
+    from fxdeco.calib_sources import example_batch
+    from fxdeco.model_specs import build_model, parse_model_spec
+    from fxdeco.serialize import load
+
+    folder = _saved_dir(args.dir, CLI_FILE)
+    cli = _read_cli_json(folder)
+    torch.manual_seed(cli.get("seed", 0))
+    built = build_model(parse_model_spec(cli["model"], cli.get("weights_file")))
+    example = example_batch(built, cli["input"])
+    gm = load(folder, built.model, example_inputs=example)
+    out = pathlib.Path(args.out) if args.out else folder
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in _dumps(gm, built.model, out, args.format, example):
+        print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+FORMATS = ("dot", "svg", "html")
+
+
+def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "decompose", parents=[common], help="decompose a model and save plan, weights, report and graph dumps",
+        description="Capture MODEL, calibrate it on SOURCE, decompose it and write the plan, weights, report "
+                    "(text + JSON) and graph dumps into DIR.",
+        epilog="MODEL: torchvision:NAME or timm:NAME (random weights unless --weights; nothing is downloaded), "
+               "hf:DIR (a local Hugging Face model directory; offline), or path/to/file.py:FACTORY (a function "
+               "returning an nn.Module). SOURCE: an image folder, fashion-mnist[:DIR] (default "
+               "/usr/share/datasets/fashion-mnist), a text file (hf: models; tokenized with the model's tokenizer), "
+               "or random (noise: labelled as RANDOM DATA in the output and report). Example: fxdeco decompose "
+               "torchvision:resnet18 --keep-params 0.6 --calib fashion-mnist --out r18")
+    p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, hf:DIR or path/to/file.py:FACTORY")
+    p.add_argument("--method", default="falor", choices=["falor"], help="decomposition method (default falor)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep-params", type=_fraction, metavar="F",
+                        help="keep this fraction of the model's parameters (budget mode)")
+    budget.add_argument("--keep-macs", type=_fraction, metavar="F",
+                        help="keep this fraction of the model's MACs per sample (budget mode)")
+    budget.add_argument("--nsr-threshold", type=_fraction, metavar="F",
+                        help="per-layer output noise-to-signal bound (default mode; falor's default 0.02)")
+    p.add_argument("--calib", required=True, metavar="SOURCE",
+                   help="image folder, fashion-mnist[:DIR], text file (hf: models) or random")
+    p.add_argument("--batches", type=_positive, default=8, metavar="N", help="calibration batches (default 8)")
+    p.add_argument("--batch-size", type=_positive, default=16, metavar="B", help="samples per batch (default 16)")
+    p.add_argument("--image-size", type=_positive, metavar="S",
+                   help="image side in pixels (default: the model's, else 28 for Fashion-MNIST and 224 otherwise)")
+    p.add_argument("--max-length", type=_positive, default=128, metavar="L",
+                   help="tokens per text sample at most (hf: models; default 128)")
+    p.add_argument("--weights", metavar="FILE", help="state_dict file (.pt/.pth or .safetensors) to load first")
+    p.add_argument("--rank-multiple", type=_positive, metavar="K", help="round ranks up to a multiple of K")
+    p.add_argument("--skip", action="append", metavar="GLOB", help="keep layers matching GLOB dense (repeatable)")
+    p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto",
+                   help="how to capture the model (default auto: symbolic tracing, then torch.export)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights, random data and sampling")
+    p.add_argument("--dump-format", nargs="+", choices=FORMATS, default=["html", "dot"], metavar="FMT",
+                   help="graph dumps to write: dot, svg, html (default: html dot)")
+    p.add_argument("--progress", action="store_true", default=None, help="show progress bars")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (created if absent)")
+    p.set_defaults(func=_decompose)
+
+
+def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
+    demo = sub.add_parser("demo", parents=[common],
+                          help="decompose all-MiniLM-L6-v2 on real English text and report fidelity",
                           description="Decompose the pretrained all-MiniLM-L6-v2 sentence encoder with falor, "
                                       "calibrated and evaluated on disjoint sentences from the Python standard "
                                       "library's docstrings.")
@@ -41,6 +281,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-stat-mask", action="store_true",
                       help="count padding tokens in the layers' statistics (default: masked out by the attention mask)")
     demo.set_defaults(func=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fxdeco`` argument parser (``--help`` on every subcommand)."""
+    parser = argparse.ArgumentParser(prog="fxdeco", description="Low-rank decomposition of PyTorch models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    # The same switches after the subcommand; SUPPRESS keeps a subcommand's default from hiding the main one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_decompose(sub, common)
+    rep = sub.add_parser("report", parents=[common], help="print the report saved by decompose",
+                         description="Print the report fxdeco decompose saved in DIR.")
+    rep.add_argument("dir", metavar="DIR", help="a directory written by fxdeco decompose --out")
+    rep.add_argument("--json", action="store_true", help="print report.json instead of the table")
+    rep.set_defaults(func=_report)
+    dmp = sub.add_parser("dump", parents=[common], help="(re)write graph dumps of a saved decomposition",
+                         description="Rebuild the model recorded in DIR/cli.json, load the saved plan and weights, "
+                                     "and write graph dumps (graph.<format>) into DIR or --out.")
+    dmp.add_argument("dir", metavar="DIR", help="a directory written by fxdeco decompose --out")
+    dmp.add_argument("--format", nargs="+", choices=FORMATS, default=["html", "dot"], metavar="FMT",
+                     help="dot, svg and/or html (default: html dot); svg needs Graphviz, else DOT is written")
+    dmp.add_argument("--out", metavar="OUTDIR", help="write the dumps here instead of DIR")
+    dmp.set_defaults(func=_dump)
+    _add_demo(sub, common)
     return parser
 
 
@@ -56,7 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"fxdeco: error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, _user_errors()):
+            print(f"fxdeco: error: {first}", file=sys.stderr)
+        else:
+            print(f"fxdeco: error: {type(exc).__name__}: {first}", file=sys.stderr)
         return 1
 
 
