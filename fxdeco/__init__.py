@@ -14,6 +14,7 @@ into ranks and factors and rewrites the graph; :func:`transform` does all three.
 from fxdeco.api import calibrate, convert, prepare, transform
 from fxdeco.backend import backend
 from fxdeco.capture import trace
+from fxdeco.dump import dump
 from fxdeco.errors import CalibrationError, CaptureError, NonFiniteActivationError, NoSitesError
 from fxdeco.prepared import PreparedModel
 from fxdeco.report import Report, report
@@ -35,6 +36,7 @@ __all__ = [
     "backend",
     "calibrate",
     "convert",
+    "dump",
     "load",
     "prepare",
     "report",

@@ -268,7 +268,7 @@ class PreparedModel(nn.Module):
             self.kept_inputs.append([v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat])
         self.batches += 1
         self._warn_unmatched(by_mask)
-        return self.gm.graph._codegen.process_outputs(out)
+        return out  # Interpreter.run already rebuilt the model's output structure
 
     def _measure_cost(self, flat: list[Any], batch_size: int) -> None:
         CostProp(self.gm).run(*flat)

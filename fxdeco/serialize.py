@@ -243,6 +243,9 @@ def _replace(target: pathlib.Path, write: Any) -> None:
     """Write through a temporary file then rename, so a crash never leaves half a file under ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a saved model is an ordinary file
     try:
         write(tmp)
         os.replace(tmp, target)
