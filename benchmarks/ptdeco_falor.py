@@ -169,6 +169,39 @@ def run_fxdeco(name: str, model: nn.Module, calib: list[torch.Tensor], test: tup
             "layers": layers}
 
 
+def run_fxdeco_final(name: str, model: nn.Module, calib: list[torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                     threshold: float, skip: list[str], mode: str) -> dict[str, Any]:
+    """fxdeco final-output mode at ptdeco's ``nsr_final_threshold`` (same KL setting, 2 metric batches,
+    rank_multiple=1 as ptdeco).
+
+    Forward passes = calibration batches + the cost pass + one sensitivity pass per metric batch (each with a
+    backward pass) + per metric batch one reference pass and one incremental walk + the probes' replays, in
+    whole-forward equivalents (MACs replayed / MACs of one forward).
+    """
+    loader = _Counting(calib)
+    with mock.patch.object(CostProp, "run", autospec=True, side_effect=CostProp.run) as cost_runs, \
+            mock.patch.object(SensitivityInterpreter, "run", autospec=True,
+                              side_effect=SensitivityInterpreter.run) as sensitivity_runs:
+        start = time.perf_counter()
+        small = fxdeco.transform(model, loader, nsr_final_threshold=threshold,
+                                 kl_final_threshold=PTDECO_SETTINGS["kl_final_threshold"],
+                                 num_metric_batches=PTDECO_SETTINGS["num_metric_steps"], rank_multiple=1, skip=skip,
+                                 show_progress=False)
+        seconds = time.perf_counter() - start
+    meta = small.meta["fxdeco"]
+    decisions = meta["decisions"]
+    layers = {d.target: {"rank": d.rank, "full_rank": d.full_rank, "nsr_final": d.nsr_final} for d in decisions}
+    measured = [d.nsr_final for d in decisions if d.decomposed]
+    passes = (loader.read + cost_runs.call_count + sensitivity_runs.call_count + 2 * meta["metric_batches"]
+              + meta["probe_forward_equivalents"])
+    return {"model": name, "threshold": threshold, "tool": "fxdeco", "mode": mode,
+            "params": n_params(small), "params_kept": n_params(small) / n_params(model),
+            "macs": macs_per_image(small, calib[0]), "accuracy": fm.accuracy(small, *test),
+            "seconds": seconds, "forward_passes": round(passes, 1), "probes": meta["probes"],
+            "max_nsr_final": max(measured, default=0.0),
+            "verified": all(v <= threshold for v in measured), "layers": layers}
+
+
 def model_rows(name: str) -> list[dict[str, Any]]:
     """Baseline, then for each threshold: ptdeco, fxdeco budget, fxdeco budget on ptdeco's layers."""
     model = fm.train(name)
@@ -190,6 +223,9 @@ def model_rows(name: str) -> list[dict[str, Any]]:
         if skip:
             rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], skip,
                                    "budget, ptdeco's layers only"))
+        rows.append(run_fxdeco_final(name, model, calib, test, threshold, [], "final-output"))
+        if skip:
+            rows.append(run_fxdeco_final(name, model, calib, test, threshold, skip, "final-output, ptdeco's layers only"))
     for r in rows:
         r["macs_kept"] = r["macs"] / base_macs
     return rows

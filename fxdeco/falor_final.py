@@ -68,7 +68,8 @@ class _Probe:
     output_fn: OutputFn | None
     nsr_threshold: float
     kl_threshold: float | None
-    count: int = 0
+    count: int = 0  # ranks probed (a rank measured on more batches later counts once more)
+    _seen: dict[tuple[int, int], tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     def projection(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """``y -> P (y − b) + b'``: the rank-``rank`` factored layer's output from the dense one's."""
@@ -89,18 +90,24 @@ class _Probe:
 
         return project
 
-    def measure(self, rank: int) -> _Measured:
+    def measure(self, rank: int, batches: int | None = None) -> _Measured:
+        """The error at ``rank``, averaged over the first ``batches`` metric batches (default: all).
+
+        Per-batch results are remembered, so verifying a rank scouted on one
+        batch replays only the other batches.
+        """
         self.count += 1
+        batches = len(self.walks) if batches is None else batches
         project = self.projection(rank)
         overrides = {name: project for name in self.nodes}
-        nsr, kl = [], []
-        for walk, reference in zip(self.walks, self.references):
-            approx = select_output(walk.replay(overrides), self.output_fn)
-            nsr.append(final_nsr(reference, approx))
-            if self.kl_threshold is not None:
-                kl.append(symmetric_kl(reference, approx))
-        nsr_mean = sum(nsr) / len(nsr)
-        kl_mean = sum(kl) / len(kl) if kl else 0.0
+        for b in range(batches):
+            if (rank, b) not in self._seen:
+                approx = select_output(self.walks[b].replay(overrides), self.output_fn)
+                kl = symmetric_kl(self.references[b], approx) if self.kl_threshold is not None else 0.0
+                self._seen[(rank, b)] = (final_nsr(self.references[b], approx), kl)
+        values = [self._seen[(rank, b)] for b in range(batches)]
+        nsr_mean = sum(v[0] for v in values) / batches
+        kl_mean = sum(v[1] for v in values) / batches
         violation = nsr_mean / self.nsr_threshold
         if self.kl_threshold is not None:
             violation = max(violation, kl_mean / self.kl_threshold)
@@ -119,8 +126,31 @@ def _candidates(site: Site, min_rank: int, multiple: int, proportion_threshold: 
 
 def _search(probe: _Probe, candidates: list[int], predicted: torch.Tensor, scale: float, max_probes: int,
             tolerance: int) -> tuple[int | None, _Measured | None, list[float]]:
-    """Smallest verified rank among ``candidates`` (None: keep dense), its measurement, and the
-    measured/predicted ratio at the first probe (to seed the next layer's scale).
+    """Smallest verified rank among ``candidates`` (None: keep dense), its measurement on all metric
+    batches, and the measured/predicted ratio at the first probe (to seed the next layer's scale).
+
+    The search scouts on the first metric batch; the rank it settles on is then
+    measured on the others too (the first batch's result is reused). Should the
+    average miss the thresholds, the search goes on from there on all batches.
+    """
+    scout = 1 if len(probe.walks) > 1 else None
+    rank, _, ratios = _bracket(probe, candidates, predicted, scale, max_probes, tolerance, -1, scout)
+    if rank is None:
+        return None, None, ratios
+    measured = probe.measure(rank)
+    if measured.violation <= 1.0:
+        return rank, measured, ratios
+    # the other batches disagree: search again above the scouted rank, on every batch
+    rescaled = measured.violation / max(float(predicted[rank]), 1e-300)
+    rank, verified, _ = _bracket(probe, candidates, predicted, rescaled, max_probes, tolerance,
+                                 candidates.index(rank), None)
+    return rank, verified, ratios
+
+
+def _bracket(probe: _Probe, candidates: list[int], predicted: torch.Tensor, scale: float, max_probes: int,
+             tolerance: int, lo: int, batches: int | None) -> tuple[int | None, _Measured | None, list[float]]:
+    """Smallest rank among ``candidates`` above index ``lo`` measured to pass on the first ``batches``
+    metric batches (None: none found; keep dense), its measurement, and the first measured/predicted ratio.
 
     The first probe goes to the predicted rank; the second to the prediction
     rescaled by what the first measured; after that a secant on ``log``
@@ -129,7 +159,7 @@ def _search(probe: _Probe, candidates: list[int], predicted: torch.Tensor, scale
     index known to fail and the smallest known to pass (``len(candidates)``:
     the dense layer, exact) — with bisection when the secant leaves it.
     """
-    lo, hi = -1, len(candidates)
+    hi = len(candidates)
     best: _Measured | None = None
     ratios: list[float] = []
     points: list[tuple[int, float]] = []  # (candidate index, log violation) of finite, non-zero measurements
@@ -143,7 +173,7 @@ def _search(probe: _Probe, candidates: list[int], predicted: torch.Tensor, scale
     i = first_under(1.0)
     i = hi - 1 if i is None else i
     while probe.count < max_probes and hi - lo > 1 and rank_at(hi) - rank_at(lo) > tolerance:
-        measured = probe.measure(candidates[i])
+        measured = probe.measure(candidates[i], batches)
         p = float(predicted[candidates[i]])
         if 0 < measured.violation < math.inf:
             points.append((i, math.log(measured.violation)))
