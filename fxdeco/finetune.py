@@ -177,8 +177,9 @@ def finetune(
     without gradients. The student trains in eval mode by default: in a short
     fine-tune, BatchNorm running statistics re-estimated from a few batches cost
     more accuracy than they recover; ``train_mode=True`` (BatchNorm statistics
-    follow the new layers, dropout on) suits long fine-tunes. The student may be wrapped in DistributedDataParallel. Each
-    module's train/eval mode is restored at the end.
+    follow the new layers, dropout on) suits long fine-tunes. The student may
+    be wrapped in DistributedDataParallel. Each module's train/eval mode is
+    restored at the end.
 
     Example:
         >>> import torch

@@ -36,8 +36,8 @@ def check_finite(model: nn.Module, step: int | None = None) -> None:
         if not torch.isfinite(nsr):
             when = f" at step {step}" if step is not None else ""
             raise NonFiniteLossError(
-                f"the NSR of layer {target!r} became {float(nsr)}{when}: its original output or branch overflowed. "
-                "Lower lr, check the inputs for NaN/inf, or skip the layer with prepare(..., skip=[...])")
+                f"the NSR of layer {target!r} became {float(nsr.detach())}{when}: its original output or branch "
+                "overflowed. Lower lr, check the inputs for NaN/inf, or skip the layer with prepare(..., skip=[...])")
 
 
 def nsr_loss(model: nn.Module, nsr_threshold: float | None = None) -> torch.Tensor:
