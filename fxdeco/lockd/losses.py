@@ -50,7 +50,7 @@ def nsr_loss(model: nn.Module, nsr_threshold: float | None = None) -> torch.Tens
         >>> from fxdeco import lockd
         >>> gm = lockd.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)), nsr_threshold=0.1)
         >>> _ = gm(torch.randn(16, 8))
-        >>> float(lockd.nsr_loss(gm))  # an exact SVD branch with open gates
+        >>> lockd.nsr_loss(gm).item()  # an exact SVD branch with open gates
         0.0
     """
     tau = lockd_state(model).nsr_threshold if nsr_threshold is None else check_threshold("nsr_threshold",
@@ -66,7 +66,7 @@ def proportion_loss(model: nn.Module) -> torch.Tensor:
         >>> import torch
         >>> from fxdeco import lockd
         >>> gm = lockd.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)), init_logit=0.0)
-        >>> float(lockd.proportion_loss(gm))
+        >>> lockd.proportion_loss(gm).item()
         0.5
     """
     return torch.stack([torch.sigmoid(b.gate.logits).mean() for b in branches(model).values()]).mean()
@@ -79,7 +79,7 @@ def entropy_loss(model: nn.Module) -> torch.Tensor:
         >>> import torch
         >>> from fxdeco import lockd
         >>> gm = lockd.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8)), init_logit=0.0)
-        >>> round(float(lockd.entropy_loss(gm)), 4)  # log 2: undecided gates
+        >>> round(lockd.entropy_loss(gm).item(), 4)  # log 2: undecided gates
         0.6931
     """
     per_layer = []
