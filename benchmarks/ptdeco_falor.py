@@ -249,7 +249,9 @@ def plot(rows: list[dict[str, Any]], path: Path = PLOT) -> Path:
     series = [("ptdeco", "falor nsr_final_threshold", "ptdeco falor", "o-"),
               ("fxdeco", "budget", "fxdeco budget (all layers)", "s-"),
               ("fxdeco", "budget, summed layer NSR", "fxdeco budget, summed layer NSR", "x:"),
-              ("fxdeco", "budget, ptdeco's layers only", "fxdeco budget (ptdeco's layers)", "^--")]
+              ("fxdeco", "budget, ptdeco's layers only", "fxdeco budget (ptdeco's layers)", "^--"),
+              ("fxdeco", "final-output", "fxdeco final-output mode", "d-"),
+              ("fxdeco", "final-output, ptdeco's layers only", "fxdeco final-output (ptdeco's layers)", "v--")]
     for ax, name in zip(axes[0], names):
         mine = [r for r in rows if r["model"] == name]
         base = next(r for r in mine if r["tool"] == "original")

@@ -30,7 +30,7 @@ import fxdeco
 from benchmarks import fashion_mnist as fm
 from benchmarks.ptdeco_falor import PTDECO_SETTINGS, n_params
 
-THRESHOLDS = (0.01, 0.05)
+THRESHOLDS = (0.001, 0.005)
 DATA_SPEC = {"dataset": "stdlib docstrings", "calibration": 512, "evaluation": 512, "batch_size": 32,
              "max_length": 64, "iterator": "itertools.cycle"}
 

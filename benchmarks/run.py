@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from benchmarks import falor_local, ptdeco_falor
+from benchmarks import falor_local, ptdeco_falor, ptdeco_minilm, rank_multiple
 from fxdeco.report import human
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -105,19 +105,92 @@ def ptdeco_ranks(rows: list[dict], threshold: float) -> str:
     return "\n".join(out)
 
 
+def final_section(rows: list[dict]) -> str:
+    """fxdeco final-output mode against ptdeco at the same thresholds: params, quality, time ratios."""
+    headers = ["model", "nsr_final_threshold", "ptdeco params kept", "fxdeco params kept", "difference",
+               "ptdeco accuracy %", "fxdeco accuracy %", "ptdeco s", "fxdeco s", "speed-up",
+               "ptdeco forward passes", "fxdeco forward passes", "probes", "max measured NSR", "all verified"]
+    body = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        like = "final-output, ptdeco's layers only" if any(
+            r["mode"] == "final-output, ptdeco's layers only" for r in mine) else "final-output"
+        for pt in (r for r in mine if r["tool"] == "ptdeco"):
+            fx = next(r for r in mine if r["mode"] == like and r["threshold"] == pt["threshold"])
+            body.append([model if like == "final-output" else f"{model} (ptdeco's layers)", pt["threshold"],
+                         f"{pt['params_kept']:.2%}", f"{fx['params_kept']:.2%}",
+                         f"{100 * (fx['params_kept'] - pt['params_kept']):+.2f} pp",
+                         pt.get("accuracy"), fx.get("accuracy"), pt["seconds"], fx["seconds"],
+                         f"{pt['seconds'] / fx['seconds']:.1f}x", pt["forward_passes"], fx["forward_passes"],
+                         fx["probes"], fx["max_nsr_final"], fx["verified"]])
+    table = tabulate([[_fmt(v) for v in row] for row in body], headers=headers, tablefmt="github")
+    return (
+        "## falor final-output mode: fxdeco vs ptdeco at the same `nsr_final_threshold`\n\n"
+        "Same runs as the table above (`rank_multiple=1`, ptdeco's granularity; 2 metric batches; "
+        "`kl_final_threshold` as for ptdeco). On the CNN the like-for-like comparison restricts fxdeco to the "
+        "layers ptdeco can decompose (the all-layer rows are in the table above). `difference`: fxdeco's "
+        "kept fraction minus ptdeco's, in percentage points of the original model. `speed-up`: ptdeco wall "
+        "time / fxdeco wall time (ptdeco's from the run that filled its cache; this machine, 2 CPU cores). "
+        "`fxdeco forward passes`: calibration batches, the cost pass, one sensitivity pass per metric batch "
+        "(each with a backward pass), a reference pass and an incremental walk per metric batch, and the probes' "
+        "replays of the graph after each layer in whole-forward equivalents (MACs replayed / MACs of one "
+        "forward over a batch). `max measured NSR`: the largest final-output NSR measured at an accepted rank; "
+        "`all verified`: every accepted rank was measured at or under the threshold.\n\n"
+        f"{table}\n"
+    )
+
+
+def minilm_section(rows: list[dict]) -> str:
+    headers = ["nsr_final_threshold", "tool / mode", "params", "params kept", "cosine", "NN agreement", "wall s",
+               "probes", "max measured NSR", "all verified"]
+    body = [[r["threshold"], r["tool"] if r["tool"] == "original" else f"{r['tool']} {r['mode']}",
+             human(r["params"]), f"{r['params_kept']:.2%}", r["cosine"], r["nn_agreement"], r["seconds"],
+             r.get("probes"), r.get("max_nsr_final"), r.get("verified")] for r in rows]
+    table = tabulate([[_fmt(v) for v in row] for row in body], headers=headers, tablefmt="github")
+    floor = rows[0]["calib_forward_s"]
+    spec = ptdeco_minilm.DATA_SPEC
+    return (
+        "## all-MiniLM-L6-v2: ptdeco vs fxdeco final-output and budget mode\n\n"
+        f"Real pretrained weights; calibration on {spec['calibration']} stdlib docstring sentences "
+        f"({spec['batch_size']} per batch, at most {spec['max_length']} tokens; ptdeco cycles over them with the "
+        "settings above), fidelity of the sentence embeddings on "
+        f"{spec['evaluation']} other sentences. BERT's pooler (dead for sentence embeddings) is removed for both "
+        "tools. fxdeco masks padding out of its statistics (`stat_mask_fn`). `budget`: `keep_params` at "
+        f"ptdeco's kept fraction. One plain forward pass over the calibration batches takes {floor:.2f} s.\n\n"
+        f"{table}\n"
+    )
+
+
+def rank_multiple_section(result: dict) -> str:
+    headers = ["rank_multiple", "mean latency ratio"] + [k for k in result["rows"][0] if "x" in k]
+    body = [[r["multiple"], r["mean_ratio"]] + [r[k] for k in headers[2:]] for r in result["rows"]]
+    table = tabulate([[_fmt(v) for v in row] for row in body], headers=headers, tablefmt="github")
+    return (
+        "## rank_multiple: does rounding ranks up pay on this CPU?\n\n"
+        f"`benchmarks/rank_multiple.py`: the factored Linear `x @ Aᵀ @ Bᵀ` on {result['rows_per_call']} rows, "
+        f"{result['threads']} threads, timed (median of 15) at every rank 24..96; the ratio is "
+        "`time(rank rounded up to the multiple) / time(rank)`, geometric mean over ranks (per shape in/out). "
+        f"Below 1, rounding pays despite the extra work. Lowest: **{result['best']}**.\n\n{table}\n"
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     rows = falor_local.run()
     pt_rows = ptdeco_falor.run()
     ptdeco_falor.plot(pt_rows)
+    minilm_rows = ptdeco_minilm.run()
+    multiples = rank_multiple.run()
     header = (
         "# fxdeco benchmarks\n\n"
         "Generated by `python -m benchmarks.run` — do not edit by hand.\n\n"
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}. Total benchmark time {time.perf_counter() - start:.0f} s.\n\n"
     )
-    RESULTS.write_text(header + falor_local_section(rows) + "\n" + ptdeco_section(pt_rows))
+    RESULTS.write_text(header + falor_local_section(rows) + "\n" + ptdeco_section(pt_rows) + "\n"
+                       + final_section(pt_rows) + "\n" + minilm_section(minilm_rows) + "\n"
+                       + rank_multiple_section(multiples))
     print(RESULTS.read_text())
 
 

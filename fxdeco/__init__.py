@@ -15,6 +15,8 @@ from fxdeco.api import calibrate, convert, prepare, transform
 from fxdeco.backend import backend
 from fxdeco.capture import trace
 from fxdeco.dump import dump
+from fxdeco import lockd
+from fxdeco.finetune import finetune
 from fxdeco.errors import CalibrationError, CaptureError, NonFiniteActivationError, NoSitesError
 from fxdeco.prepared import PreparedModel
 from fxdeco.report import Report, report
@@ -37,7 +39,9 @@ __all__ = [
     "calibrate",
     "convert",
     "dump",
+    "finetune",
     "load",
+    "lockd",
     "prepare",
     "report",
     "save",

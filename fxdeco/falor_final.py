@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -299,6 +300,7 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
     plan: dict[str, Factorization] = {}
     chosen: dict[str, LayerDecision] = {}
     ratios: list[float] = []
+    ratio_by_role: dict[str, float] = {}
     probes = 0
     for site in progress(sorted(work, key=lambda s: min(order[n] for n in nodes_of[s.target])),
                          desc="falor: verifying ranks", enabled=show_progress):
@@ -314,9 +316,14 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
         predicted = output_error_by_rank(spec, g) if g is not None else nsr_by_rank(spec)
         candidates = _candidates(site, min_rank, multiple, proportion_threshold)
         tolerance = max(multiple, math.ceil(rank_tolerance * site.full_rank))
-        seed_scale = ratios[-1] if ratios else 1.0  # neighbouring layers have similar ratios
+        # The measured/predicted ratio differs by a layer's role (query, value, fc1...) far more than by its depth:
+        # seed from the last layer of the same role in another block, else from the last layer probed.
+        role = re.sub(r"\d+", "#", site.target)
+        seed_scale = ratio_by_role.get(role, ratios[-1] if ratios else 1.0)
         rank, measured, seen = _search(probe, candidates, predicted, seed_scale, max_probes, tolerance)
         ratios += seen
+        if seen:
+            ratio_by_role[role] = seen[0]
         probes += probe.count
         if rank is None or measured is None:
             reason = ("no rank that reduces parameters meets the final-output thresholds" if candidates
