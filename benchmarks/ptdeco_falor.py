@@ -159,7 +159,7 @@ def run_fxdeco(name: str, model: nn.Module, calib: list[torch.Tensor], test: tup
                               side_effect=SensitivityInterpreter.run) as sensitivity_runs:
         start = time.perf_counter()
         small = fxdeco.transform(model, loader, keep_params=keep, skip=skip, budget_criterion=criterion,
-                                 show_progress=False)
+                                 rank_multiple=1, show_progress=False)  # ptdeco's granularity
         seconds = time.perf_counter() - start
     layers = {r["name"]: {"rank": r["rank"], "full_rank": r["full_rank"]} for r in fxdeco.report(small).rows}
     return {"model": name, "threshold": threshold, "tool": "fxdeco", "mode": mode,

@@ -99,7 +99,7 @@ def run_fxdeco(model: nn.Module, calib: list[dict[str, torch.Tensor]], evaluatio
     """fxdeco in final-output mode (``threshold``) or budget mode (``keep``), padding masked out."""
     from fxdeco.minilm import padding_mask
 
-    options: dict[str, Any] = {"keep_params": keep} if keep is not None else {
+    options: dict[str, Any] = {"keep_params": keep, "rank_multiple": 1} if keep is not None else {
         "nsr_final_threshold": threshold, "kl_final_threshold": PTDECO_SETTINGS["kl_final_threshold"],
         "num_metric_batches": PTDECO_SETTINGS["num_metric_steps"], "rank_multiple": 1}
     start = time.perf_counter()

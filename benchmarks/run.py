@@ -45,7 +45,9 @@ def falor_local_section(rows: list[dict]) -> str:
         "statistics with `stat_mask_fn`), fidelity on 512 others "
         "(mean cosine similarity of sentence embeddings to the original, top-1 nearest-neighbour agreement). "
         "`decompose s` is the whole `fxdeco.transform` (capture, calibration, eigendecompositions, rewrite); "
-        "`calib forward s` one plain forward pass of the original model over the same calibration batches.\n\n"
+        "`calib forward s` one plain forward pass of the original model over the same calibration batches. "
+        "Default `rank_multiple=\"auto\"` (ranks of layers at least 128 wide rounded up to multiples of 8, "
+        "see the last section); the comparisons with ptdeco below use `rank_multiple=1`, ptdeco's granularity.\n\n"
         f"{table}\n"
     )
 
@@ -69,7 +71,7 @@ def ptdeco_section(rows: list[dict]) -> str:
         f"use_float64={s['use_float64']}, use_mean={s['use_mean']}, use_damping={s['use_damping']}` "
         "(the settings of ptdeco's own timm script), `proportion_threshold=1.0` and "
         f"`kl_final_threshold={s['kl_final_threshold']:g}` (the final-output NSR alone decides). "
-        "For each ptdeco point fxdeco runs `transform(model, calib, keep_params=<ptdeco's kept fraction>)` "
+        "For each ptdeco point fxdeco runs `transform(model, calib, keep_params=<ptdeco's kept fraction>, rank_multiple=1)` "
         "over every layer (`budget`: ranks allocated by predicted final-output error, from output-gradient "
         "moments under random projections, one backward pass per calibration batch), with the plain summed "
         "layer NSR as the allocation criterion instead (`budget, summed layer NSR`), and with the layers "

@@ -26,7 +26,7 @@ from fxdeco.budget import LayerOptions, allocate
 from fxdeco.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
                             spectrum)
 from fxdeco.plan import (LayerDecision, check_fraction, decision, dense_macs, factored_macs, matches_any,
-                         unique_targets)
+                         site_multiple, unique_targets)
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
 from passes.rewrite import factored_params
@@ -66,7 +66,7 @@ def check_options(
     num_metric_batches: int = 2,
     max_probes: int = 8,
     rank_tolerance: float = 0.02,
-    rank_multiple: int = 1,
+    rank_multiple: int | str = "auto",
     budget_criterion: str = "auto",
     damping: float = 0.0,
     min_rank: int = 1,
@@ -106,7 +106,8 @@ def check_options(
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0 or math.isnan(damping):
         raise ValueError(f"damping must be a number >= 0, got {damping!r}")
     _check_positive_int("min_rank", min_rank)
-    _check_positive_int("rank_multiple", rank_multiple)
+    if rank_multiple != "auto":
+        _check_positive_int("rank_multiple", rank_multiple)
     if budget_criterion not in ("auto", "nsr", "output"):
         raise ValueError(f"budget_criterion must be 'auto', 'nsr' or 'output', got {budget_criterion!r}")
     if isinstance(skip, str):  # a bare string would be read as one pattern per character
@@ -132,9 +133,10 @@ class _Layer:
         g = self.stats.sensitivity
         return None if g is None else output_error_by_rank(self.spec, g)
 
-    def candidate_ranks(self, min_rank: int, multiple: int, proportion_threshold: float) -> list[int]:
+    def candidate_ranks(self, min_rank: int, multiple: int | str, proportion_threshold: float) -> list[int]:
         """Ranks worth considering: multiples of ``multiple`` that save parameters."""
         s = self.site
+        multiple = site_multiple(s, multiple)
         ranks = sorted({round_rank(k, multiple, s.full_rank) for k in range(max(min_rank, 1), s.full_rank + 1)})
         return [k for k in ranks if k * (s.in_features + s.out_features) < s.in_features * s.out_features
                 and k / s.full_rank <= proportion_threshold]
@@ -150,14 +152,14 @@ def _analyse(gm: torch.fx.GraphModule, sites: Iterable[Site], statistics: dict[s
     return layers
 
 
-def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, multiple: int,
+def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, multiple: int | str,
                      proportion_threshold: float) -> dict[str, int | str]:
     """Per layer: the chosen rank, or the reason it stays dense."""
     chosen: dict[str, int | str] = {}
     for layer in layers:
         s = layer.site
         rank = round_rank(smallest_rank(layer.nsr, nsr_threshold, min(min_rank, s.full_rank), s.full_rank),
-                          multiple, s.full_rank)
+                          site_multiple(s, multiple), s.full_rank)
         if rank * (s.in_features + s.out_features) >= s.in_features * s.out_features:
             chosen[s.target] = f"rank {rank} would not reduce parameters"
         elif rank / s.full_rank > proportion_threshold:
@@ -168,7 +170,7 @@ def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, 
 
 
 def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: float, min_rank: int,
-                  multiple: int, proportion_threshold: float, center: bool, criterion: str) -> dict[str, int | str]:
+                  multiple: int | str, proportion_threshold: float, center: bool, criterion: str) -> dict[str, int | str]:
     """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs)."""
     use_output = criterion == "output" or (criterion == "auto" and all(l.stats.sensitivity is not None
                                                                        for l in layers))
@@ -218,7 +220,7 @@ def falor_local(
     nsr_threshold: float = 0.02,
     keep_params: float | None = None,
     keep_macs: float | None = None,
-    rank_multiple: int = 1,
+    rank_multiple: int | str = "auto",
     budget_criterion: str = "auto",
     damping: float = 0.0,
     min_rank: int = 1,
@@ -261,7 +263,7 @@ def falor_local(
     targets = unique_targets(sites)
     skipped = [s for s in targets if matches_any(s.target, skip)]
     layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, damping, center, show_progress)
-    min_rank, rank_multiple = int(min_rank), int(rank_multiple)
+    min_rank = int(min_rank)
     if keep_params is not None or keep_macs is not None:
         measure, keep = ("params", keep_params) if keep_params is not None else ("macs", keep_macs)
         chosen = _budget_ranks(layers, float(keep), measure, _model_total(gm, measure), min_rank, rank_multiple,
@@ -300,7 +302,7 @@ def falor(
     num_metric_batches: int = 2,
     max_probes: int = 8,
     rank_tolerance: float = 0.02,
-    rank_multiple: int = 1,
+    rank_multiple: int | str = "auto",
     budget_criterion: str = "auto",
     damping: float = 0.0,
     min_rank: int = 1,
@@ -324,7 +326,7 @@ def falor(
                   num_metric_batches=num_metric_batches, max_probes=max_probes, rank_tolerance=rank_tolerance,
                   rank_multiple=rank_multiple, budget_criterion=budget_criterion, damping=damping,
                   min_rank=min_rank, proportion_threshold=proportion_threshold, skip=skip)
-    common = dict(rank_multiple=int(rank_multiple), min_rank=int(min_rank), proportion_threshold=proportion_threshold,
+    common = dict(rank_multiple=rank_multiple, min_rank=int(min_rank), proportion_threshold=proportion_threshold,
                   damping=damping, center=center, skip=skip, show_progress=show_progress)
     if nsr_final_threshold is None and kl_final_threshold is None:
         plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, nsr_threshold=nsr_threshold,

