@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,6 +136,34 @@ def run() -> list[dict[str, Any]]:
         rows.append(run_fxdeco(model, calib, evaluation, reference, threshold, None, "final-output"))
         rows.append(run_fxdeco(model, calib, evaluation, reference, threshold, pt["params_kept"], "budget"))
     return rows
+
+
+PLOT = fm.CACHE.parent / "minilm_vs_ptdeco.png"
+
+
+def plot(rows: list[dict[str, Any]], path: Path = PLOT) -> Path:
+    """Mean cosine similarity to the original embeddings vs params kept, one series per tool / mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="original")
+    for tool, mode, label, style in (("ptdeco", "falor nsr_final_threshold", "ptdeco falor", "o-"),
+                                     ("fxdeco", "final-output", "fxdeco final-output mode", "d-"),
+                                     ("fxdeco", "budget", "fxdeco budget (at ptdeco's size)", "s--")):
+        pts = sorted((r["params_kept"], r["cosine"]) for r in rows if r["tool"] == tool and r["mode"] == mode)
+        if pts:
+            ax.plot([100 * p for p, _ in pts], [c for _, c in pts], style, label=label)
+    ax.set_title("all-MiniLM-L6-v2, held-out sentences")
+    ax.set_xlabel("params kept %")
+    ax.set_ylabel("mean cosine to original embedding")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def minilm_section(rows: list[dict]) -> str:
         f"{spec['evaluation']} other sentences. BERT's pooler (dead for sentence embeddings) is removed for both "
         "tools. fxdeco masks padding out of its statistics (`stat_mask_fn`). `budget`: `keep_params` at "
         f"ptdeco's kept fraction. One plain forward pass over the calibration batches takes {floor:.2f} s.\n\n"
+        "![cosine vs params kept](minilm_vs_ptdeco.png)\n\n"
         f"{table}\n"
     )
 
@@ -183,6 +184,7 @@ def main() -> None:
     pt_rows = ptdeco_falor.run()
     ptdeco_falor.plot(pt_rows)
     minilm_rows = ptdeco_minilm.run()
+    ptdeco_minilm.plot(minilm_rows)
     multiples = rank_multiple.run()
     header = (
         "# fxdeco benchmarks\n\n"
