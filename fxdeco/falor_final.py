@@ -271,8 +271,8 @@ def falor_final(
     if not metric_inputs:
         raise ValueError("final-output mode needs at least one metric batch")
     skip = tuple(skip)
-    targets = unique_targets(sites)
-    all_sites = list(sites)
+    all_sites = list(sites)  # every call of every layer; targets: one site per layer
+    targets = unique_targets(all_sites)
     work = [s for s in targets if not matches_any(s.target, skip)]
     with eval_mode(gm):
         references = _metric_references(gm, metric_inputs, output_fn)
