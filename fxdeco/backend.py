@@ -80,6 +80,7 @@ from fxdeco.errors import CalibrationError, NoSitesError
 from fxdeco.prepared import PreparedModel
 from passes import Factorization, factorize_sites, find_sites
 from passes.lift import lift_parameters
+from passes.sensitivity import first_tensor
 from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
@@ -109,23 +110,9 @@ def _is_dynamic(example_inputs: Sequence[Any]) -> bool:
     return any(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in example_inputs)
 
 
-def graph_output(outputs: Any) -> torch.Tensor:
-    """The tensor that final-output criteria (budget mode's sensitivity) compare: the graph's first float output.
-
-    A Dynamo graph returns a tuple; for a model that returns one tensor, its first element is that tensor.
-
-    Example:
-        >>> graph_output((torch.tensor([1, 2]), torch.ones(2)))
-        tensor([1., 1.])
-    """
-    for value in outputs if isinstance(outputs, (tuple, list)) else (outputs,):
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value
-    raise TypeError(f"the graph returns no floating-point tensor ({type(outputs).__name__}); budget mode needs one")
-
-
 def _prepare(lifted: torch.fx.GraphModule, sensitivity: bool) -> PreparedModel:
-    return prepare(lifted, sensitivity=sensitivity, output_fn=graph_output)
+    # A Dynamo graph returns a tuple; its first float tensor is the model's output when the model returns one.
+    return prepare(lifted, sensitivity=sensitivity, output_fn=first_tensor)
 
 
 def _family_key(lifted: torch.fx.GraphModule) -> tuple:
