@@ -6,7 +6,9 @@ directory holding
 
 * ``plan.json`` -- what was done to which layer: per decomposed layer its
   target, kind, weight shape, rank, full rank, factor shapes, whether the
-  second factor carries a bias and the per-layer metadata; the layers kept
+  second factor carries a bias, for a conv which factor carries the layer's
+  kernel geometry (``conv_order``: falor's ``"kxk-first"`` or lockd's default
+  ``"1x1-first"``) and the per-layer metadata; the layers kept
   dense, the skipped ones and why, the totals, method, options and how the
   model was captured (the spirit of ptdeco's ``decompose_config``);
 * the weights, every tensor of the decomposed model's state_dict:
@@ -51,12 +53,15 @@ from torch import nn
 from fxdeco.capture import trace
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
+from passes.chains import replace_sites_with_chains
+from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "fxdeco.plan"
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
+CONV_ORDERS = ("kxk-first", "1x1-first")
 WEIGHT_FILES = {"safetensors": "weights.safetensors", "torch": "weights.pt"}
 # Entries of gm.meta["fxdeco"] that are rebuilt from their own plan sections.
 _OWN_SECTIONS = ("decisions", "skipped", "removed", "method", "capture", "options")
@@ -145,7 +150,42 @@ def _site_record(gm: torch.fx.GraphModule, node: torch.fx.Node, decision: LayerD
         "layer_bias": info["params_before"] > math.prod(decision.weight_shape),
         "metadata": _jsonable({k: v for k, v in info.items() if k not in _REWRITE_KEYS}),
     }
+    if decision.kind == "conv2d":
+        record["conv_order"] = conv_order(first, second)
     return record
+
+
+def _has_geometry(conv: nn.Module) -> bool:
+    """Whether a factor conv does more than a plain 1x1 map (kernel, stride, padding or dilation)."""
+    def pair(v: Any) -> tuple:
+        return (v, v) if isinstance(v, int) else tuple(v)
+    plain_padding = conv.padding in ("valid", "same") or pair(conv.padding) == (0, 0)  # both are none for 1x1
+    return pair(conv.kernel_size) != (1, 1) or pair(conv.stride) != (1, 1) or pair(conv.dilation) != (1, 1) or \
+        not plain_padding
+
+
+def conv_order(first: nn.Module, second: nn.Module) -> str:
+    """Which factor of a factored conv carries the layer's kernel and geometry.
+
+    ``"kxk-first"`` (falor; also when neither does, e.g. a plain 1x1 layer,
+    where both orders compute the same) or ``"1x1-first"`` (lockd's default:
+    a 1x1 conv to the rank, then the layer's kxk conv).
+
+    Example:
+        >>> conv_order(nn.Conv2d(8, 2, 3, padding=1), nn.Conv2d(2, 4, 1))
+        'kxk-first'
+        >>> conv_order(nn.Conv2d(8, 2, 1), nn.Conv2d(2, 4, 3, padding=1))
+        '1x1-first'
+        >>> conv_order(nn.Conv2d(8, 2, 1), nn.Conv2d(2, 4, 1, stride=2))
+        '1x1-first'
+    """
+    return "1x1-first" if _has_geometry(second) and not _has_geometry(first) else "kxk-first"
+
+
+def _geometry_factor(gm: torch.fx.GraphModule, record: dict[str, Any]) -> nn.Module:
+    """The factor conv that carries the layer's stride, padding and dilation."""
+    index = 1 if record.get("conv_order") == "1x1-first" else 0
+    return gm.get_submodule(f"{record['module']}.{index}")
 
 
 def _geometry(stride: Any, padding: Any, dilation: Any) -> dict[str, Any]:
@@ -192,8 +232,8 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
                                  "no factored node for it; was the graph edited after fxdeco.convert?")
             sites.append(_site_record(gm, nodes[d.target], d))
             if d.kind == "conv2d":
-                first = gm.get_submodule(f"{sites[-1]['module']}.0")
-                geometry[d.target] = _geometry(first.stride, first.padding, first.dilation)
+                factor = _geometry_factor(gm, sites[-1])
+                geometry[d.target] = _geometry(factor.stride, factor.padding, factor.dilation)
         elif d.kind == "conv2d" and d.target in dense:
             s = dense[d.target]
             geometry[d.target] = _geometry(s.stride, s.padding, s.dilation)
@@ -420,13 +460,20 @@ def _check_layer(what: str, site: Site | None, skipped: SkippedSite | None, kind
                                 f"{site.weight_shape}; build the model with the configuration the plan was made for")
 
 
-def _fit(plan: dict[str, Any], sites: list[Site], skipped: list[SkippedSite]) -> dict[str, Factorization]:
-    """Check the plan against the model's layers, in graph order; return placeholder factorizations."""
+def _fit(plan: dict[str, Any], sites: list[Site],
+         skipped: list[SkippedSite]) -> tuple[dict[str, Factorization], dict[str, dict[str, Any]]]:
+    """Check the plan against the model's layers, in graph order; return what to rebuild.
+
+    Layers factored as ``first(kxk) -> second(1x1)`` (the rewrite pass's own
+    form) come back as placeholder factorizations; convs factored 1x1-first
+    (lockd) as their records, which :func:`_chains` turns into modules.
+    """
     by_target = {s.target: s for s in sites}
     skipped_by_target = {k.target: k for k in skipped}
     records = {r["target"]: r for r in plan["sites"]}
     plan_targets = set()
     factors: dict[str, Factorization] = {}
+    reversed_order: dict[str, dict[str, Any]] = {}
     for d in plan["decisions"]:
         target = d.get("target") if isinstance(d, dict) else None
         if not isinstance(target, str):
@@ -440,13 +487,21 @@ def _fit(plan: dict[str, Any], sites: list[Site], skipped: list[SkippedSite]) ->
             if target not in records:
                 raise PlanFormatError(f"{PLAN_FILE}: layer {target!r} is decomposed but has no entry in 'sites'; "
                                       "save the model again")
-            factors[target] = _placeholder(what, site, records[target])
+            record = records[target]
+            if record.get("conv_order", "kxk-first") not in CONV_ORDERS:
+                raise PlanFormatError(f"{PLAN_FILE}: layer {target!r} has conv_order {record['conv_order']!r}, "
+                                      f"expected one of {CONV_ORDERS}; save the model again")
+            if site.kind == "conv2d" and record.get("conv_order") == "1x1-first":
+                _check_bias(what, site, record)
+                reversed_order[target] = record
+            else:
+                factors[target] = _placeholder(what, site, record)
     unknown = [s.target for s in sites if s.target not in plan_targets and
                s.target not in {k["target"] for k in plan["skipped"]}]
     if unknown:
         raise PlanMismatchError(f"layer {unknown[0]!r}: the model has this layer, the plan does not know it; build "
                                 "the model the plan was made for")
-    return factors
+    return factors, reversed_order
 
 
 def _check_geometry(what: str, site: Site, recorded: dict[str, Any] | None) -> None:
@@ -458,16 +513,57 @@ def _check_geometry(what: str, site: Site, recorded: dict[str, Any] | None) -> N
         raise PlanMismatchError(f"{what}: the plan's convolution has {recorded}, the model's {found}")
 
 
-def _placeholder(what: str, site: Site, record: dict[str, Any]) -> Factorization:
-    """Zero factors of the recorded shapes; their values come from the weights file."""
+def _check_bias(what: str, site: Site, record: dict[str, Any]) -> None:
     if record["layer_bias"] != (site.bias is not None):
         has = "has" if site.bias is not None else "has no"
         raise PlanMismatchError(f"{what}: the model's layer {has} bias, unlike the plan's")
+
+
+def _placeholder(what: str, site: Site, record: dict[str, Any]) -> Factorization:
+    """Zero factors of the recorded shapes; their values come from the weights file."""
+    _check_bias(what, site, record)
     first, second = torch.zeros(_shape(record["first_shape"])), torch.zeros(_shape(record["second_shape"]))
     # A bias the method added (falor's centring of a bias-free layer) needs a slot too.
     bias = torch.zeros(site.out_features) if record["second_bias"] and site.bias is None else None
     meta = record["metadata"] if isinstance(record["metadata"], dict) else {}
     return Factorization(first, second, dict(meta), bias)
+
+
+def _one_by_one_first(gm: torch.fx.GraphModule, site: Site, record: dict[str, Any]) -> nn.Sequential:
+    """``Sequential(1x1 conv in -> r, kxk conv r -> out with the layer's geometry)``; weights come from the file."""
+    first_shape, second_shape = _shape(record["first_shape"]), _shape(record["second_shape"])
+    cin, kernel = site.weight_shape[1], tuple(site.weight_shape[2:])
+    rank = first_shape[0]
+    if first_shape != (rank, cin, 1, 1) or second_shape != (site.out_features, rank, *kernel):
+        raise PlanMismatchError(f"layer {site.target!r}: 1x1-first factors of shapes {first_shape} and "
+                                f"{second_shape} do not fit its weight {site.weight_shape}")
+    weight = fetch_attr(gm, site.weight)
+    like = dict(dtype=weight.dtype, device=weight.device)
+    return nn.Sequential(
+        nn.Conv2d(cin, rank, 1, bias=False, **like),
+        nn.Conv2d(rank, site.out_features, kernel, stride=site.stride, padding=site.padding, dilation=site.dilation,
+                  bias=bool(record["second_bias"]), **like))
+
+
+def _chains(gm: torch.fx.GraphModule, sites: list[Site], records: dict[str, dict[str, Any]]) -> torch.fx.GraphModule:
+    """``gm`` with each layer of ``records`` replaced by its 1x1-first chain (and its node metadata)."""
+    if not records:
+        return gm
+    first_site = {}
+    for s in sites:
+        first_site.setdefault(s.target, s)
+    chains, metas = {}, {}
+    for target, record in records.items():
+        site = first_site[target]
+        chain = _one_by_one_first(gm, site, record)
+        chains[target] = chain
+        meta = record["metadata"] if isinstance(record["metadata"], dict) else {}
+        metas[target] = {
+            "target": target, "kind": site.kind, "weight_shape": site.weight_shape, "rank": chain[0].out_channels,
+            "full_rank": record.get("full_rank", site.full_rank),
+            "params_before": site.in_features * site.out_features + (site.out_features if site.bias else 0),
+            "params_after": sum(p.numel() for p in chain.parameters()), **meta}
+    return replace_sites_with_chains(gm, sites, chains, metas)
 
 
 def _check_modules(gm: torch.fx.GraphModule, plan: dict[str, Any]) -> None:
@@ -542,7 +638,8 @@ is (6, 8); build the model with the configuration the plan was made for
     weights_file = _weights_file(folder, plan)  # before the (slow) capture
     gm = _capture(model, plan, example_inputs)
     sites, skipped = find_sites(gm)
-    new = factorize_sites(gm, sites, _fit(plan, sites, skipped))
+    factors, reversed_order = _fit(plan, sites, skipped)
+    new = _chains(factorize_sites(gm, sites, factors), sites, reversed_order)
     new.delete_all_unused_submodules()
     _check_modules(new, plan)
     weights = _read_weights(weights_file, plan["weights"]["format"])

@@ -7,6 +7,7 @@ import importlib
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +233,72 @@ def test_export_captured_graph() -> None:
     assert small(x).shape == (8, 5)
 
 
+class _Strided(nn.Module):
+    """A padded kxk conv, a strided dilated kxk conv, a strided padded 1x1 conv and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, stride=2, padding=2, dilation=2, bias=False)
+        self.c3 = nn.Conv2d(16, 24, 1, stride=2, padding=1)
+        self.fc = nn.Linear(24, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _close_most_gates(gm: torch.fx.GraphModule) -> None:
+    """As if training had kept a quarter of every branch's channels."""
+    with torch.no_grad():
+        for branch in lockd.branches(gm).values():
+            branch.gate.logits[max(1, branch.rank // 4):] = -1.0
+
+
+def _round_trip(small: torch.fx.GraphModule, fresh: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    from fxdeco.serialize import load, save
+
+    with tempfile.TemporaryDirectory() as folder:
+        save(small, folder)
+        plan = (Path(folder) / "plan.json").read_text()
+        again = load(folder, fresh)
+        with tempfile.TemporaryDirectory() as other:  # a loaded model saves to the same plan
+            assert (save(again, other) / "plan.json").read_text() == plan
+    assert torch.equal(again(x), small(x))
+    assert again.state_dict().keys() == small.state_dict().keys()
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in small.state_dict().items())
+    assert str(fxdeco.report(again)) == str(fxdeco.report(small))
+    factored = lambda gm: [n.meta["fxdeco"] for n in gm.graph.nodes  # noqa: E731
+                           if n.meta.get("fxdeco", {}).get("rank") is not None]
+    assert factored(again) == factored(small)
+    return again
+
+
+@pytest.mark.parametrize("conv_order", ["1x1-first", "kxk-first"])
+def test_finalized_convs_save_and_load_bit_exactly(conv_order: str) -> None:
+    torch.manual_seed(0)
+    gm = lockd.prepare(_Strided().eval(), conv_order=conv_order)
+    _close_most_gates(gm)
+    small = lockd.finalize(gm)
+    assert fxdeco.report(small).totals["decomposed"] == 4
+    kernels = [tuple(small.get_submodule(f"{t}.{i}").kernel_size) for t in ("c1", "c2") for i in (0, 1)]
+    assert kernels == ([(1, 1), (3, 3)] * 2 if conv_order == "1x1-first" else [(3, 3), (1, 1)] * 2)
+    assert small.get_submodule("c3.1" if conv_order == "1x1-first" else "c3.0").stride == (2, 2)
+    torch.manual_seed(1)  # other initial weights: everything must come from the weights file
+    again = _round_trip(small, _Strided().eval(), torch.randn(3, 3, 12, 12))
+    assert [type(m).__name__ for m in again.get_submodule("c2")] == ["Conv2d", "Conv2d"]
+
+
+def test_finalized_linear_model_saves_and_loads_bit_exactly() -> None:
+    model = _linear_net_with_rank(4, width=24)
+    gm = lockd.prepare(model, nsr_threshold=0.05)
+    with torch.no_grad():
+        lockd.branches(gm)["0"].gate.logits[6:] = -1.0  # the head keeps all its gates: it stays dense
+    small = lockd.finalize(gm)
+    assert [r["rank"] for r in fxdeco.report(small).rows] == [6, None]
+    _round_trip(small, _linear_net_with_rank(2, width=24), torch.randn(7, 24))
+
+
 def test_losses_values() -> None:
     gm = lockd.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), init_logit=0.0)
     assert float(lockd.proportion_loss(gm).detach()) == pytest.approx(0.5)
@@ -259,6 +326,46 @@ def test_finetune_distils_the_teacher() -> None:
     after = float(kd_loss(student(data[0]), teacher(data[0])).detach())
     assert after < 0.5 * before and len(history.loss) == 40 and history.task[0] > 0
     assert not student.training
+
+
+class _Embedder(nn.Module):
+    """Unit-length embeddings, like a sentence encoder: a softmax over them means nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.body(x), dim=-1)
+
+
+def test_finetune_distils_embeddings_with_another_loss() -> None:
+    from fxdeco.finetune import cosine_distance, mse_distance
+
+    teacher = _Embedder().eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    data = [torch.randn(16, 12) for _ in range(4)]
+    # the first step's distillation term is the named loss of the untouched student: KL by default
+    for name, fn in (("kl", kd_loss), ("mse", mse_distance), ("cosine", cosine_distance)):
+        probe = copy.deepcopy(student)
+        expected = fn(probe(data[0]), teacher(data[0])).item()
+        options = {} if name == "kl" else {"distill_loss": name}
+        assert finetune(probe, teacher, data, steps=1, **options).kd[0] == pytest.approx(expected, rel=1e-6)
+    before = cosine_distance(student(data[0]), teacher(data[0])).item()
+    calls = []
+
+    def custom(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(s.shape)
+        return cosine_distance(s, t)
+
+    finetune(student, teacher, data, steps=40, lr=3e-3, distill_loss=custom)
+    assert len(calls) == 40 and calls[0] == (16, 16)
+    assert cosine_distance(student(data[0]), teacher(data[0])).item() < 0.5 * before
+    with pytest.raises(ValueError, match="distill_loss must be one of"):
+        finetune(student, teacher, data, steps=1, distill_loss="cos")
 
 
 # ---- bad input -------------------------------------------------------------------------------------------

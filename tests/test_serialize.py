@@ -268,6 +268,26 @@ def test_wrong_kind_is_refused(cnn_saved, tmp_path: pathlib.Path) -> None:
         load(edited_copy(cnn_saved[1], tmp_path, conv_as_linear), ConvNet())
 
 
+def test_conv_order_is_recorded_and_older_plans_without_it_still_load(cnn_saved, tmp_path: pathlib.Path) -> None:
+    small, folder = cnn_saved
+    plan = json.loads((folder / "plan.json").read_text())
+    convs = [r for r in plan["sites"] if r["kind"] == "conv2d"]
+    assert convs and all(r["conv_order"] == "kxk-first" for r in convs)
+    assert all("conv_order" not in r for r in plan["sites"] if r["kind"] == "linear")
+
+    def without_order(text: str) -> str:
+        old = json.loads(text)
+        for record in old["sites"]:
+            record.pop("conv_order", None)
+        return json.dumps(old)
+
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(load(edited_copy(folder, tmp_path, without_order), built(ConvNet, 5))(x), small(x))
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(PlanFormatError, match="layer 'c1' has conv_order 'sideways'"):
+        load(edited_copy(folder, tmp_path / "bad", lambda t: t.replace('"kxk-first"', '"sideways"', 1)), ConvNet())
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda text: text[: len(text) // 2], "is not valid JSON"),
     (lambda text: '{"model": "resnet18", "layers": []}', "is not an fxdeco plan"),
