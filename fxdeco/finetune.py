@@ -3,7 +3,10 @@
 ``finetune(student, teacher, loader, steps=...)`` works after any method
 (``fxdeco.transform``, ``fxdeco.lockd.finalize``): the student learns the
 teacher's softened output distribution (KL divergence on logits), optionally
-plus a task loss on labels.
+plus a task loss on labels. For models whose output is not a distribution
+(sentence embeddings, features, regression), ``distill_loss="cosine"`` or
+``"mse"`` compares the outputs directly, and any
+``(student_out, teacher_out) -> scalar`` callable is accepted.
 """
 
 from __future__ import annotations
@@ -126,9 +129,57 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return nn.functional.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
 
 
+def cosine_distance(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Mean of ``1 - cos(student, teacher)`` over the rows (last dimension = features), e.g. for embeddings.
+
+    Example:
+        >>> e = torch.randn(4, 8)
+        >>> float(cosine_distance(e, 2 * e)) < 1e-6, round(float(cosine_distance(e, -e)), 4)
+        (True, 2.0)
+    """
+    return (1 - nn.functional.cosine_similarity(student_out.float(), teacher_out.float(), dim=-1)).mean()
+
+
+def mse_distance(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the outputs (``F.mse_loss`` in float32).
+
+    Example:
+        >>> float(mse_distance(torch.zeros(2, 3), torch.ones(2, 3)))
+        1.0
+    """
+    return nn.functional.mse_loss(student_out.float(), teacher_out.float())
+
+
+DISTILL_LOSSES = ("kl", "cosine", "mse")
+
+
+def distill_function(distill_loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     temperature: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The ``(student_out, teacher_out) -> loss`` function that ``finetune``'s ``distill_loss`` names.
+
+    Example:
+        >>> distill_function("cosine", 1.0) is cosine_distance
+        True
+        >>> distill_function("l1", 1.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: distill_loss must be one of ('kl', 'cosine', 'mse') or a callable ... got 'l1'
+    """
+    if callable(distill_loss):
+        return distill_loss
+    if distill_loss == "kl":
+        return lambda s, t: kd_loss(s, t, temperature)
+    if distill_loss == "cosine":
+        return cosine_distance
+    if distill_loss == "mse":
+        return mse_distance
+    raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES} or a callable (student_out, teacher_out) -> "
+                     f"scalar tensor, got {distill_loss!r}")
+
+
 @dataclasses.dataclass
 class FinetuneHistory:
-    """Per-step losses of :func:`finetune` and its wall time."""
+    """Per-step losses of :func:`finetune` (``kd``: the distillation term, any ``distill_loss``) and its wall time."""
 
     loss: list[float] = dataclasses.field(default_factory=list)
     kd: list[float] = dataclasses.field(default_factory=list)
@@ -156,6 +207,7 @@ def finetune(
     steps: int,
     lr: float = 1e-4,
     temperature: float = 1.0,
+    distill_loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "kl",
     task_loss: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     task_weight: float = 1.0,
     input_fn: Callable[[Any], Any] | None = None,
@@ -169,10 +221,13 @@ def finetune(
 
     Loss = ``kd_loss(student, teacher, temperature)`` + ``task_weight *
     task_loss(student_logits, batch)`` when ``task_loss`` is given (e.g.
-    ``lambda logits, b: F.cross_entropy(logits, b[1])``). ``input_fn`` turns a
-    batch into model inputs (``lambda b: b[0]`` for ``(x, y)``), ``output_fn``
-    picks the logits from a model output (default: the tensor itself,
-    ``.logits``, or the first element). Adam with learning rate ``lr`` on the
+    ``lambda logits, b: F.cross_entropy(logits, b[1])``). ``distill_loss``
+    replaces the KL term: ``"cosine"`` (mean ``1 - cos`` along the last
+    dimension, for embeddings), ``"mse"``, or a callable ``(student_out,
+    teacher_out) -> scalar``; ``temperature`` only applies to ``"kl"``.
+    ``input_fn`` turns a batch into model inputs (``lambda b: b[0]`` for
+    ``(x, y)``), ``output_fn`` picks the logits (or embeddings) from a model
+    output (default: the tensor itself, ``.logits``, or the first element). Adam with learning rate ``lr`` on the
     student's parameters that require gradients; the teacher runs in eval mode
     without gradients. The student trains in eval mode by default: in a short
     fine-tune, BatchNorm running statistics re-estimated from a few batches cost
@@ -199,6 +254,7 @@ def finetune(
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the student has no parameter that requires gradients; nothing to fine-tune")
+    distill = distill_function(distill_loss, temperature)
     get_logits = output_fn or _default_output
     device = model_device(student)
     amp = use_amp(amp, device)
@@ -217,7 +273,7 @@ def finetune(
                 teacher_logits = get_logits(teacher(*args, **kwargs))
             with autocast_context(amp):
                 student_logits = get_logits(student(*args, **kwargs))
-            kd = kd_loss(student_logits, teacher_logits, temperature)
+            kd = distill(student_logits, teacher_logits)
             task = task_loss(student_logits, batch) if task_loss is not None else torch.zeros((), device=device)
             loss = kd + task_weight * task
             if not torch.isfinite(loss):
