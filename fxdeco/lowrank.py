@@ -94,7 +94,9 @@ def centred_bias(spec: Spectrum, bias: torch.Tensor | None, rank: int) -> torch.
         return None
     basis = spec.eigenvectors[:, :rank]
     residual_mean = spec.mean - basis @ (basis.T @ spec.mean)
-    return residual_mean if bias is None else bias.detach().to(torch.float64).reshape(-1) + residual_mean
+    if bias is None:
+        return residual_mean
+    return bias.detach().to(device=residual_mean.device, dtype=torch.float64).reshape(-1) + residual_mean
 
 
 def output_error_by_rank(spec: Spectrum, sensitivity: torch.Tensor) -> torch.Tensor:

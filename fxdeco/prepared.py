@@ -116,8 +116,10 @@ class PreparedModel(nn.Module):
         sensitivity: bool = False,
         output_fn: OutputFn | None = None,
         keep_batches: int = 2,
+        stat_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.stat_dtype = stat_dtype  # precision of each batch's products (passes.stats.SiteStatistics.update)
         self.output_fn = output_fn
         # the first calibration batches (flat placeholder values), falor's metric batches in final-output mode
         self.keep_batches = keep_batches
@@ -235,7 +237,8 @@ class PreparedModel(nn.Module):
         row_weights, by_mask = self._row_weights(stat_mask, index)
         with eval_mode(self.gm), torch.no_grad():
             self._per_site = None
-            interpreter = StatsInterpreter(self.gm, self.sites, self.collected, row_weights)
+            interpreter = StatsInterpreter(self.gm, self.sites, self.collected, row_weights,
+                                           product_dtype=self.stat_dtype)
             interpreter.batch_index = index
             interpreter.extra_traceback = False  # we name the node ourselves, without torch's tlparse footer
             try:

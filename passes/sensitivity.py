@@ -91,11 +91,13 @@ class SensitivityInterpreter(torch.fx.Interpreter):
         for (site, _), g in zip(self._outputs, grads):
             if g is None:
                 continue
-            rows = output_rows(site, g.detach()).to(device="cpu", dtype=torch.float64)
+            # the product in the gradient's own precision (float32 at least) and on its device; the sum in float64
+            rows = output_rows(site, g.detach())
+            rows = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
             moment = self.moments.get(site.target)
             if moment is None:
                 moment = self.moments[site.target] = torch.zeros(site.out_features, site.out_features,
                                                                  dtype=torch.float64)
-            moment += rows.T @ rows
+            moment += (rows.T @ rows).to(device="cpu", dtype=torch.float64)
         self.samples += final.shape[0] if final.dim() > 0 else 1
         self._outputs = []
