@@ -67,6 +67,10 @@ class SiteStatistics:
     centre: torch.Tensor | None = None  # c, (out,), float64; None: zero (set by the first non-empty update)
     # E[g gᵀ] per sample of the final-output gradient at y (passes.sensitivity), when collected
     sensitivity: torch.Tensor | None = dataclasses.field(default=None, compare=False)
+    # (statistics of x, W) when these are the statistics of y = W x (see through): an expanding layer's
+    # spectrum is then cheaper to take from x's (in x in) moment than from y's (out x out)
+    mapped_from: tuple["SiteStatistics", torch.Tensor] | None = dataclasses.field(default=None, compare=False,
+                                                                                   repr=False)
 
     def __post_init__(self) -> None:
         if self.weight is None:
@@ -161,7 +165,7 @@ class SiteStatistics:
         """
         centre = weight @ self.centre if self.centre is not None else None
         return SiteStatistics(weight @ self.shifted_outer @ weight.T, weight @ self.shifted_sum, self.rows,
-                              self.samples, self.weight, centre)
+                              self.samples, self.weight, centre, mapped_from=(self, weight))
 
     def _denominator(self) -> float:
         return self.weight if self.weight > 0 else 1.0

@@ -17,7 +17,7 @@ from torch import nn
 
 import fxdeco
 from fxdeco.falor import falor_local
-from fxdeco.lowrank import NSR_EPSILON, nsr_by_rank, spectrum
+from fxdeco.lowrank import NSR_EPSILON, nsr_by_rank, output_error_by_rank, spectrum
 from passes import SiteStatistics, StatsInterpreter, find_sites
 from passes.stats import ActivationStatistics
 
@@ -420,3 +420,33 @@ def test_input_side_statistics_equal_output_side() -> None:
         assert fast_stats[name].samples == slow_stats[name].samples == 9
         torch.testing.assert_close(fast_stats[name].sum_outer, slow_stats[name].sum_outer, rtol=1e-10, atol=1e-9)
         torch.testing.assert_close(fast_stats[name].sum, slow_stats[name].sum, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_expanding_layer_spectrum_from_its_input_matches_the_full_one(center: bool) -> None:
+    """An expanding Linear's thin spectrum (from its input's moment) plans exactly like the full eigen-solve."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 40), nn.GELU(), nn.Linear(40, 12)).double()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 12, generator=g) @ torch.randn(12, 12, generator=g).tril() + 2.0 for _ in range(3)]
+    gm = fxdeco.trace(model)
+    sites, _ = find_sites(gm)
+    stats = {}
+    for input_side in (True, False):
+        interpreter = StatsInterpreter(gm, sites, input_side=input_side, product_dtype=torch.float64)
+        for b in batches:
+            interpreter.run(b.double())
+        stats[input_side] = interpreter.statistics["0"]
+    thin, full = (spectrum(stats[side], center=center) for side in (True, False))
+    assert stats[True].mapped_from is not None and thin.eigenvectors.shape == (40, 12)
+    assert full.eigenvectors.shape == (40, 40)
+    torch.testing.assert_close(thin.eigenvalues, full.eigenvalues[:12], rtol=1e-8, atol=1e-10)
+    assert float(full.eigenvalues[12:].abs().max()) < 1e-9 * float(full.eigenvalues[0])
+    torch.testing.assert_close(nsr_by_rank(thin), nsr_by_rank(full), rtol=1e-6, atol=1e-10)
+    sensitivity = torch.eye(40, dtype=torch.float64) + 0.1
+    torch.testing.assert_close(output_error_by_rank(thin, sensitivity), output_error_by_rank(full, sensitivity),
+                               rtol=1e-6, atol=1e-10)
+    for rank in (3, 8):  # the same subspaces: the projections agree
+        p_thin = thin.eigenvectors[:, :rank] @ thin.eigenvectors[:, :rank].T
+        p_full = full.eigenvectors[:, :rank] @ full.eigenvectors[:, :rank].T
+        torch.testing.assert_close(p_thin, p_full, rtol=0, atol=1e-8)
