@@ -147,11 +147,12 @@ class _Counting:
 
 def run_fxdeco(name: str, model: nn.Module, calib: list[torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
                threshold: float, keep: float, skip: list[str], mode: str,
-               criterion: str = "auto") -> dict[str, Any]:
-    """fxdeco budget mode at ``keep_params=keep``.
+               criterion: str = "auto", rounds: int = 1) -> dict[str, Any]:
+    """fxdeco budget mode at ``keep_params=keep`` with ``budget_rounds=rounds``.
 
     Forward passes = calibration batches + cost-pass runs + sensitivity passes (each of those also
-    runs one backward pass).
+    runs one backward pass) + for the measured refinement, one reference pass, one incremental walk
+    per round and the probes' replays in whole-forward equivalents.
     """
     loader = _Counting(calib)
     with mock.patch.object(CostProp, "run", autospec=True, side_effect=CostProp.run) as cost_runs, \
@@ -159,13 +160,16 @@ def run_fxdeco(name: str, model: nn.Module, calib: list[torch.Tensor], test: tup
                               side_effect=SensitivityInterpreter.run) as sensitivity_runs:
         start = time.perf_counter()
         small = fxdeco.transform(model, loader, keep_params=keep, skip=skip, budget_criterion=criterion,
-                                 rank_multiple=1, show_progress=False)  # ptdeco's granularity
+                                 budget_rounds=rounds, rank_multiple=1, show_progress=False)  # ptdeco's granularity
         seconds = time.perf_counter() - start
+    meta = small.meta["fxdeco"]
+    refinement = 1 + meta["budget_rounds"] + meta["probe_forward_equivalents"] if "probes" in meta else 0.0
     layers = {r["name"]: {"rank": r["rank"], "full_rank": r["full_rank"]} for r in fxdeco.report(small).rows}
     return {"model": name, "threshold": threshold, "tool": "fxdeco", "mode": mode,
             "params": n_params(small), "params_kept": n_params(small) / n_params(model),
             "macs": macs_per_image(small, calib[0]), "accuracy": fm.accuracy(small, *test),
-            "seconds": seconds, "forward_passes": loader.read + cost_runs.call_count + sensitivity_runs.call_count,
+            "seconds": seconds,
+            "forward_passes": round(loader.read + cost_runs.call_count + sensitivity_runs.call_count + refinement, 1),
             "layers": layers}
 
 
@@ -219,6 +223,8 @@ def model_rows(name: str) -> list[dict[str, Any]]:
         rows.append(pt)
         rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], [], "budget"))
         rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], [],
+                               "budget, predicted only", rounds=0))
+        rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], [],
                                "budget, summed layer NSR", criterion="nsr"))
         if skip:
             rows.append(run_fxdeco(name, model, calib, test, threshold, pt["params_kept"], skip,
@@ -248,6 +254,7 @@ def plot(rows: list[dict[str, Any]], path: Path = PLOT) -> Path:
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
     series = [("ptdeco", "falor nsr_final_threshold", "ptdeco falor", "o-"),
               ("fxdeco", "budget", "fxdeco budget (all layers)", "s-"),
+              ("fxdeco", "budget, predicted only", "fxdeco budget, predicted only", "+:"),
               ("fxdeco", "budget, summed layer NSR", "fxdeco budget, summed layer NSR", "x:"),
               ("fxdeco", "budget, ptdeco's layers only", "fxdeco budget (ptdeco's layers)", "^--"),
               ("fxdeco", "final-output", "fxdeco final-output mode", "d-"),

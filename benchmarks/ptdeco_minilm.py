@@ -96,11 +96,13 @@ def run_ptdeco(model: nn.Module, calib: list[dict[str, torch.Tensor]], evaluatio
 
 
 def run_fxdeco(model: nn.Module, calib: list[dict[str, torch.Tensor]], evaluation: list[dict[str, torch.Tensor]],
-               reference: torch.Tensor, threshold: float | None, keep: float | None, mode: str) -> dict[str, Any]:
+               reference: torch.Tensor, threshold: float | None, keep: float | None, mode: str,
+               rounds: int = 1) -> dict[str, Any]:
     """fxdeco in final-output mode (``threshold``) or budget mode (``keep``), padding masked out."""
     from fxdeco.minilm import padding_mask
 
-    options: dict[str, Any] = {"keep_params": keep, "rank_multiple": 1} if keep is not None else {
+    budget = {"keep_params": keep, "rank_multiple": 1, "budget_rounds": rounds}
+    options: dict[str, Any] = budget if keep is not None else {
         "nsr_final_threshold": threshold, "kl_final_threshold": PTDECO_SETTINGS["kl_final_threshold"],
         "num_metric_batches": PTDECO_SETTINGS["num_metric_steps"], "rank_multiple": 1}
     start = time.perf_counter()
@@ -135,6 +137,8 @@ def run() -> list[dict[str, Any]]:
         rows.append(pt)
         rows.append(run_fxdeco(model, calib, evaluation, reference, threshold, None, "final-output"))
         rows.append(run_fxdeco(model, calib, evaluation, reference, threshold, pt["params_kept"], "budget"))
+        rows.append(run_fxdeco(model, calib, evaluation, reference, threshold, pt["params_kept"],
+                               "budget, predicted only", rounds=0))
     return rows
 
 
@@ -151,7 +155,8 @@ def plot(rows: list[dict[str, Any]], path: Path = PLOT) -> Path:
     ax.axhline(1.0, color="grey", lw=0.8, ls=":", label="original")
     for tool, mode, label, style in (("ptdeco", "falor nsr_final_threshold", "ptdeco falor", "o-"),
                                      ("fxdeco", "final-output", "fxdeco final-output mode", "d-"),
-                                     ("fxdeco", "budget", "fxdeco budget (at ptdeco's size)", "s--")):
+                                     ("fxdeco", "budget", "fxdeco budget (at ptdeco's size)", "s--"),
+                                     ("fxdeco", "budget, predicted only", "fxdeco budget, predicted only", "+:")):
         pts = sorted((r["params_kept"], r["cosine"]) for r in rows if r["tool"] == tool and r["mode"] == mode)
         if pts:
             ax.plot([100 * p for p, _ in pts], [c for _, c in pts], style, label=label)

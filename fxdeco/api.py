@@ -39,7 +39,7 @@ def check_method_options(method: str, options: dict[str, Any]) -> None:
         >>> check_method_options("falor", {"nsr_treshold": 0.1})
         Traceback (most recent call last):
         ...
-        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: budget_criterion, center, damping, \
+        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: budget_criterion, budget_rounds, center, damping, \
 keep_macs, keep_params, kl_final_threshold, max_probes, min_rank, nsr_final_threshold, nsr_threshold, \
 num_metric_batches, proportion_threshold, rank_multiple, rank_tolerance, show_progress, skip
     """

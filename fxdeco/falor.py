@@ -16,9 +16,11 @@ chosen either
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-from typing import Any, Iterable
+import statistics as statistics_lib
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -33,6 +35,9 @@ from passes.rewrite import factored_params
 from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
+
+# (ranks by layer, spectra by layer) -> measured final-output NSR by layer (fxdeco.budget_measure)
+FinalNsrMeasure = Callable[[Mapping[str, int], Mapping[str, Spectrum]], Mapping[str, float]]
 
 
 def smallest_rank(nsr: torch.Tensor, threshold: float, min_rank: int, full_rank: int) -> int:
@@ -68,6 +73,7 @@ def check_options(
     rank_tolerance: float = 0.02,
     rank_multiple: int | str = "auto",
     budget_criterion: str = "auto",
+    budget_rounds: int = 1,
     damping: float = 0.0,
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
@@ -108,6 +114,8 @@ def check_options(
     _check_positive_int("min_rank", min_rank)
     if rank_multiple != "auto":
         _check_positive_int("rank_multiple", rank_multiple)
+    if isinstance(budget_rounds, bool) or not isinstance(budget_rounds, int) or budget_rounds < 0:
+        raise ValueError(f"budget_rounds must be an integer >= 0, got {budget_rounds!r}")
     if budget_criterion not in ("auto", "nsr", "output"):
         raise ValueError(f"budget_criterion must be 'auto', 'nsr' or 'output', got {budget_criterion!r}")
     if isinstance(skip, str):  # a bare string would be read as one pattern per character
@@ -169,16 +177,26 @@ def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, 
     return chosen
 
 
-def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: float, min_rank: int,
-                  multiple: int | str, proportion_threshold: float, center: bool, criterion: str) -> dict[str, int | str]:
-    """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs)."""
+def _uses_output_error(layers: list[_Layer], criterion: str) -> bool:
+    """Whether the budget allocation weighs layers by predicted final-output error (else summed layer NSR)."""
     use_output = criterion == "output" or (criterion == "auto" and all(l.stats.sensitivity is not None
                                                                        for l in layers))
     if use_output and any(l.stats.sensitivity is None for l in layers):
         raise ValueError("budget_criterion='output' needs output-gradient statistics: "
                          "fxdeco.prepare(..., sensitivity=True) (transform collects them in budget mode)")
-    log.info("falor budget: allocating by %s", "predicted final-output error" if use_output else "summed layer NSR")
+    return use_output
+
+
+def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: float, min_rank: int,
+                  multiple: int | str, proportion_threshold: float, center: bool, use_output: bool,
+                  scales: Mapping[str, float] | None = None) -> dict[str, int | str]:
+    """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs).
+
+    ``scales`` multiply layers' predicted final-output error curves (measured / predicted,
+    ``fxdeco.budget_measure``); a layer without one gets the median scale, so all curves share a unit.
+    """
     options, ranks = [], []
+    default_scale = statistics_lib.median(scales.values()) if scales else 1.0
     for layer in layers:
         s = layer.site
         candidates = layer.candidate_ranks(min_rank, multiple, proportion_threshold)
@@ -189,7 +207,7 @@ def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: 
         else:
             dense = dense_macs(s, layer.stats)
             costs = [dense] + [factored_macs(s, layer.stats, k) for k in candidates]
-        curve = layer.output_error() if use_output else layer.nsr
+        curve = layer.output_error() * (scales or {}).get(s.target, default_scale) if use_output else layer.nsr
         errors = [0.0] + [float(curve[k]) for k in candidates]
         options.append(LayerOptions(s.target, torch.tensor(costs, dtype=torch.float64),
                                     torch.tensor(errors, dtype=torch.float64)))
@@ -200,6 +218,25 @@ def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: 
     log.info("falor budget: kept %.4f of the model's %s (asked %.4f)", total / model_total, measure, keep)
     return {layer.site.target: (r[i] if r[i] is not None else "kept dense by the budget allocation")
             for layer, r, i in zip(layers, ranks, choice)}
+
+
+def _refine(layers: list[_Layer], chosen: dict[str, int | str], allocate_ranks: Callable[..., dict[str, int | str]],
+            measure_final_nsr: FinalNsrMeasure, rounds: int) -> dict[str, int | str]:
+    """Measure the allocated layers, rescale their predicted curves, allocate again; ``rounds`` times."""
+    from fxdeco.budget_measure import measured_scales
+
+    by_target = {layer.site.target: layer for layer in layers}
+    scales: dict[str, float] = {}
+    for round_index in range(rounds):
+        ranks = {t: r for t, r in chosen.items() if isinstance(r, int)}
+        if not ranks:
+            break
+        measured = measure_final_nsr(ranks, {t: by_target[t].spec for t in ranks})
+        predicted = {t: float(by_target[t].output_error()[r]) for t, r in ranks.items()}
+        scales.update(measured_scales(measured, predicted))  # layers measured earlier keep their scale
+        chosen = allocate_ranks(scales=scales)
+        log.info("falor budget: round %d rescaled %d layers by measurement", round_index + 1, len(ranks))
+    return chosen
 
 
 def _model_total(gm: torch.fx.GraphModule, measure: str) -> float:
@@ -228,6 +265,8 @@ def falor_local(
     skip: Iterable[str] = (),
     center: bool = True,
     show_progress: bool | None = None,
+    budget_rounds: int = 0,
+    measure_final_nsr: FinalNsrMeasure | None = None,
 ) -> tuple[dict[str, Factorization], list[LayerDecision]]:
     """Plan the factorization of every site from its statistics.
 
@@ -245,6 +284,11 @@ def falor_local(
     proportion_threshold``; layers matching a ``skip`` glob are kept dense. With
     ``center`` (default) the covariance is decomposed and the mean of the
     discarded directions folded into the bias (see ``fxdeco.lowrank``).
+
+    With the output criterion, ``budget_rounds`` rounds of measurement refine the
+    allocation: ``measure_final_nsr(ranks, spectra)`` returns each allocated
+    layer's measured final-output NSR, which rescales its predicted curve before
+    the next allocation (``fxdeco.budget_measure``; :func:`falor` wires it up).
 
     Example:
         >>> import fxdeco, torch
@@ -266,8 +310,14 @@ def falor_local(
     min_rank = int(min_rank)
     if keep_params is not None or keep_macs is not None:
         measure, keep = ("params", keep_params) if keep_params is not None else ("macs", keep_macs)
-        chosen = _budget_ranks(layers, float(keep), measure, _model_total(gm, measure), min_rank, rank_multiple,
-                               proportion_threshold, center, budget_criterion)
+        use_output = _uses_output_error(layers, budget_criterion)
+        log.info("falor budget: allocating by %s",
+                 "predicted final-output error" if use_output else "summed layer NSR")
+        allocate_ranks = functools.partial(_budget_ranks, layers, float(keep), measure, _model_total(gm, measure),
+                                           min_rank, rank_multiple, proportion_threshold, center, use_output)
+        chosen = allocate_ranks()
+        if use_output and measure_final_nsr is not None and budget_rounds > 0:
+            chosen = _refine(layers, chosen, allocate_ranks, measure_final_nsr, budget_rounds)
     else:
         chosen = _threshold_ranks(layers, nsr_threshold, min_rank, rank_multiple, proportion_threshold)
 
@@ -291,6 +341,19 @@ def falor_local(
     return plan, decisions
 
 
+def _budget_meter(prepared: Any, rounds: int) -> Any:
+    """The final-NSR meter of budget refinement (on the first kept calibration batch), or None."""
+    if rounds == 0 or prepared.sensitivity_moments is None:
+        return None
+    if not prepared.kept_inputs:
+        log.info("falor budget: no calibration batch was kept (keep_batches=0), so the allocation is not refined "
+                 "by measurement")
+        return None
+    from fxdeco.budget_measure import FinalNsrMeter  # the replay machinery, only when asked for
+
+    return FinalNsrMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.output_fn)
+
+
 def falor(
     prepared: Any,
     *,
@@ -304,6 +367,7 @@ def falor(
     rank_tolerance: float = 0.02,
     rank_multiple: int | str = "auto",
     budget_criterion: str = "auto",
+    budget_rounds: int = 1,
     damping: float = 0.0,
     min_rank: int = 1,
     proportion_threshold: float = 1.0,
@@ -314,7 +378,9 @@ def falor(
     """falor on a calibrated :class:`fxdeco.PreparedModel`, in one of three modes:
 
     * ``nsr_threshold`` (default): per layer, closed form (:func:`falor_local`);
-    * ``keep_params`` / ``keep_macs``: a global budget (:func:`falor_local`);
+    * ``keep_params`` / ``keep_macs``: a global budget (:func:`falor_local`), allocated by
+      predicted final-output error, then ``budget_rounds`` times rescaled by a measurement
+      of each allocated layer on the first calibration batch (``fxdeco.budget_measure``);
     * ``nsr_final_threshold`` / ``kl_final_threshold``: per layer, by the model's
       final output, every rank verified by measurement on the first
       ``num_metric_batches`` calibration batches (:func:`fxdeco.falor_final.falor_final`).
@@ -324,15 +390,19 @@ def falor(
     check_options(nsr_threshold=nsr_threshold, keep_params=keep_params, keep_macs=keep_macs,
                   nsr_final_threshold=nsr_final_threshold, kl_final_threshold=kl_final_threshold,
                   num_metric_batches=num_metric_batches, max_probes=max_probes, rank_tolerance=rank_tolerance,
-                  rank_multiple=rank_multiple, budget_criterion=budget_criterion, damping=damping,
-                  min_rank=min_rank, proportion_threshold=proportion_threshold, skip=skip)
+                  rank_multiple=rank_multiple, budget_criterion=budget_criterion, budget_rounds=budget_rounds,
+                  damping=damping, min_rank=min_rank, proportion_threshold=proportion_threshold, skip=skip)
     common = dict(rank_multiple=rank_multiple, min_rank=int(min_rank), proportion_threshold=proportion_threshold,
                   damping=damping, center=center, skip=skip, show_progress=show_progress)
     if nsr_final_threshold is None and kl_final_threshold is None:
+        meter = _budget_meter(prepared, budget_rounds) if keep_params is not None or keep_macs is not None else None
         plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, nsr_threshold=nsr_threshold,
                                       keep_params=keep_params, keep_macs=keep_macs,
-                                      budget_criterion=budget_criterion, **common)
-        return plan, decisions, {}
+                                      budget_criterion=budget_criterion, budget_rounds=budget_rounds,
+                                      measure_final_nsr=meter.measure if meter is not None else None, **common)
+        return plan, decisions, ({"budget_rounds": budget_rounds, "probes": meter.probes, "metric_batches": 1,
+                                  "probe_forward_equivalents": meter.forward_equivalents()}
+                                 if meter is not None else {})
     from fxdeco.falor_final import falor_final  # the final-output mode's machinery, only when asked for
 
     kept = prepared.kept_inputs

@@ -57,7 +57,7 @@ class _Measured:
 
 
 @dataclasses.dataclass
-class _Probe:
+class Probe:
     """Measures one layer's final-output error at a rank, on every metric batch."""
 
     site: Site
@@ -125,7 +125,7 @@ def _candidates(site: Site, min_rank: int, multiple: int, proportion_threshold: 
             and k / full <= proportion_threshold]
 
 
-def _search(probe: _Probe, candidates: list[int], predicted: torch.Tensor, scale: float, max_probes: int,
+def _search(probe: Probe, candidates: list[int], predicted: torch.Tensor, scale: float, max_probes: int,
             tolerance: int) -> tuple[int | None, _Measured | None, list[float]]:
     """Smallest verified rank among ``candidates`` (None: keep dense), its measurement on all metric
     batches, and the measured/predicted ratio at the first probe (to seed the next layer's scale).
@@ -148,7 +148,7 @@ def _search(probe: _Probe, candidates: list[int], predicted: torch.Tensor, scale
     return rank, verified, ratios
 
 
-def _bracket(probe: _Probe, candidates: list[int], predicted: torch.Tensor, scale: float, max_probes: int,
+def _bracket(probe: Probe, candidates: list[int], predicted: torch.Tensor, scale: float, max_probes: int,
              tolerance: int, lo: int, batches: int | None) -> tuple[int | None, _Measured | None, list[float]]:
     """Smallest rank among ``candidates`` above index ``lo`` measured to pass on the first ``batches``
     metric batches (None: none found; keep dense), its measurement, and the first measured/predicted ratio.
@@ -216,7 +216,7 @@ def _next_index(points: list[tuple[int, float]], lo: int, hi: int, predicted: in
     return min(hi - 1, max(lo + 1, math.ceil(guess)))
 
 
-def _metric_references(gm: torch.fx.GraphModule, metric_inputs: Sequence[Sequence[Any]],
+def metric_references(gm: torch.fx.GraphModule, metric_inputs: Sequence[Sequence[Any]],
                        output_fn: OutputFn | None) -> list[torch.Tensor]:
     with torch.no_grad():
         return [select_output(torch.fx.Interpreter(gm).run(*flat), output_fn).detach() for flat in metric_inputs]
@@ -275,7 +275,7 @@ def falor_final(
     targets = unique_targets(all_sites)
     work = [s for s in targets if not matches_any(s.target, skip)]
     with eval_mode(gm):
-        references = _metric_references(gm, metric_inputs, output_fn)
+        references = metric_references(gm, metric_inputs, output_fn)
         sensitivity = _sensitivities(gm, all_sites, metric_inputs, references, output_fn, seed=0)
         with torch.no_grad():
             plan, decisions, summary = _verify_all(gm, all_sites, targets, work, statistics, sensitivity,
@@ -310,7 +310,7 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
             walk.advance_to(first)
         spec = spectrum(stats, damping, center)
         bias = fetch_attr(gm, site.bias) if site.bias else None
-        probe = _Probe(site, nodes_of[site.target], spec, bias, walks, references, output_fn, nsr_threshold,
+        probe = Probe(site, nodes_of[site.target], spec, bias, walks, references, output_fn, nsr_threshold,
                        kl_threshold)
         g = sensitivity.get(site.target)  # None when the layer does not reach the output: its own NSR curve then
         predicted = output_error_by_rank(spec, g) if g is not None else nsr_by_rank(spec)

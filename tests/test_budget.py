@@ -8,6 +8,7 @@ from torch import nn
 
 import fxdeco
 from fxdeco.budget import BudgetError, LayerOptions, allocate
+from fxdeco.lowrank import output_error_by_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,3 +138,39 @@ def test_budget_by_output_error_beats_summed_nsr_on_its_own_criterion() -> None:
     assert final_error(by_output) <= final_error(by_nsr)
     with pytest.raises(ValueError, match="sensitivity=True"):
         fxdeco.convert(_prepared(), keep_params=0.4, budget_criterion="output")
+
+
+def test_budget_rounds_rescale_a_layer_by_its_measurement() -> None:
+    """A layer measured far worse than predicted gets a larger rank after one refinement round."""
+    from fxdeco.falor import falor_local
+
+    prepared = fxdeco.calibrate(fxdeco.prepare(_model(), sensitivity=True), _data())
+    calls = []
+
+    def measure(ranks, spectra):  # a fake measurement: layer "2" hurts 1000x more than predicted
+        calls.append(dict(ranks))
+        layers = {t: output_error_by_rank(spectra[t], prepared.statistics[t].sensitivity) for t in ranks}
+        return {t: float(layers[t][r]) * (1000.0 if t == "2" else 1.0) for t, r in ranks.items()}
+
+    run = lambda rounds: falor_local(prepared.gm, prepared.sites, prepared.statistics, keep_params=0.4,  # noqa: E731
+                                     budget_rounds=rounds, measure_final_nsr=measure)
+    before = {d.target: d.rank for d in run(0)[1]}
+    assert not calls
+    _, decisions = run(1)
+    after = {d.target: d.rank for d in decisions}
+    assert len(calls) == 1 and calls[0] == {t: r for t, r in before.items() if r is not None}
+    assert before["2"] is not None and (after["2"] is None or after["2"] > before["2"]), (before, after)
+    assert sum(d.params_after for d in decisions) <= 0.4 * sum(p.numel() for p in _model().parameters())
+
+
+def test_budget_refinement_probes_each_allocated_layer_once_per_round() -> None:
+    prepared = fxdeco.calibrate(fxdeco.prepare(_model(), sensitivity=True), _data())
+    plain = fxdeco.convert(prepared, keep_params=0.3, budget_rounds=0)
+    refined = fxdeco.convert(prepared, keep_params=0.3, budget_rounds=1)
+    assert "probes" not in plain.meta["fxdeco"]
+    decomposed = sum(d.decomposed for d in plain.meta["fxdeco"]["decisions"])
+    assert refined.meta["fxdeco"]["probes"] == decomposed > 0
+    totals = fxdeco.report(refined).totals
+    assert totals["params_after"] / totals["params_before"] == pytest.approx(0.3, abs=0.01)
+    with pytest.raises(ValueError, match="budget_rounds"):
+        fxdeco.convert(prepared, keep_params=0.3, budget_rounds=-1)
