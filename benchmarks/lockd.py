@@ -54,7 +54,7 @@ from fxdeco.report import human
 
 STEPS, BATCH = 1000, 64
 KD_STEPS, KD_LR = 300, 1e-4  # at 3e-4 the fine-tune alone cost an exact copy 0.25 pt
-SETTINGS = ((0.01, 1.0), (0.05, 1.0))  # (tau, lambda) for fxdeco; 0.05, 1 are ptdeco's
+SETTINGS = ((0.01, 1.0), (0.05, 1.0), (0.05, 0.3))  # (tau, lambda) for fxdeco; 0.05, 1 are ptdeco's
 PTDECO = {"nsr_threshold": 0.05, "lmbda": 1.0, "lr": 1e-3, "proportion_threshold": 0.5}
 RESULTS = Path(__file__).resolve().parent / "LOCKD.md"
 log = logging.getLogger(__name__)
