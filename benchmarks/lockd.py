@@ -32,7 +32,6 @@ original model, Adam ``KD_LR``, student in training mode). Accuracy is on the
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -48,6 +47,7 @@ from torch import nn
 import fxdeco
 from benchmarks import fashion_mnist as fm
 from benchmarks.ptdeco_falor import macs_per_image, n_params, weights_file
+from benchmarks.ptdeco_lockd import train_ptdeco_lockd
 from fxdeco import lockd
 from fxdeco.finetune import finetune
 from fxdeco.report import human
@@ -99,7 +99,6 @@ def run_fxdeco(model: nn.Module, tau: float, lmbda: float, train: list, tune: li
 def run_ptdeco(model: nn.Module, train: list, tune: list, test: tuple) -> list[dict]:
     """ptdeco's lockd with its own settings, same data and fine-tune; cached JSON."""
     import ptdeco
-    from ptdeco import lockd as plockd
 
     spec = {"weights": weights_file("cnn"), "steps": STEPS, "batch": BATCH, "kd_steps": KD_STEPS, "kd_lr": KD_LR,
             "settings": PTDECO, "ptdeco": ptdeco.__version__, "v": 2}
@@ -107,30 +106,8 @@ def run_ptdeco(model: nn.Module, train: list, tune: list, test: tuple) -> list[d
     path = fm.CACHE / f"ptdeco-lockd-cnn-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    wrapped = copy.deepcopy(model).eval()  # BatchNorm keeps its statistics, as in fxdeco
-    plockd.wrap_in_place(wrapped)
-    params = plockd.get_parameters_trainable(wrapped)
-    for p in wrapped.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=PTDECO["lr"])
-    losses = []
-    for x in train:
-        wrapped(x)
-        loss = plockd.get_nsr_loss(wrapped, PTDECO["nsr_threshold"]) + \
-            PTDECO["lmbda"] * plockd.get_proportion_loss(wrapped)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    proportion = float(plockd.get_proportion_loss(wrapped).detach())
-    plockd.decompose_in_place(wrapped, proportion_threshold=PTDECO["proportion_threshold"])
-    seconds = time.perf_counter() - start
-    for p in wrapped.parameters():
-        p.requires_grad_(True)
+    # BatchNorm keeps its statistics (eval mode), as in fxdeco
+    wrapped, losses, proportion, seconds = train_ptdeco_lockd(model, train, lambda m, x: m(x), PTDECO)
     settings = f"tau={PTDECO['nsr_threshold']:g}, lambda={PTDECO['lmbda']:g}"
     first = row("ptdeco lockd", settings, wrapped, model, test, train[0], seconds, stage="after decompose",
                 final_loss=losses[-1], final_proportion=proportion, history=losses)

@@ -30,7 +30,6 @@ evaluation batch (32 sentences padded to the longest).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -44,6 +43,7 @@ from torch import nn
 import fxdeco
 from benchmarks import fashion_mnist as fm
 from benchmarks.ptdeco_falor import n_params
+from benchmarks.ptdeco_lockd import train_ptdeco_lockd
 from benchmarks.ptdeco_minilm import DATA_SPEC, _data
 from fxdeco import lockd
 from fxdeco.capture import trace
@@ -132,7 +132,6 @@ def run_ptdeco(model: nn.Module, train: list[Batch], evaluation: list[Batch],
                reference: torch.Tensor) -> list[dict[str, Any]]:
     """ptdeco's lockd with its own settings, same batches and fine-tune; cached JSON."""
     import ptdeco
-    from ptdeco import lockd as plockd
 
     spec = {"model": "minilm-no-pooler", "data": DATA_SPEC, "batch": BATCH, "steps": STEPS, "kd_steps": KD_STEPS,
             "kd_lr": KD_LR, "kd_loss": "cosine", "settings": PTDECO, "ptdeco": ptdeco.__version__, "v": 1}
@@ -140,30 +139,8 @@ def run_ptdeco(model: nn.Module, train: list[Batch], evaluation: list[Batch],
     path = fm.CACHE / f"ptdeco-lockd-minilm-{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    wrapped = copy.deepcopy(model).eval()  # dropout off, as in fxdeco
-    plockd.wrap_in_place(wrapped)
-    params = plockd.get_parameters_trainable(wrapped)
-    for p in wrapped.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=PTDECO["lr"])
-    losses = []
-    for batch in train:
-        wrapped(**batch)
-        loss = plockd.get_nsr_loss(wrapped, PTDECO["nsr_threshold"]) + \
-            PTDECO["lmbda"] * plockd.get_proportion_loss(wrapped)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    proportion = float(plockd.get_proportion_loss(wrapped).detach())
-    plockd.decompose_in_place(wrapped, proportion_threshold=PTDECO["proportion_threshold"])
-    seconds = time.perf_counter() - start
-    for p in wrapped.parameters():
-        p.requires_grad_(True)
+    # dropout off (eval mode), as in fxdeco
+    wrapped, losses, proportion, seconds = train_ptdeco_lockd(model, train, lambda m, batch: m(**batch), PTDECO)
     settings = f"tau={PTDECO['nsr_threshold']:g}, lambda={PTDECO['lmbda']:g}"
     first = row("ptdeco lockd", settings, "after decompose", wrapped, model, evaluation, reference, seconds,
                 final_loss=losses[-1], final_proportion=proportion)
