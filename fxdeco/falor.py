@@ -341,9 +341,9 @@ def falor_local(
     return plan, decisions
 
 
-def _budget_meter(prepared: Any, rounds: int) -> Any:
+def _budget_meter(prepared: Any, rounds: int, criterion: str) -> Any:
     """The final-NSR meter of budget refinement (on the first kept calibration batch), or None."""
-    if rounds == 0 or prepared.sensitivity_moments is None:
+    if rounds == 0 or criterion == "nsr" or prepared.sensitivity_moments is None:
         return None
     if not prepared.kept_inputs:
         log.info("falor budget: no calibration batch was kept (keep_batches=0), so the allocation is not refined "
@@ -395,7 +395,8 @@ def falor(
     common = dict(rank_multiple=rank_multiple, min_rank=int(min_rank), proportion_threshold=proportion_threshold,
                   damping=damping, center=center, skip=skip, show_progress=show_progress)
     if nsr_final_threshold is None and kl_final_threshold is None:
-        meter = _budget_meter(prepared, budget_rounds) if keep_params is not None or keep_macs is not None else None
+        budget = keep_params is not None or keep_macs is not None
+        meter = _budget_meter(prepared, budget_rounds, budget_criterion) if budget else None
         plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, nsr_threshold=nsr_threshold,
                                       keep_params=keep_params, keep_macs=keep_macs,
                                       budget_criterion=budget_criterion, budget_rounds=budget_rounds,
