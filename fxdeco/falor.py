@@ -130,6 +130,7 @@ class _Layer:
     stats: SiteStatistics
     spec: Spectrum
     nsr: torch.Tensor  # nsr[k] for k = 0..out
+    _output_error: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def output_error(self) -> torch.Tensor | None:
         """Predicted final-output squared error per sample for every rank (index k), or None.
@@ -137,9 +138,12 @@ class _Layer:
         With the output-gradient moment ``G`` (``passes.sensitivity``) and the
         spectrum ``C = Σ λ_j u_j u_jᵀ``, dropping directions ``j > k`` changes the
         final output by ``tr(G Σ_{j>k} λ_j u_j u_jᵀ) = Σ_{j>k} λ_j u_jᵀ G u_j``.
+        Computed once (an ``out x out x k`` product): budget rounds read it again.
         """
         g = self.stats.sensitivity
-        return None if g is None else output_error_by_rank(self.spec, g)
+        if g is not None and self._output_error is None:
+            self._output_error = output_error_by_rank(self.spec, g)
+        return self._output_error if g is not None else None
 
     def candidate_ranks(self, min_rank: int, multiple: int | str, proportion_threshold: float) -> list[int]:
         """Ranks worth considering: multiples of ``multiple`` that save parameters."""
