@@ -133,6 +133,7 @@ def prepare(
     params_original = sum(p.numel() for p in model.parameters())
     gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                              capture=capture))
+    gm.eval()  # the private copy computes as at inference (BatchNorm running statistics, no dropout)
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)
     for k in skipped:

@@ -76,7 +76,7 @@ import torch.fx
 
 from fxdeco.api import check_method_options, convert, prepare
 from fxdeco.batches import model_inputs
-from fxdeco.errors import CalibrationError, NoSitesError
+from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
 from fxdeco.prepared import PreparedModel
 from passes import Factorization, factorize_sites, find_sites
 from passes.lift import lift_parameters
@@ -310,6 +310,10 @@ class DecompositionBackend:
         family = self._families.setdefault(_family_key(lifted), _Family())
         try:
             graph = GraphDecomposer(self, index, lifted, kept, example_inputs, family)
+        except CaptureError as exc:  # e.g. a graph Dynamo captured from a model in train mode
+            log.warning("graph %d passes through unchanged: %s", index, exc)
+            self.graphs.append(PassThrough(index, str(exc)))
+            return self.inner_fn(gm, list(example_inputs))
         except NoSitesError as exc:
             log.info("graph %d passes through unchanged: %s", index, exc)
             self.graphs.append(PassThrough(index, str(exc)))

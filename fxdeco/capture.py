@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
-from typing import Any, Callable, Iterable
+import warnings
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx
@@ -12,7 +14,7 @@ from torch import nn
 
 from fxdeco.batches import as_call
 from fxdeco.modes import eval_mode
-from passes import CaptureError, export_capture, symbolic_capture
+from passes import CaptureError, export_capture, training_mode_nodes, symbolic_capture
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,28 @@ def _warn_unit_dims(args: tuple, kwargs: dict[str, Any]) -> None:
                         "length >= 2", name, tuple(value.shape))
 
 
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Capture a Hugging Face model with ``config.use_cache`` off, restoring the caller's config after.
+
+    A causal LM returns its key/value cache by default; torch.export cannot
+    flatten the cache object, and a decomposed graph has no use for it (the
+    logits are the same with and without). A batch that passes ``use_cache``
+    itself decides.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is not True or "use_cache" in kwargs:
+        yield
+        return
+    log.info("capturing %s with config.use_cache=False: the graph returns no key/value cache",
+             type(model).__name__)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any = None,
@@ -63,6 +87,10 @@ def trace(
     dict of keyword inputs), the model is captured with
     ``torch.export(strict=False)`` in eval mode, every dimension dynamic. The
     symbolic graph shares parameters with ``model``; nothing is modified.
+    Both captures see the model in eval mode (each module's mode is restored
+    after), so code that reads ``self.training`` (``F.dropout(x, p,
+    self.training)``, stochastic depth) is captured as at inference. A Hugging
+    Face model is captured without its key/value cache (``use_cache=False``).
 
     Example:
         >>> import torch, fxdeco
@@ -71,6 +99,7 @@ def trace(
         'symbolic'
     """
     if isinstance(model, torch.fx.GraphModule):
+        _refuse_training_graph(model)
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module or a GraphModule, got {type(model).__name__}")
@@ -80,8 +109,11 @@ def trace(
     if capture != "export":
         timm_modules, timm_functions = _timm_notrace()
         try:
-            gm = symbolic_capture(model, (*leaf_modules, *timm_modules), (*autowrap_functions, *timm_functions))
+            # Tracing runs Python code: ``self.training`` read there is baked into the graph, so trace in eval mode.
+            with eval_mode(model):
+                gm = symbolic_capture(model, (*leaf_modules, *timm_modules), (*autowrap_functions, *timm_functions))
             gm.meta["fxdeco_capture"] = "symbolic"
+            _warn_training_behaviour(gm, model)
             return gm
         except Exception as exc:  # tracing errors come in every type
             symbolic_error = _failing_construct(exc)
@@ -99,7 +131,7 @@ def trace(
     args, kwargs = as_call(example_inputs)
     _warn_unit_dims(args, kwargs)
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), _without_kv_cache(model, kwargs):
             gm = export_capture(model, args, kwargs)
     except Exception as exc:
         raise CaptureError(
@@ -109,4 +141,32 @@ def trace(
             "symbolic tracing, or make the forward exportable (see torch.export's error above)."
         ) from exc
     gm.meta["fxdeco_capture"] = "export"
+    _warn_training_behaviour(gm, model)
     return gm
+
+
+def _node_list(nodes: list[torch.fx.Node]) -> str:
+    return ", ".join(n.format_node() or n.name for n in nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3
+                                                                       else "")
+
+
+def _refuse_training_graph(gm: torch.fx.GraphModule) -> None:
+    """A graph captured from a model in train mode computes dropout for ever: calibrating it, or handing it back
+    decomposed, would give a model that computes something else than the trained model at inference."""
+    found = training_mode_nodes(gm)
+    if found:
+        raise CaptureError(
+            f"this GraphModule computes as in training ({_node_list(found)}: dropout, stochastic depth or "
+            "batch norm with training=True): it was "
+            "captured from a model in train mode, and tracing recorded self.training=True as a constant. Capture "
+            "it from the model in eval mode (model.eval() before torch.fx.symbolic_trace or torch.export), or "
+            "pass the nn.Module itself (fxdeco captures it in eval mode)")
+
+
+def _warn_training_behaviour(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    found = training_mode_nodes(gm)
+    if found:
+        warnings.warn(
+            f"{type(model).__name__} computes as in training even in eval mode ({_node_list(found)}; e.g. "
+            "F.dropout(x, p) without training=self.training drops values at random): its statistics and its "
+            "decomposed graph do so too", UserWarning, stacklevel=3)

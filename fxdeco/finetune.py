@@ -11,12 +11,14 @@ plus a task loss on labels. For models whose output is not a distribution
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import math
 import sys
 import time
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -28,25 +30,75 @@ from fxdeco.errors import CalibrationError
 log = logging.getLogger(__name__)
 
 
-def batches_forever(loader: Iterable[Any]) -> Iterator[Any]:
-    """Yield ``loader``'s batches epoch after epoch (re-iterating it, so a shuffling DataLoader reshuffles).
+class TrainingBatches:
+    """The batches a training loop draws from ``loader``, never re-iterating a one-shot iterator.
+
+    A re-iterable loader (a list, a ``DataLoader``) is read epoch after epoch
+    (a shuffling ``DataLoader`` reshuffles). A one-shot iterator (a generator,
+    ``itertools.islice(...)``, ``iter(loader)``) is read once: when it runs out,
+    :meth:`next` returns ``None`` and the loop stops early instead of failing
+    after the work. The last ``keep`` batches drawn are kept (``recent``) so a
+    loop can evaluate on data it has seen without asking the loader for more.
 
     Example:
-        >>> it = batches_forever([1, 2])
-        >>> [next(it) for _ in range(5)]
-        [1, 2, 1, 2, 1]
-        >>> next(batches_forever([]))
+        >>> stream = TrainingBatches([1, 2], keep=2)
+        >>> [stream.next() for _ in range(5)], stream.recent
+        ([1, 2, 1, 2, 1], [2, 1])
+        >>> once = TrainingBatches(iter([1, 2]))
+        >>> [once.next() for _ in range(3)], once.exhausted
+        ([1, 2, None], True)
+        >>> TrainingBatches([]).next()
         Traceback (most recent call last):
         ...
         fxdeco.errors.CalibrationError: the training loader yielded no batches
     """
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise CalibrationError("the training loader yielded no batches")
+
+    def __init__(self, loader: Iterable[Any], *, keep: int = 0, what: str = "training loader") -> None:
+        try:
+            self._iterator = iter(loader)
+        except TypeError as exc:
+            raise TypeError(f"the {what} must be an iterable of batches (a list, a DataLoader, a generator), "
+                            f"got {type(loader).__name__}") from exc
+        self.loader = loader
+        # iter(x) is x only for iterators: those can be read once, and reading them again yields nothing
+        self.one_shot = self._iterator is loader
+        self.what = what
+        self.drawn = 0
+        self.exhausted = False
+        self._keep = max(keep, 0)
+        self._recent: collections.deque[Any] = collections.deque(maxlen=max(self._keep, 1))
+
+    @property
+    def recent(self) -> list[Any]:
+        """The last ``keep`` batches drawn, oldest first."""
+        return list(self._recent) if self._keep else []
+
+    def next(self) -> Any | None:
+        """The next batch, or ``None`` once a one-shot loader (or a loader whose new epoch is empty) runs out."""
+        if self.exhausted:
+            return None
+        for attempt in range(2):
+            try:
+                batch = next(self._iterator)
+                break
+            except StopIteration:
+                if self.drawn == 0:
+                    raise CalibrationError(f"the {self.what} yielded no batches") from None
+                if self.one_shot or attempt == 1:
+                    self.exhausted = True
+                    return None
+                self._iterator = iter(self.loader)  # the next epoch
+        self.drawn += 1
+        if self._keep:
+            self._recent.append(batch)
+        return batch
+
+    def ran_out_message(self, steps: int) -> str:
+        """Why a loop that wanted ``steps`` batches stopped after :attr:`drawn`."""
+        kind = "a one-shot iterator" if self.one_shot else "a loader whose next epoch was empty"
+        return (f"the {self.what} ({kind}) ran out after {self.drawn} batches of the {steps} steps asked for; "
+                f"training stopped there and its history is kept. Pass a re-iterable loader (a list, a DataLoader) "
+                f"or steps <= {self.drawn}")
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -234,7 +286,9 @@ def finetune(
     more accuracy than they recover; ``train_mode=True`` (BatchNorm statistics
     follow the new layers, dropout on) suits long fine-tunes. The student may
     be wrapped in DistributedDataParallel. Each module's train/eval mode is
-    restored at the end.
+    restored at the end. A re-iterable loader is read as often as needed; a
+    one-shot iterator (a generator) is read once, and when it runs out before
+    ``steps`` fine-tuning stops there with a warning, keeping its history.
 
     Example:
         >>> import torch
@@ -263,10 +317,15 @@ def finetune(
     student.train(train_mode)
     teacher.eval()
     history = FinetuneHistory()
+    batches = TrainingBatches(loader, what="fine-tuning loader")
     bar = StepBar(steps, "KD fine-tuning", show_progress)
     start = time.perf_counter()
     try:
-        for step, batch in zip(range(steps), batches_forever(loader)):
+        for step in range(steps):
+            batch = batches.next()
+            if batch is None:
+                warnings.warn(batches.ran_out_message(steps), UserWarning, stacklevel=2)
+                break
             batch = to_device(batch, device)
             args, kwargs = model_inputs(batch, input_fn)
             with torch.no_grad(), autocast_context(amp):

@@ -7,7 +7,7 @@ subgraphs. Which rank each site gets is decided by ``fxdeco``; this package
 never imports it.
 """
 
-from passes.capture import CaptureError, GraphTracer, export_capture, symbolic_capture
+from passes.capture import CaptureError, GraphTracer, export_capture, training_mode_nodes, symbolic_capture
 from passes.cost import CostProp, NodeCost, graph_macs
 from passes.inputs import flatten_inputs
 from passes.lift import lift_parameters
@@ -37,5 +37,6 @@ __all__ = [
     "graph_macs",
     "lift_parameters",
     "remove_dead_sites",
+    "training_mode_nodes",
     "symbolic_capture",
 ]

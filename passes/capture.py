@@ -112,3 +112,50 @@ def _positional_dynamic(model: nn.Module, dyn_args: tuple) -> dict[str, Any]:
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     return dict(zip(names, dyn_args))
+
+
+# Functions that behave differently in training when their ``training``/``train`` argument is true: dropout
+# drops values at random, batch norm normalises by the batch's own statistics (and updates the running ones).
+_TRAINING_FUNCTIONS = ("dropout", "stochastic_depth", "batch_norm")
+
+
+def training_mode_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The function calls in ``gm`` that were captured with training behaviour switched on.
+
+    Symbolic tracing and ``torch.export`` record ``self.training`` as a
+    constant, so a graph captured from a model in train mode keeps dropout,
+    stochastic depth and batch-statistics normalisation on for ever. These are
+    the dropout-like calls (``F.dropout``, ``torch.dropout``, ``aten.dropout``,
+    torchvision's ``stochastic_depth``, ...) with a true training flag and a
+    non-zero ``p``, and batch-norm calls (``F.batch_norm``, the aten batch-norm
+    ops of an exported graph) with a true training flag. ``nn.Dropout`` and
+    ``nn.BatchNorm2d`` modules kept as leaves are not listed: they follow the
+    module's mode when the graph runs.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.nn.functional.dropout(x, 0.1, self.training)
+        >>> [n.name for n in training_mode_nodes(torch.fx.symbolic_trace(Net().train()))]
+        ['dropout']
+        >>> training_mode_nodes(torch.fx.symbolic_trace(Net().eval()))
+        []
+    """
+    found = []
+    for node in gm.graph.nodes:
+        name = _target_name(node.target)
+        if node.op != "call_function" or not any(s in name for s in _TRAINING_FUNCTIONS):
+            continue
+        try:
+            normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+        except Exception:  # a signature torch cannot bind: judge by what was passed
+            normalized = None
+        kwargs = normalized.kwargs if normalized is not None else node.kwargs
+        training = kwargs.get("training", kwargs.get("train"))
+        if training is True and ("batch_norm" in name or kwargs.get("p", 0.5) != 0):
+            found.append(node)
+    return found
+
+
+def _target_name(target: Any) -> str:
+    return str(getattr(target, "__name__", None) or target).lower()

@@ -81,7 +81,9 @@ class SensitivityInterpreter(torch.fx.Interpreter):
         return out
 
     def _backward(self, out: Any) -> None:
-        final = self.output_fn(self.module.graph._codegen.process_outputs(out))
+        # ``out`` is already the model's output structure: Interpreter.run rebuilds it (process_outputs),
+        # so rebuilding it again would nest a ModelOutput inside its own first field.
+        final = self.output_fn(out)
         if not self._outputs or not final.requires_grad:
             return
         u = torch.randn(final.shape, generator=self.generator, dtype=final.dtype).to(final.device)

@@ -238,7 +238,14 @@ def test_train_mode_batchnorm_untouched(how: str) -> None:
         assert_unchanged(model, before)
         small = fxdeco.convert(prepared, nsr_threshold=0.05)
     else:
+        # exported in train mode, the graph would run dropout and batch statistics for ever: refused
         gm = torch.export.export(model, (data[0],), strict=False).module()
+        with pytest.raises(fxdeco.CaptureError, match="captured from a model in train mode"):
+            fxdeco.transform(gm, data, nsr_threshold=0.05)
+        modes = [(m, m.training) for m in model.modules()]
+        gm = torch.export.export(model.eval(), (data[0],), strict=False).module()
+        for m, training in modes:
+            m.training = training
         small = fxdeco.transform(gm, data, nsr_threshold=0.05)
     assert_unchanged(model, before)
     assert model.training and not model.bn.training and model.drop.training

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -19,8 +20,8 @@ import torch.fx
 from torch import nn
 
 from fxdeco.batches import leading_dim, model_inputs
-from fxdeco.finetune import (StepBar, autocast_context, batches_forever, check_positive, check_steps, model_device,
-                             to_device, use_amp)
+from fxdeco.finetune import (StepBar, autocast_context, check_positive, check_steps, model_device,
+                             to_device, TrainingBatches, use_amp)
 from fxdeco.lockd.losses import check_finite, entropy_loss, kept_proportion, nsr_loss, proportion_loss
 from fxdeco.lockd.prepare import ROLE, branches, lockd_state, train_mode, unwrap
 from passes import CostProp
@@ -118,14 +119,18 @@ def train(
 
     Each step minimises ``nsr_loss + lmbda * proportion_loss (+ entropy_weight *
     entropy_loss)`` with Adam (branch weights at ``lr``, gate logits at
-    ``logit_lr``). The loader is re-iterated as often as needed; ``input_fn``
-    turns a batch into the model's inputs (``lambda b: b[0]`` for ``(x, y)``).
+    ``logit_lr``). A re-iterable loader (a list, a DataLoader) is read as often
+    as needed; a one-shot iterator (a generator) is read once, and when it runs
+    out before ``steps`` training stops there with a warning, keeping its
+    history. ``input_fn`` turns a batch into the model's inputs (``lambda b:
+    b[0]`` for ``(x, y)``).
     ``gm`` may be wrapped in DistributedDataParallel (gradients are averaged
     across processes, so gates stay identical everywhere). ``amp=True``
     autocasts to bfloat16 on CUDA. A NaN or infinite loss stops training with
     the name of the layer whose NSR went bad. The original layers stay in eval
-    mode; afterwards ``eval_batches`` batches measure each branch's NSR with
-    hard gates (what ``finalize`` reports), and the graph is left in eval mode.
+    mode; afterwards the last ``eval_batches`` training batches (kept, so the
+    loader is not read again) measure each branch's NSR with hard gates (what
+    ``finalize`` reports), and the graph is left in eval mode.
     ``callback(step, history)`` runs after every step; returning True stops
     training early (``history`` then has fewer than ``steps`` entries).
 
@@ -152,11 +157,16 @@ def train(
     optimizer = _optimizer(gm, lr, logit_lr)
     history = TrainHistory()
     bar = StepBar(steps, "lockd", show_progress)
-    batches = batches_forever(loader)
+    # the last eval_batches training batches measure the branches afterwards: the loader is never read again
+    batches = TrainingBatches(loader, keep=eval_batches)
     start = time.perf_counter()
     try:
         for step in range(steps):
-            args, kwargs = model_inputs(to_device(next(batches), device), input_fn)
+            batch = batches.next()
+            if batch is None:
+                warnings.warn(batches.ran_out_message(steps), UserWarning, stacklevel=2)
+                break
+            args, kwargs = model_inputs(to_device(batch, device), input_fn)
             if step == 0 and state.macs_per_sample is None:
                 _try_record_macs(gm, args, kwargs)
             train_mode(gm, True)
@@ -182,13 +192,13 @@ def train(
                 log.info("lockd: stopped by the callback after %d steps", step + 1)
                 break
         state.steps_trained += len(history.loss)
-        if eval_batches:
-            measure_nsr(gm, [next(batches) for _ in range(eval_batches)], input_fn)
+        if eval_batches and history.loss:
+            measure_nsr(gm, batches.recent, input_fn)
     finally:
         bar.close()
         train_mode(gm, False)
     history.seconds = time.perf_counter() - start
-    log.info("lockd trained %d steps in %.1fs: loss %.4g, %.1f%% of gates open", steps, history.seconds,
+    log.info("lockd trained %d steps in %.1fs: loss %.4g, %.1f%% of gates open", len(history.loss), history.seconds,
              history.loss[-1], 100 * history.kept[-1])
     return history
 

@@ -1,0 +1,196 @@
+"""Reliability: documented paths that must work, and models that must not silently compute something else.
+
+Each test here failed on the code before the fix it guards (issue "Reliability: no silent wrong model").
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+from fxdeco import lockd
+from fxdeco.lockd.prepare import lockd_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FALOR_MODES = {
+    "local": dict(nsr_threshold=0.05),
+    "budget": dict(keep_params=0.6),
+    "final": dict(kl_final_threshold=0.01),
+}
+
+
+# ----------------------------------------------------------------------------- Hugging Face task heads
+
+
+def _tiny_hf(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    if kind == "causal-lm":
+        config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=4)
+        return transformers.LlamaForCausalLM(config).eval()
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_labels=3)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture(scope="module", params=["causal-lm", "sequence-classification"])
+def hf_task_model(request: pytest.FixtureRequest) -> tuple[str, nn.Module, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = _tiny_hf(request.param)
+    calib = [{"input_ids": torch.randint(0, 100, (4, 16))} for _ in range(3)]
+    return request.param, model, calib
+
+
+@pytest.mark.parametrize("mode", list(FALOR_MODES))
+def test_hf_model_output_with_output_fn_in_every_falor_mode(hf_task_model: Any, mode: str) -> None:
+    """README's ``output_fn=lambda out: out.logits`` works on ModelOutput models in all three falor modes
+    (budget and final-output mode used to rebuild the output twice and hand output_fn a nested ModelOutput)."""
+    kind, model, calib = hf_task_model
+    small = fxdeco.transform(model, calib, output_fn=lambda out: out.logits, **FALOR_MODES[mode])
+    out = small(**calib[0])
+    with torch.no_grad():
+        reference = model(**calib[0]).logits
+    assert out.logits.shape == reference.shape  # the model's own output type, logits as the original's
+    assert fxdeco.report(small).totals["decomposed"] > 0, f"{kind} {mode}: no layer was decomposed"
+    if mode == "final":  # every accepted rank was measured under the threshold on the model's logits
+        measured = [d.kl_final for d in small.meta["fxdeco"]["decisions"] if d.decomposed]
+        assert measured and all(kl is not None and kl <= 0.01 for kl in measured), measured
+    else:
+        nsr = ((out.logits - reference).pow(2).mean() / reference.var()).item()
+        assert nsr < 0.5, f"{kind} {mode}: the decomposed logits are far from the original's (NSR {nsr:.3g})"
+
+
+def test_causal_lm_with_kv_cache_is_captured() -> None:
+    """A causal LM built with its default ``use_cache=True`` returns a KV cache that torch.export cannot
+    flatten; capture must still succeed (the graph computes the logits, without the cache)."""
+    model = _tiny_hf("causal-lm")
+    assert model.config.use_cache
+    calib = [{"input_ids": torch.randint(0, 100, (2, 8))} for _ in range(2)]
+    small = fxdeco.transform(model, calib, nsr_threshold=0.05)
+    with torch.no_grad():
+        reference = model(**calib[0]).logits
+    assert small(**calib[0]).logits.shape == reference.shape
+    assert model.config.use_cache, "the caller's model config was changed"
+
+
+# ----------------------------------------------------------------------------- one-shot training loaders
+
+
+def _lockd_graph() -> tuple[nn.Module, torch.fx.GraphModule]:
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    return model, lockd.prepare(model, nsr_threshold=0.1)
+
+
+def test_lockd_train_reads_a_one_shot_loader_once() -> None:
+    """``islice(generator, steps)`` holds exactly ``steps`` batches: training and its evaluation must fit in them
+    (the evaluation used to read the exhausted iterator again and fail with 'yielded no batches')."""
+    _, gm = _lockd_graph()
+    batches = (torch.randn(8, 16) for _ in itertools.count())
+    history = lockd.train(gm, itertools.islice(batches, 12), steps=12, eval_batches=3)
+    assert len(history.loss) == 12
+    nsr = [tap.nsr_eval_mean for branch in lockd.branches(gm).values() for tap in branch.taps]
+    assert all(v is not None for v in nsr), "the branches were not measured after training"
+
+
+def test_lockd_train_keeps_its_history_when_a_generator_runs_out() -> None:
+    _, gm = _lockd_graph()
+    with pytest.warns(UserWarning, match=r"ran out after 5 batches of the 20 steps.*steps <= 5"):
+        history = lockd.train(gm, (torch.randn(8, 16) for _ in range(5)), steps=20)
+    assert len(history.loss) == 5
+    assert lockd_state(gm).steps_trained == 5
+
+
+def test_lockd_train_reiterates_a_list() -> None:
+    _, gm = _lockd_graph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a re-iterable loader is read epoch after epoch, silently
+        history = lockd.train(gm, [torch.randn(8, 16) for _ in range(3)], steps=7)
+    assert len(history.loss) == 7
+
+
+def test_finetune_one_shot_loaders() -> None:
+    model, gm = _lockd_graph()
+    small = lockd.finalize(gm)
+    exact = fxdeco.finetune(small, model, itertools.islice((torch.randn(8, 16) for _ in range(99)), 6), steps=6)
+    assert len(exact.loss) == 6
+    with pytest.warns(UserWarning, match=r"fine-tuning loader \(a one-shot iterator\) ran out after 2 batches"):
+        short = fxdeco.finetune(small, model, (torch.randn(8, 16) for _ in range(2)), steps=6)
+    assert len(short.loss) == 2
+    with pytest.raises(fxdeco.CalibrationError, match="yielded no batches"):
+        fxdeco.finetune(small, model, iter([]), steps=6)
+
+
+# ----------------------------------------------------------------------------- capture in train mode
+
+
+class DropoutNet(nn.Module):
+    """Functional dropout reads ``self.training``: tracing records its value as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(nn.functional.dropout(self.bn(self.a(x)), 0.5, self.training))
+
+
+def _train_mode_models() -> dict[str, Any]:
+    torchvision = pytest.importorskip("torchvision")
+    return {
+        "functional-dropout": (DropoutNet, (16,)),
+        # torchvision's stochastic depth (a traced function with training=self.training) and nn.Dropout
+        "efficientnet-stochastic-depth": (
+            lambda: torchvision.models.efficientnet_b0(num_classes=10, stochastic_depth_prob=0.5), (3, 32, 32)),
+    }
+
+
+@pytest.mark.parametrize("name", ["functional-dropout", "efficientnet-stochastic-depth"])
+def test_train_mode_model_is_decomposed_as_at_inference(name: str, tmp_path: Any) -> None:
+    """Freshly built models are in train mode; the decomposed graph must compute the model's eval-mode function
+    (deterministically), leave the caller's mode alone, and reload bit-exactly onto another train-mode copy."""
+    build, shape = _train_mode_models()[name]
+    torch.manual_seed(0)
+    model = build()
+    assert model.training
+    calib = [torch.randn(8, *shape) for _ in range(4)]
+    small = fxdeco.transform(model, calib, nsr_threshold=1e-6, rank_multiple=1)
+    assert model.training and all(m.training for m in model.modules()), "the caller's train/eval mode changed"
+    x = calib[0]
+    with torch.no_grad():
+        first, second = small(x), small(x)
+        model.eval()
+        reference = model(x)
+        model.train()
+    assert torch.equal(first, second), "the decomposed model is random: training behaviour was captured"
+    assert torch.allclose(first, reference, atol=1e-3, rtol=1e-3), (first - reference).abs().max()
+    fxdeco.save(small, tmp_path)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        loaded = fxdeco.load(tmp_path, build())(x)
+    assert torch.equal(loaded, first), "save/load onto a train-mode model is not bit-exact"
+
+
+def test_graph_traced_in_train_mode_is_refused_before_calibration() -> None:
+    gm = torch.fx.symbolic_trace(DropoutNet().train())
+    with pytest.raises(fxdeco.CaptureError, match=r"captured from a model in train mode.*model\.eval\(\)"):
+        fxdeco.prepare(gm)
+
+
+def test_always_on_dropout_is_warned_about() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.dropout(self.fc(x), 0.1)  # training defaults to True: random even in eval mode
+
+    with pytest.warns(UserWarning, match="computes as in training even in eval mode"):
+        fxdeco.prepare(Noisy())
