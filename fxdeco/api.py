@@ -6,6 +6,7 @@ import copy
 import inspect
 import itertools
 import logging
+import math
 import time
 import warnings
 from typing import Any, Callable, Iterable
@@ -15,10 +16,10 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
-from fxdeco.errors import CalibrationError, NoSitesError
+from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.falor import check_options as check_falor_options
 from fxdeco.falor import falor
-from fxdeco.plan import matches_any
+from fxdeco.plan import LayerDecision, matches_any
 from fxdeco.outputs import OutputFn
 from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
 from fxdeco.progress import progress
@@ -175,6 +176,7 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
     check_method_options(method, options)
     start = time.perf_counter()
     plan, decisions, summary = METHODS[method](prepared, **options)
+    _record_calibration_rows(prepared, decisions)
     new = factorize_sites(prepared.gm, prepared.sites, plan)
     new.delete_all_unused_submodules()
     saved_params = sum(d.params_before - d.params_after for d in decisions)
@@ -183,6 +185,7 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
         "method": method,
         "options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, tuple, list))},
         "capture": prepared.gm.meta.get("fxdeco_capture", "graph"),
+        "constant_inputs": dict(prepared.gm.meta.get("fxdeco_constant_inputs", {})),
         "decisions": decisions,
         "skipped": list(prepared.skipped),
         "removed": list(prepared.removed),
@@ -196,6 +199,32 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
     log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", method,
              sum(d.decomposed for d in decisions), len(decisions), time.perf_counter() - start, saved_params)
     return new
+
+
+def _record_calibration_rows(prepared: PreparedModel, decisions: list[LayerDecision]) -> None:
+    """Note in each decision how many rows its statistics saw, and warn about layers that saw too few.
+
+    A layer whose statistics saw fewer rows than its full rank has a spectrum cut by the amount of data:
+    its NSR reads 0 from that rank on, whatever the layer does on other inputs.
+    """
+    statistics = prepared.statistics
+    for d in decisions:
+        stats = statistics.get(d.target)
+        if stats is not None:
+            d.calib_rows = float(stats.weight if stats.weight is not None else stats.rows)
+    starved = sorted((d for d in decisions if d.too_little_data), key=lambda d: d.calib_rows / d.full_rank)
+    if not starved:
+        return
+    worst = starved[0]
+    samples = statistics[worst.target].samples  # rows per sample: tokens or pixels (1 for a plain Linear)
+    needed = math.ceil(worst.full_rank * samples / worst.calib_rows) if worst.calib_rows > 0 and samples else None
+    warn_user(
+        f"too little calibration data: {len(starved)} of {len(decisions)} layers saw fewer rows than their full rank "
+        f"(e.g. {worst.target!r}: {worst.calib_rows:.0f} rows for full rank {worst.full_rank}), so their spectra "
+        "and NSR (which reads 0 past that point) describe the calibration set, not the layer; their ranks will not "
+        "hold on other data. Calibrate on more samples"
+        + (f" (at least {needed} samples for {worst.target!r}, more for reliable ranks)" if needed else "")
+        + "; the report marks these layers TOO LITTLE DATA")
 
 
 def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn: Callable[[Any], Any] | None = None,

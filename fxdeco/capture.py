@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import traceback
-import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -13,8 +13,10 @@ import torch.fx
 from torch import nn
 
 from fxdeco.batches import as_call
+from fxdeco.errors import warn_user
 from fxdeco.modes import eval_mode
-from passes import CaptureError, export_capture, training_mode_nodes, symbolic_capture
+from passes import CaptureError, export_capture, symbolic_capture, training_mode_nodes
+from passes.capture import optional_tensor_inputs, require_inputs, reword_constant_checks
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ def trace(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     capture: str = "auto",
+    constant_inputs: dict[str, Any] | None = None,
 ) -> torch.fx.GraphModule:
     """Capture ``model`` as a GraphModule.
 
@@ -92,6 +95,15 @@ def trace(
     self.training)``, stochastic depth) is captured as at inference. A Hugging
     Face model is captured without its key/value cache (``use_cache=False``).
 
+    Optional inputs (``forward(x, mask=None, causal=False)``): tracing cannot
+    follow ``if mask is not None`` both ways, so inputs with a constant default
+    (None, a bool, a number, a string) that ``example_inputs`` leaves out are
+    traced as that default (``constant_inputs`` names them and their values
+    explicitly; recorded in ``gm.meta["fxdeco_constant_inputs"]``), and inputs
+    that default to None but were traced as tensors are required on every
+    call. Either graph fails at once, with the remedy, when called the other
+    way.
+
     Example:
         >>> import torch, fxdeco
         >>> gm = fxdeco.trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
@@ -110,9 +122,14 @@ def trace(
         timm_modules, timm_functions = _timm_notrace()
         try:
             # Tracing runs Python code: ``self.training`` read there is baked into the graph, so trace in eval mode.
+            constants = dict(constant_inputs) if constant_inputs is not None \
+                else _left_out_constant_inputs(model, example_inputs)
             with eval_mode(model):
-                gm = symbolic_capture(model, (*leaf_modules, *timm_modules), (*autowrap_functions, *timm_functions))
+                gm = symbolic_capture(model, (*leaf_modules, *timm_modules), (*autowrap_functions, *timm_functions),
+                                      concrete_args=constants)
+            _guard_optional_inputs(gm, knew_batch=example_inputs is not None or constant_inputs is not None)
             gm.meta["fxdeco_capture"] = "symbolic"
+            gm.meta["fxdeco_constant_inputs"] = constants
             _warn_training_behaviour(gm, model)
             return gm
         except Exception as exc:  # tracing errors come in every type
@@ -145,6 +162,39 @@ def trace(
     return gm
 
 
+def _left_out_constant_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """``forward``'s inputs with a constant default (None, bool, number, string) that the example batch leaves out,
+    with those defaults: the values the model sees when the batches leave them out."""
+    if example_inputs is None:
+        return {}
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+        args, kwargs = as_call(example_inputs)
+    except (TypeError, ValueError):
+        return {}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given = {p.name for p in positional[:len(args)]} | set(kwargs)
+    return {p.name: p.default for p in params if p.name not in given
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and (p.default is None or type(p.default) in (bool, int, float, str))}
+
+
+def _guard_optional_inputs(gm: torch.fx.GraphModule, knew_batch: bool) -> None:
+    """Make a call that passes an optional input the other way than it was traced fail first, with the remedy."""
+    reword_constant_checks(gm, lambda name, value: (
+        f"input {name!r} was not in the calibration batches, so fxdeco traced the model with its default "
+        f"{name}={value!r} and this graph computes only that case; to decompose the model for other values of "
+        f"{name!r}, calibrate with batches that pass it"))
+    # Only where the batches showed the input is given: without an example, tracing had to guess, and graphs
+    # whose traced branch also accepts None (a mask handed on to scaled_dot_product_attention) keep working.
+    required = optional_tensor_inputs(gm) if knew_batch else []
+    if required:
+        require_inputs(gm, {name: f"input {name!r} defaults to None but the calibration batches passed it, so this "
+                                  f"graph computes the model's branch that uses it and needs it on every call; for "
+                                  f"the branch without it, calibrate with batches that leave it out"
+                            for name in required})
+
+
 def _node_list(nodes: list[torch.fx.Node]) -> str:
     return ", ".join(n.format_node() or n.name for n in nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3
                                                                        else "")
@@ -166,7 +216,7 @@ def _refuse_training_graph(gm: torch.fx.GraphModule) -> None:
 def _warn_training_behaviour(gm: torch.fx.GraphModule, model: nn.Module) -> None:
     found = training_mode_nodes(gm)
     if found:
-        warnings.warn(
+        warn_user(
             f"{type(model).__name__} computes as in training even in eval mode ({_node_list(found)}; e.g. "
             "F.dropout(x, p) without training=self.training drops values at random): its statistics and its "
-            "decomposed graph do so too", UserWarning, stacklevel=3)
+            "decomposed graph do so too")

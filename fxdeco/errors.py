@@ -1,4 +1,8 @@
-"""Exceptions raised by fxdeco, importable in one place."""
+"""Exceptions raised by fxdeco, importable in one place, and how its warnings point at the caller."""
+
+import os
+import sys
+import warnings
 
 from passes.capture import CaptureError
 from passes.stats import NonFiniteActivationError
@@ -10,6 +14,28 @@ class CalibrationError(ValueError):
 
 class NoSitesError(ValueError):
     """The model has no Linear/Conv2d layer fxdeco can decompose."""
+
+
+# warnings are reported at the first frame outside these folders: the user's line, not fxdeco's
+_FXDECO_DIR = os.path.dirname(os.path.abspath(__file__))
+_LIBRARY_DIRS = (_FXDECO_DIR + os.sep, os.path.join(os.path.dirname(_FXDECO_DIR), "passes") + os.sep)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's code that called into fxdeco (however deep the call came from).
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_user("look out")
+        >>> str(caught[0].message), caught[0].filename.startswith("<doctest")   # this line, not errors.py
+        ('look out', True)
+    """
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 __all__ = ["CalibrationError", "CaptureError", "NoSitesError", "NonFiniteActivationError"]

@@ -30,10 +30,18 @@ class LayerDecision:
     nsr_final: float | None = None
     kl_final: float | None = None
     probes: int = 0
+    # output rows the statistics saw (padding excluded); fewer than ``full_rank`` means the spectrum was cut by
+    # the amount of data, not by the layer (see :meth:`too_little_data`)
+    calib_rows: float | None = None
 
     @property
     def decomposed(self) -> bool:
         return self.rank is not None
+
+    @property
+    def too_little_data(self) -> bool:
+        """The layer saw fewer calibration rows than its full rank: its ranks and NSR are not to be trusted."""
+        return self.calib_rows is not None and self.calib_rows < self.full_rank
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

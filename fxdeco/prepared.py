@@ -23,10 +23,12 @@ from torch import nn
 
 from fxdeco.batches import as_call, leading_dim
 from fxdeco.errors import CalibrationError
+from fxdeco.interrupts import interrupts_deferred
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
 from passes import (CostProp, LeadingDimWeights, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs,
                     graph_macs)
+from passes.capture import optional_tensor_inputs
 from passes.sensitivity import SensitivityInterpreter
 from passes.stats import ActivationStatistics
 from passes.stats import NonFiniteActivationError
@@ -38,6 +40,8 @@ def _describe(node: torch.fx.Node | None) -> str:
     """``layer 'blocks.0.fc1'`` for a module call, else the node, plus the model source line when known."""
     if node is None:
         return "the graph's start"
+    if node.op == "call_function" and getattr(node.target, "__name__", "").startswith("_assert"):
+        return "the graph's input checks"
     if node.op == "call_module" and node.target == "_guards_fn":
         return "the input checks of the exported graph (the batch differs from the example in a fixed dimension)"
     where = f"layer {node.target!r}" if node.op == "call_module" else f"node {node.format_node()}"
@@ -229,7 +233,15 @@ class PreparedModel(nn.Module):
                       f"{shapes}); the statistics are unmasked", UserWarning, stacklevel=4)
 
     def _run(self, args: tuple, kwargs: dict[str, Any], stat_mask: Any) -> Any:
-        index = self.batches  # taken before _reset() zeroes the counter, so errors name the real batch
+        """Run one batch; its statistics are added all at once at the end, or not at all.
+
+        Every pass over the batch (statistics, the first batch's cost analysis,
+        output-gradient moments) runs first with its results held back; only
+        when all succeeded are they added, with Ctrl-C held off for that moment.
+        An error or an interrupt anywhere before leaves the statistics of the
+        earlier batches exactly as they were.
+        """
+        index = self.batches
         try:
             flat = flatten_inputs(self.gm, args, kwargs)
         except TypeError as exc:
@@ -238,52 +250,69 @@ class PreparedModel(nn.Module):
         with eval_mode(self.gm), torch.no_grad():
             self._per_site = None
             interpreter = StatsInterpreter(self.gm, self.sites, self.collected, row_weights,
-                                           product_dtype=self.stat_dtype)
+                                           product_dtype=self.stat_dtype, defer_commit=True)
             interpreter.batch_index = index
             interpreter.extra_traceback = False  # we name the node ourselves, without torch's tlparse footer
             try:
                 out = interpreter.run(*flat)
             except NonFiniteActivationError as exc:
-                self._reset()  # the sites before the failing one were already updated
-                raise NonFiniteActivationError(f"{exc}{self._discarded(index)}") from exc
+                raise NonFiniteActivationError(f"{exc}{self._kept(index)}") from exc
             except Exception as exc:
-                self._reset()
                 raise CalibrationError(
                     f"calibration batch {index} could not be run through the model, at "
                     f"{_describe(interpreter.current_node)}: {exc}{self._dtype_hint(args, kwargs)}"
-                    f"{self._discarded(index)}"
+                    f"{self._none_hint(flat)}{self._kept(index)}"
                 ) from exc
+            macs = None
             if self.macs_per_sample is None:
                 # After the statistics pass, so a bad batch is reported by the pass that names the layer.
                 try:
-                    self._measure_cost(flat, leading_dim(args, kwargs))
+                    macs = self._measure_cost(flat, leading_dim(args, kwargs))
                 except Exception as exc:
-                    self._reset()
                     raise CalibrationError(f"cost analysis of calibration batch {index} failed: {exc}") from exc
+        sensitivity = None
         if self.sensitivity_moments is not None:
             with eval_mode(self.gm):
-                sens = SensitivityInterpreter(self.gm, self.sites, generator=self._projections,
-                                              moments=self.sensitivity_moments,
-                                              output_fn=lambda out: select_output(out, self.output_fn))
-                sens.run(*flat)
-                self.sensitivity_samples += sens.samples
-        if len(self.kept_inputs) < self.keep_batches:
-            self.kept_inputs.append([v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat])
-        self.batches += 1
+                sensitivity = SensitivityInterpreter(self.gm, self.sites, generator=self._projections,
+                                                     moments=self.sensitivity_moments, defer_commit=True,
+                                                     output_fn=lambda out: select_output(out, self.output_fn))
+                sensitivity.run(*flat)
+        with interrupts_deferred():
+            interpreter.commit()
+            if sensitivity is not None:
+                sensitivity.commit()
+                self.sensitivity_samples += sensitivity.samples
+            if macs is not None:
+                self.macs_per_sample = self.gm.meta["fxdeco_totals"]["macs"] = macs
+            if len(self.kept_inputs) < self.keep_batches:
+                self.kept_inputs.append([v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat])
+            self.batches += 1
+            self._per_site = None
         self._warn_unmatched(by_mask)
         return out  # Interpreter.run already rebuilt the model's output structure
 
-    def _measure_cost(self, flat: list[Any], batch_size: int) -> None:
+    def _measure_cost(self, flat: list[Any], batch_size: int) -> float:
+        """MACs per sample of the graph, from one cost pass on a batch (also fills ``node.meta["cost"]``)."""
         CostProp(self.gm).run(*flat)
-        self.macs_per_sample = graph_macs(self.gm) / batch_size
-        self.gm.meta["fxdeco_totals"]["macs"] = self.macs_per_sample
+        return graph_macs(self.gm) / batch_size
 
     @staticmethod
-    def _discarded(index: int) -> str:
+    def _kept(index: int) -> str:
         if index == 0:
             return ""
-        return (f"\nThe statistics of the {index} earlier batch{'es' if index > 1 else ''} were discarded (a "
-                "partly counted batch would skew them); calibrate again without this batch.")
+        return (f"\nThis batch added nothing; the statistics of the {index} earlier batch{'es' if index > 1 else ''} "
+                "are kept, so you can go on calibrating without it.")
+
+    def _none_hint(self, flat: list[Any]) -> str:
+        """A remedy for an optional input left out of the batch although tracing took the branch that uses it."""
+        names = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
+        given_none = {name for name, value in zip(names, flat) if value is None}
+        traced = [name for name in optional_tensor_inputs(self.gm) if name in given_none]
+        if not traced:
+            return ""
+        return (f"\nInput {traced[0]!r} is None in this batch, but the graph was traced with it as a tensor (the "
+                "model's branch that uses it: tracing saw no example batch). Pass example_inputs=... (a batch "
+                f"without {traced[0]!r}) to fxdeco.prepare so the branch without it is traced.")
 
     def _dtype_hint(self, args: tuple, kwargs: dict[str, Any]) -> str:
         """A remedy for the common mistake of feeding integer tensors to a float model (only on failure:
@@ -296,16 +325,6 @@ class PreparedModel(nn.Module):
         wanted = ", ".join(sorted(str(d) for d in floats))
         return (f"\nThe batch holds only integer tensors ({given}) but the model computes in {wanted}: convert the "
                 "inputs to floating point, e.g. input_fn=lambda b: b.float().")
-
-    def _reset(self) -> None:
-        """Forget every batch, leaving statistics consistent with ``batches``."""
-        self.collected.clear()
-        self._per_site = None
-        self.batches = 0
-        self.kept_inputs.clear()
-        if self.sensitivity_moments is not None:
-            self.sensitivity_moments.clear()
-            self.sensitivity_samples = 0
 
     @property
     def statistics(self) -> dict[str, SiteStatistics]:

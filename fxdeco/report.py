@@ -58,13 +58,16 @@ def _decision_row(d: LayerDecision) -> dict[str, Any]:
     return {"name": d.target, "kind": d.kind, "weight_shape": d.weight_shape, "rank": d.rank,
             "full_rank": d.full_rank, "params_before": d.params_before, "params_after": d.params_after,
             "macs_before": d.macs_before, "macs_after": d.macs_after, "nsr": d.nsr,
-            "note": "decomposed" if d.decomposed else f"kept: {d.reason}"}
+            "calib_rows": d.calib_rows,
+            "note": ("decomposed" if d.decomposed else f"kept: {d.reason}")
+            + (f" (TOO LITTLE DATA: {d.calib_rows:.0f} calibration rows < full rank {d.full_rank})"
+               if d.too_little_data else "")}
 
 
 def _other_row(name: str, note: str) -> dict[str, Any]:
     return {"name": name, "kind": "-", "weight_shape": None, "rank": None, "full_rank": None,
             "params_before": None, "params_after": None, "macs_before": None, "macs_after": None,
-            "nsr": None, "note": note}
+            "nsr": None, "calib_rows": None, "note": note}
 
 
 def report(gm: torch.fx.GraphModule) -> Report:

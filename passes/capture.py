@@ -12,6 +12,7 @@ Two flavours reach the rest of the passes:
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Iterable
 
 import torch
@@ -52,8 +53,13 @@ def symbolic_capture(
     model: nn.Module,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    concrete_args: dict[str, Any] | None = None,
 ) -> torch.fx.GraphModule:
     """Symbolically trace ``model``; the result shares parameters with it.
+
+    ``concrete_args`` fixes inputs to constants while tracing (``{"mask": None}``
+    traces the ``mask is None`` branch; the graph then checks that the input
+    stays None).
 
     Example:
         >>> gm = symbolic_capture(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
@@ -61,9 +67,73 @@ def symbolic_capture(
         torch.Size([1, 3])
     """
     tracer = GraphTracer(leaf_modules, autowrap_functions)
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=concrete_args or None)
+    for node in graph.nodes:  # torch.fx renames an input fixed by concrete_args (mask -> mask_1): keep its keyword
+        base = node.target.rsplit("_", 1)[0] if node.op == "placeholder" else None
+        if base in (concrete_args or {}) and node.target not in (concrete_args or {}):
+            node.target = base
     name = model.__class__.__name__
     return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+def optional_tensor_inputs(gm: torch.fx.GraphModule) -> list[str]:
+    """Graph inputs that default to None but were traced as values (``forward(x, mask=None)`` traced with a proxy
+    ``mask``): the graph computes the ``mask is not None`` branch, so calling it with None fails.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x, mask=None):
+        ...         return x if mask is None else x * mask
+        >>> optional_tensor_inputs(torch.fx.symbolic_trace(Net()))
+        ['mask']
+    """
+    return [n.target for n in gm.graph.nodes
+            if n.op == "placeholder" and n.args and n.args[0] is None and n.users
+            and not any(u.target is torch.fx._symbolic_trace._assert_is_none for u in n.users)]
+
+
+def require_inputs(gm: torch.fx.GraphModule, messages: dict[str, str]) -> None:
+    """Make the graph fail with ``messages[name]`` when input ``name`` is None (checks placed first, then recompiled).
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, x, mask=None):
+        ...         return x if mask is None else x * mask
+        >>> gm = torch.fx.symbolic_trace(Net())
+        >>> require_inputs(gm, {"mask": "this graph needs a mask"})
+        >>> gm(torch.ones(1))
+        Traceback (most recent call last):
+        ...
+        AssertionError: this graph needs a mask
+    """
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        for name, message in messages.items():
+            given = gm.graph.call_function(operator.is_not, (placeholders[name], None))
+            gm.graph.call_function(torch._assert, (given, message))
+    gm.recompile()
+
+
+def reword_constant_checks(gm: torch.fx.GraphModule, message: Callable[[str, Any], str]) -> None:
+    """Replace torch.fx's message for an input traced as a constant (``concrete_args``) by ``message(name, value)``.
+
+    torch.fx guards such inputs with ``_assert_is_none(x, msg)`` (None) or ``torch._assert(x == value, msg)``;
+    its message says the input "has been specialized", not why nor what to do.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or len(node.args) != 2 or not isinstance(node.args[1], str) \
+                or "has been specialized to have value" not in node.args[1]:
+            continue
+        if node.target is torch.fx._symbolic_trace._assert_is_none:
+            source, value = node.args[0], None
+        elif node.target is torch._assert and isinstance(node.args[0], torch.fx.Node) and node.args[0].args:
+            source, value = node.args[0].args[0], node.args[0].args[1]  # the ``x == value`` node
+        else:
+            continue
+        name = source.target if isinstance(source, torch.fx.Node) else str(source)  # the input's keyword
+        node.args = (node.args[0], message(name, value))
+    gm.recompile()
 
 
 def _auto_dynamic_shapes(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:

@@ -45,8 +45,13 @@ class SensitivityInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, sites: Iterable[Site],
                  output_fn: Callable[[Any], torch.Tensor] = first_tensor,
                  generator: torch.Generator | None = None, moments: dict[str, torch.Tensor] | None = None,
-                 output_scale: torch.Tensor | None = None) -> None:
+                 output_scale: torch.Tensor | None = None, defer_commit: bool = False) -> None:
         super().__init__(gm)
+        # like passes.stats.StatsInterpreter: a batch's moments are added once its backward pass has finished
+        # (by commit(), called at the end of run() unless defer_commit)
+        self.defer_commit = defer_commit
+        self.pending: list[tuple[Site, torch.Tensor]] = []
+        self.pending_samples = 0
         # Scales the projection per output element: E[(uᵀδ)²] = Σ scale² δ², so the moments predict a
         # weighted error (e.g. ptdeco's per-channel NSR, with scale² = 1 / (channels · (var_c + eps))).
         self.output_scale = output_scale
@@ -59,6 +64,7 @@ class SensitivityInterpreter(torch.fx.Interpreter):
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         self._outputs = []
+        self.pending, self.pending_samples = [], 0
         frozen = [p for p in self.module.parameters() if p.requires_grad]
         for p in frozen:  # gradients are wanted at site outputs only, not for the weights
             p.requires_grad_(False)
@@ -69,7 +75,20 @@ class SensitivityInterpreter(torch.fx.Interpreter):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
+        if not self.defer_commit:
+            self.commit()
         return out
+
+    def commit(self) -> None:
+        """Add the finished batch's gradient moments to ``moments``."""
+        for site, product in self.pending:
+            moment = self.moments.get(site.target)
+            if moment is None:
+                moment = self.moments[site.target] = torch.zeros(site.out_features, site.out_features,
+                                                                 dtype=torch.float64)
+            moment += product.to(device="cpu", dtype=torch.float64)
+        self.samples += self.pending_samples
+        self.pending, self.pending_samples = [], 0
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
@@ -96,10 +115,6 @@ class SensitivityInterpreter(torch.fx.Interpreter):
             # the product in the gradient's own precision (float32 at least) and on its device; the sum in float64
             rows = output_rows(site, g.detach())
             rows = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
-            moment = self.moments.get(site.target)
-            if moment is None:
-                moment = self.moments[site.target] = torch.zeros(site.out_features, site.out_features,
-                                                                 dtype=torch.float64)
-            moment += (rows.T @ rows).to(device="cpu", dtype=torch.float64)
-        self.samples += final.shape[0] if final.dim() > 0 else 1
+            self.pending.append((site, rows.T @ rows))
+        self.pending_samples += final.shape[0] if final.dim() > 0 else 1
         self._outputs = []

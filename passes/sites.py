@@ -364,10 +364,66 @@ def remove_dead_sites(gm: torch.fx.GraphModule) -> list[str]:
 
     Sites whose output never reaches the graph output (a BERT pooler when only
     ``last_hidden_state`` is returned) cost calibration time and would be
-    decomposed for nothing. ``gm`` is modified in place and recompiled.
+    decomposed for nothing. Nodes with side effects stay, even when nothing
+    reads their result (:func:`has_side_effects`). ``gm`` is modified in place
+    and recompiled.
+
+    Example:
+        >>> class Net(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc, self.unused = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         h = self.fc(x)
+        ...         self.unused(x)       # dead: dropped
+        ...         h.clamp_(min=0)      # in place, result not assigned: kept
+        ...         return h
+        >>> gm = torch.fx.symbolic_trace(Net())
+        >>> remove_dead_sites(gm), [n.target for n in gm.graph.nodes if n.op != "placeholder"]
+        (['unused'], ['fc', 'clamp_', 'output'])
     """
     before = {c.target for c in _candidates(gm) if isinstance(c, Site)}
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
     gm.recompile()
     after = {c.target for c in _candidates(gm) if isinstance(c, Site)}
     return sorted(before - after)
+
+
+def has_side_effects(node: torch.fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` even when nothing reads its result.
+
+    torch.fx keeps placeholders, outputs and known impure functions; it drops
+    in-place tensor methods and modules whose result is not assigned, although
+    they change a tensor that later nodes read (``h.clamp_(min=0)``,
+    ``h.mul_(2)``, ``nn.ReLU(inplace=True)(h)`` on its own line). Those are
+    kept here: in-place methods and functions (a trailing ``_``, as
+    ``torch.relu_``), calls with ``inplace=True``, and modules built with
+    ``inplace=True``.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(torch.nn.ReLU(inplace=True))
+        >>> [has_side_effects(n) for n in gm.graph.nodes]
+        [True, True, True]
+    """
+    if node.is_impure():
+        return True
+    if node.op == "call_function" and getattr(node.target, "__name__", "").startswith("_assert"):
+        return True  # input checks (torch.fx's _assert_is_none for inputs traced as None, torch._assert)
+    if node.op in ("call_method", "call_function"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("__"):  # torch's naming rule for in-place variants
+            return True
+        if name in ("__setitem__",):
+            return True
+        if node.op == "call_function":
+            try:
+                normalized = node.normalized_arguments(node.graph.owning_module, normalize_to_only_use_kwargs=True)
+            except Exception:  # a signature torch cannot bind
+                normalized = None
+            kwargs = normalized.kwargs if normalized is not None else node.kwargs
+            return kwargs.get("inplace") is True
+        return node.kwargs.get("inplace") is True
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        module = node.graph.owning_module.get_submodule(node.target)
+        return getattr(module, "inplace", False) is True
+    return False

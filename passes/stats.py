@@ -101,6 +101,17 @@ class SiteStatistics:
         Raises :class:`NonFiniteRowsError`, adding nothing, when a kept row holds
         NaN or Inf.
         """
+        self.apply(self.contribution(rows, samples, weights, product_dtype))
+
+    def contribution(self, rows: torch.Tensor, samples: int | None = None, weights: torch.Tensor | None = None,
+                     product_dtype: torch.dtype | None = None) -> "PendingUpdate":
+        """What :meth:`update` would add, computed but not added (:meth:`apply` adds it).
+
+        Lets a caller add a whole batch's contributions to many statistics only
+        once all of them were computed, so a failure or an interrupt in the
+        middle of a batch adds nothing. The centre may be set here (the sums are
+        then re-expressed exactly around it), which leaves them unchanged.
+        """
         n = rows.shape[0]
         rows = rows.detach()
         if weights is not None:
@@ -125,11 +136,18 @@ class SiteStatistics:
         outer = weighted.T @ shifted
         if not bool(torch.isfinite(outer.diagonal()).all()):  # y_i² on the diagonal: any NaN/Inf shows there
             raise NonFiniteRowsError("NaN or Inf in the rows")
-        self.shifted_outer += outer.to(device=self.shifted_outer.device, dtype=torch.float64)
-        self.shifted_sum += weighted.sum(0).to(device=self.shifted_sum.device, dtype=torch.float64)
-        self.weight += float(w.sum()) if weights is not None else rows.shape[0]
-        self.rows += n
-        self.samples += n if samples is None else samples
+        return PendingUpdate(outer, weighted.sum(0), float(w.sum()) if weights is not None else rows.shape[0], n,
+                             n if samples is None else samples, self.centre)
+
+    def apply(self, pending: "PendingUpdate") -> None:
+        """Add a :meth:`contribution` of these statistics."""
+        if pending.centre is not self.centre:
+            raise ValueError("this contribution was computed around another centre")
+        self.shifted_outer += pending.outer.to(device=self.shifted_outer.device, dtype=torch.float64)
+        self.shifted_sum += pending.shifted_sum.to(device=self.shifted_sum.device, dtype=torch.float64)
+        self.weight += pending.weight
+        self.rows += pending.rows
+        self.samples += pending.samples
 
     def _set_centre(self, centre: torch.Tensor) -> None:
         """Move the sums to a new centre ``c'`` (exact algebra on the float64 sums)."""
@@ -185,6 +203,21 @@ class SiteStatistics:
     def rows_per_sample(self) -> float:
         """Rows per batch element, padding included: the cost basis of the layer's MACs."""
         return self.rows / max(self.samples, 1)
+
+
+@dataclasses.dataclass
+class PendingUpdate:
+    """One block of rows' addition to a :class:`SiteStatistics`, computed and not yet added.
+
+    ``outer``/``shifted_sum`` are in the product's precision and on the rows' device, shifted by ``centre``.
+    """
+
+    outer: torch.Tensor
+    shifted_sum: torch.Tensor
+    weight: float
+    rows: int
+    samples: int
+    centre: torch.Tensor | None
 
 
 class NonFiniteRowsError(ValueError):
@@ -312,6 +345,13 @@ class StatsInterpreter(torch.fx.Interpreter):
     adding to the sums of earlier batches; ``input_side=False`` forces every
     layer to accumulate on its output.
 
+    A run is all-or-nothing: each layer's contribution is computed as the
+    graph runs and added to ``collected`` only when the whole forward pass has
+    finished, so an error or a Ctrl-C in the middle of a batch adds nothing
+    (the price: one batch's products, about half the size of the sums, are held
+    until then). With ``defer_commit=True`` the caller adds them with
+    :meth:`commit` (e.g. after other passes over the same batch succeeded).
+
     Example:
         >>> from passes.sites import find_sites
         >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3)))
@@ -330,8 +370,12 @@ class StatsInterpreter(torch.fx.Interpreter):
         row_weights: Callable[[Site, torch.Tensor], torch.Tensor | None] | None = None,
         input_side: bool = True,
         product_dtype: torch.dtype | None = None,
+        defer_commit: bool = False,
     ) -> None:
         super().__init__(gm)
+        self.defer_commit = defer_commit
+        # (container, key, statistics, contribution) of the batch being run, added by commit()
+        self.pending: list[tuple[dict[str, SiteStatistics], str, SiteStatistics, PendingUpdate]] = []
         self.product_dtype = product_dtype  # of each batch's Yᵀ Y (SiteStatistics.update); None: float32
         self.all_sites = list(sites)
         self.input_groups = input_side_groups(gm, self.all_sites) if input_side else {}
@@ -355,7 +399,24 @@ class StatsInterpreter(torch.fx.Interpreter):
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         self._inputs_seen = set()
-        return super().run(*args, **kwargs)
+        self.pending = []
+        out = super().run(*args, **kwargs)
+        if not self.defer_commit:
+            self.commit()
+        return out
+
+    def commit(self) -> None:
+        """Add the finished batch's contributions to ``collected`` (new layers' statistics included)."""
+        for container, key, stats, contribution in self.pending:
+            container.setdefault(key, stats).apply(contribution)
+        self.pending = []
+
+    def _statistics(self, container: dict[str, SiteStatistics], key: str, channels: int) -> SiteStatistics:
+        """The statistics a contribution goes to: the collected ones, this batch's new ones, or new ones."""
+        found = container.get(key)
+        if found is None:
+            found = next((stats for c, k, stats, _ in self.pending if c is container and k == key), None)
+        return found if found is not None else SiteStatistics.empty(channels)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current_node = n
@@ -374,37 +435,33 @@ class StatsInterpreter(torch.fx.Interpreter):
             self._accumulate_input(name, self.input_groups[name], self.env[self.node_by_name[name]])
         return out
 
-    def _update(self, stats: SiteStatistics, site: Site, rows: torch.Tensor, samples: int,
+    def _update(self, container: dict[str, SiteStatistics], key: str, site: Site, rows: torch.Tensor, samples: int,
                 weights: torch.Tensor | None) -> None:
-        """Add rows to ``stats``; NaN/Inf rows raise an error naming ``site`` and the batch.
+        """Stage rows for ``container[key]``; NaN/Inf rows raise an error naming ``site`` and the batch.
 
         The check comes with the products (a NaN or Inf row makes the diagonal of
         ``Yᵀ Y`` non-finite), so finite activations cost no separate pass.
         Rows of weight 0 (padding) are not checked: they add nothing.
         """
+        stats = self._statistics(container, key, rows.shape[-1])
         try:
-            stats.update(rows, samples=samples, weights=weights, product_dtype=self.product_dtype)
+            contribution = stats.contribution(rows, samples=samples, weights=weights, product_dtype=self.product_dtype)
         except NonFiniteRowsError:
             raise NonFiniteActivationError(
                 f"site {site.target!r} (node {site.node}) produced NaN/Inf on calibration batch {self.batch_index}; "
                 "check the inputs of that batch or skip the layer with skip=[...]"
             ) from None
+        self.pending.append((container, key, stats, contribution))
 
     def _accumulate_input(self, name: str, group: list[Site], x: torch.Tensor) -> None:
         x = x.detach()
-        stats = self.collected.inputs.get(name)
-        if stats is None:
-            stats = self.collected.inputs[name] = SiteStatistics.empty(group[0].in_features)
         weights = self.row_weights(group[0], x) if self.row_weights is not None else None
-        self._update(stats, group[0], x.reshape(-1, group[0].in_features), x.shape[0], weights)
+        self._update(self.collected.inputs, name, group[0], x.reshape(-1, group[0].in_features), x.shape[0], weights)
 
     def _accumulate(self, site: Site, out: torch.Tensor) -> None:
         y = out.detach()
         bias = self.biases[site.node]
         if bias is not None:
             y = y - (bias.reshape(-1, 1, 1) if site.kind == "conv2d" else bias)
-        stats = self.collected.outputs.get(site.target)
-        if stats is None:
-            stats = self.collected.outputs[site.target] = SiteStatistics.empty(site.out_features)
         weights = self.row_weights(site, y) if self.row_weights is not None else None
-        self._update(stats, site, output_rows(site, y), y.shape[0], weights)
+        self._update(self.collected.outputs, site.target, site, output_rows(site, y), y.shape[0], weights)

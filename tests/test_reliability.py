@@ -194,3 +194,202 @@ def test_always_on_dropout_is_warned_about() -> None:
 
     with pytest.warns(UserWarning, match="computes as in training even in eval mode"):
         fxdeco.prepare(Noisy())
+
+
+# ----------------------------------------------------------------------------- in-place ops without assignment
+
+
+class InPlace(nn.Module):
+    """In-place ops whose result is not assigned: they still change ``h`` for the layers after them."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.how == "clamp_":
+            h.clamp_(min=0)
+        elif self.how == "mul_":
+            h.mul_(2)
+        elif self.how == "relu-module":
+            self.act(h)
+        elif self.how == "relu_":
+            torch.relu_(h)
+        elif self.how == "functional-inplace":
+            nn.functional.relu(h, inplace=True)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["clamp_", "mul_", "relu-module", "relu_", "functional-inplace"])
+def test_unassigned_in_place_ops_survive_dead_code_elimination(how: str) -> None:
+    model = InPlace(how).eval()
+    calib = [torch.randn(64, 16) for _ in range(3)]
+    small = fxdeco.transform(model, calib, nsr_threshold=1e-8, rank_multiple=1, proportion_threshold=1.0)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        expected, got = model(x), small(x)
+    assert torch.allclose(got, expected, atol=1e-4), f"{how}: the decomposed graph lost the in-place op"
+
+
+# ----------------------------------------------------------------------------- optional None inputs
+
+
+class Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.fc(x)
+        if mask is not None:
+            h = h * mask
+        return h
+
+
+def test_optional_input_left_out_is_traced_as_none() -> None:
+    """Batches without ``mask`` used to be traced through the ``mask is not None`` branch and fail (x * None)."""
+    model = Masked()
+    small = fxdeco.transform(model, [torch.randn(16, 8) for _ in range(3)], nsr_threshold=1e-6, rank_multiple=1)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-4)
+        assert torch.allclose(small(x, mask=None), model(x), atol=1e-4)
+    with pytest.raises(AssertionError, match="'mask' was not in the calibration batches.*calibrate with batches that"):
+        small(x, torch.ones(4, 8))
+
+
+def test_optional_input_given_is_required_with_the_remedy() -> None:
+    model = Masked()
+    calib = [{"x": torch.randn(16, 8), "mask": torch.ones(16, 8)} for _ in range(3)]
+    small = fxdeco.transform(model, calib, nsr_threshold=1e-6, rank_multiple=1)
+    x, mask = torch.randn(4, 8), torch.rand(4, 8)
+    with torch.no_grad():
+        assert torch.allclose(small(x, mask), model(x, mask), atol=1e-4)
+    with pytest.raises(AssertionError, match="'mask' defaults to None but the calibration batches passed it.*leave it"):
+        small(x)
+
+
+def test_optional_input_without_example_names_the_remedy() -> None:
+    prepared = fxdeco.prepare(Masked())
+    with pytest.raises(fxdeco.CalibrationError, match=r"Input 'mask' is None in this batch.*Pass example_inputs="):
+        prepared(torch.randn(4, 8))
+
+
+# ----------------------------------------------------------------------------- too little calibration data
+
+
+def test_too_little_calibration_data_is_warned_and_reported() -> None:
+    """One sample gave rank-1 layers with a reported NSR of 0 (and 0.14 on fresh data), without a word."""
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    with pytest.warns(UserWarning, match=r"too little calibration data: 2 of 2 layers.*'0': 1 rows for full rank 32"
+                                         r".*at least 32 samples") as caught:
+        small = fxdeco.transform(model, [torch.randn(1, 32)], nsr_threshold=0.01, rank_multiple=1)
+    assert caught[0].filename == __file__, "the warning should point at the caller's line"
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert rows["0"]["calib_rows"] == 1 and "TOO LITTLE DATA" in rows["0"]["note"]
+    assert "TOO LITTLE DATA" in str(fxdeco.report(small))
+
+
+def test_enough_calibration_data_is_not_warned_about() -> None:
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = fxdeco.transform(model, [torch.randn(32, 32) for _ in range(2)], nsr_threshold=0.01)
+    assert all("TOO LITTLE" not in r["note"] for r in fxdeco.report(small).rows)
+
+
+# ----------------------------------------------------------------------------- Ctrl-C in the middle of a batch
+
+
+class InterruptAt(nn.Module):
+    """Identity that raises KeyboardInterrupt (as Ctrl-C does) on chosen calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            raise KeyboardInterrupt
+        return x
+
+
+class Interruptible(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.trap = InterruptAt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.trap(torch.relu(self.a(x))))
+
+
+def _sums(prepared: Any) -> dict[str, tuple[int, torch.Tensor]]:
+    return {name: (stats.rows, stats.sum_outer.clone()) for name, stats in prepared.statistics.items()}
+
+
+@pytest.mark.parametrize("where", ["forward", "sensitivity"])
+def test_ctrl_c_inside_a_batch_adds_nothing(where: str) -> None:
+    """An interrupt after layer 'a' was counted used to leave 'a' with one more batch than 'b' and the count."""
+    torch.manual_seed(0)
+    model = Interruptible()
+    batches = [torch.randn(32, 8) for _ in range(4)]
+    state = {"armed": False}
+
+    def output_fn(out: torch.Tensor) -> torch.Tensor:
+        if state["armed"]:
+            raise KeyboardInterrupt
+        return out
+
+    def prepare() -> Any:
+        gm = fxdeco.trace(model, leaf_modules=(InterruptAt,))
+        return fxdeco.prepare(gm, sensitivity=True, output_fn=output_fn)
+
+    prepared = fxdeco.calibrate(prepare(), batches[:2])
+    before = _sums(prepared)
+    trap = prepared.gm.get_submodule("trap")
+    trap.armed, state["armed"] = where == "forward", where == "sensitivity"
+    with pytest.raises(KeyboardInterrupt):
+        prepared(batches[2])
+    trap.armed, state["armed"] = False, False
+    assert prepared.batches == 2 and prepared.sensitivity_samples == 64
+    after = _sums(prepared)
+    for name, (rows, outer) in before.items():
+        assert after[name][0] == rows, f"layer {name!r} counted the interrupted batch"
+        assert torch.equal(after[name][1], outer)
+    # calibrating on afterwards gives exactly the statistics of the batches that went through
+    fxdeco.calibrate(prepared, batches[2:])
+    reference = fxdeco.calibrate(prepare(), batches)
+    for name, stats in reference.statistics.items():
+        assert prepared.statistics[name].rows == stats.rows
+        torch.testing.assert_close(prepared.statistics[name].sum_outer, stats.sum_outer)
+        torch.testing.assert_close(prepared.statistics[name].sensitivity, stats.sensitivity)
+
+
+def test_interrupts_deferred_finishes_the_block_then_raises() -> None:
+    import os
+    import signal
+
+    from fxdeco.interrupts import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_inputs_traced_as_their_default_survive_save_and_load(tmp_path: Any) -> None:
+    model = Masked()
+    small = fxdeco.transform(model, [torch.randn(16, 8) for _ in range(3)], nsr_threshold=1e-6, rank_multiple=1)
+    fxdeco.save(small, tmp_path)
+    loaded = fxdeco.load(tmp_path, model)
+    x = torch.randn(4, 8)
+    assert torch.equal(loaded(x), small(x))
+    with pytest.raises(AssertionError, match="'mask' was not in the calibration batches"):
+        loaded(x, torch.ones(4, 8))
