@@ -15,10 +15,12 @@ directory holding
   ``weights.safetensors`` when ``safetensors`` is importable, else ``weights.pt``
   (``torch.save``); ``plan.json`` records which.
 
-:func:`load` captures a freshly built *original* model the same way, checks the
-plan fits it (the first mismatch is named), factorizes the same layers with
-placeholder factors of the recorded shapes and loads the weights strictly, so
-the result computes exactly what the saved model computed.
+:func:`load` first checks the plan against its weights (each decomposed layer's
+rank, full rank, weight shape and conv order must be those of its factor
+tensors), then captures a freshly built *original* model the same way, checks
+the plan fits it (the first mismatch is named), factorizes the same layers
+with placeholder factors of the recorded shapes and loads the weights
+strictly, so the result computes exactly what the saved model computed.
 
 Example:
     >>> import tempfile, torch, fxdeco
@@ -51,6 +53,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
+from fxdeco.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
 from passes.chains import replace_sites_with_chains
@@ -64,7 +67,7 @@ PLAN_FILE = "plan.json"
 CONV_ORDERS = ("kxk-first", "1x1-first")
 WEIGHT_FILES = {"safetensors": "weights.safetensors", "torch": "weights.pt"}
 # Entries of gm.meta["fxdeco"] that are rebuilt from their own plan sections.
-_OWN_SECTIONS = ("decisions", "skipped", "removed", "method", "capture", "options")
+_OWN_SECTIONS = ("decisions", "skipped", "removed", "method", "capture", "constant_inputs", "options")
 # Keys the rewrite pass computes itself for node.meta["fxdeco"]; the rest is the method's metadata.
 _REWRITE_KEYS = ("target", "kind", "weight_shape", "rank", "full_rank", "params_before", "params_after")
 
@@ -78,7 +81,8 @@ class PlanFormatError(PlanError):
 
 
 class PlanMismatchError(PlanError):
-    """The plan does not fit the model it is applied to; the message names the first mismatch."""
+    """The plan does not fit the model it is applied to, or the weights saved with it; the message names the first
+    mismatch."""
 
 
 class PlanNotFoundError(FileNotFoundError):
@@ -242,6 +246,8 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
         "version": SCHEMA_VERSION,
         "method": info.get("method"),
         "capture": info.get("capture", gm.meta.get("fxdeco_capture", "graph")),
+        # inputs traced as their constant default (fxdeco.trace): load() must trace the same case
+        "constant_inputs": _jsonable(info.get("constant_inputs", {})),
         "options": _jsonable(info.get("options", {})),
         "inputs": _inputs(gm),
         "training": gm.training,
@@ -279,15 +285,33 @@ def _weights_to_save(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _replace(target: pathlib.Path, write: Any) -> None:
-    """Write through a temporary file then rename, so a crash never leaves half a file under ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+def _ordinary_mode() -> int:
+    """The permissions ``open()`` gives a new file: ``0o666`` less the process umask.
+
+    Example:
+        >>> previous = os.umask(0o022)
+        >>> oct(_ordinary_mode())
+        '0o644'
+        >>> _ = os.umask(previous)
+    """
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a saved model is an ordinary file
+    return 0o666 & ~umask
+
+
+def _replace(target: pathlib.Path, write: Any) -> None:
+    """Write through a temporary file then rename, so a crash never leaves half a file under ``target``.
+
+    Every file :func:`save` writes goes through here and ends up with ordinary
+    permissions (:func:`_ordinary_mode`), whatever ``write`` did: mkstemp
+    makes the temporary file private, and a writer may replace it with a
+    private file of its own (safetensors' ``save_file`` does).
+    """
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _ordinary_mode())  # after writing: a saved model is an ordinary file
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -437,13 +461,165 @@ def _capture(model: nn.Module, plan: dict[str, Any], example_inputs: Any) -> tor
         # convert() was given a GraphModule: re-apply to the same kind of graph
         log.info("plan captured as %r; capturing the model with capture='auto'", mode)
         mode = "auto"
-    gm = copy.deepcopy(trace(model, example_inputs, capture=mode))
+    constants = plan.get("constant_inputs")  # absent from plans saved before it was recorded
+    gm = copy.deepcopy(trace(model, example_inputs, capture=mode,
+                             constant_inputs=constants if isinstance(constants, dict) else None))
     remove_dead_sites(gm)  # as fxdeco.prepare did
     return gm
 
 
 def _shape(values: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
+
+
+def _dims(shape: Any) -> str:
+    """``(16, 64) -> '16x64'``; anything but a shape as its repr."""
+    if isinstance(shape, (list, tuple, torch.Size)):
+        return "x".join(str(d) for d in shape)
+    return repr(shape)
+
+
+def _is_count(value: Any) -> bool:
+    """A positive int (``True`` is not a rank)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def factor_shapes(kind: str, weight_shape: tuple[int, ...], rank: int,
+                  order: str = "kxk-first") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The weight shapes of the two factors of a ``kind`` layer with weight ``weight_shape`` at ``rank``.
+
+    A Linear ``(out, in)`` becomes ``(rank, in)`` then ``(out, rank)``; a Conv2d
+    ``(out, in, kh, kw)`` its kxk conv then a 1x1 conv (``order="kxk-first"``)
+    or a 1x1 conv then its kxk conv (``"1x1-first"``).
+
+    Example:
+        >>> factor_shapes("linear", (32, 64), 8)
+        ((8, 64), (32, 8))
+        >>> factor_shapes("conv2d", (32, 16, 3, 3), 8)
+        ((8, 16, 3, 3), (32, 8, 1, 1))
+        >>> factor_shapes("conv2d", (32, 16, 3, 3), 8, "1x1-first")
+        ((8, 16, 1, 1), (32, 8, 3, 3))
+    """
+    out, cin, *kernel = weight_shape
+    if kind == "linear":
+        return (rank, cin), (out, rank)
+    if order == "1x1-first":
+        return (rank, cin, 1, 1), (out, rank, *kernel)
+    return (rank, cin, *kernel), (out, rank, 1, 1)
+
+
+_NOT_TOGETHER = ("the plan and the weights do not belong together: keep plan.json with the weights file saved next "
+                 "to it, or save the model again")
+
+
+def _check_factors(plan: dict[str, Any], weights: Mapping[str, torch.Tensor]) -> None:
+    """Check the plan's decomposed layers against their factor tensors, before anything is built.
+
+    The factors in the weights file are what the saved model computed, so
+    for each decomposed layer the plan's rank (under 'sites' and under
+    'decisions', which ``fxdeco.report`` shows), full rank, weight shape
+    (out/in features, kernel), conv order, factor shapes and bias must be
+    theirs; the layer's tensors must all be there and no other tensor may
+    sit among them. Raises :class:`PlanMismatchError` naming the first
+    layer and fact that disagree (:class:`PlanFormatError` for a damaged plan).
+
+    Example:
+        >>> plan = {"weights": {"file": "weights.safetensors"}, "decisions": [{"target": "fc1", "rank": 12}],
+        ...         "sites": [{"target": "fc1", "module": "fc1", "kind": "linear", "weight_shape": [32, 64],
+        ...                    "rank": 12, "first_shape": [16, 64], "second_shape": [32, 16], "second_bias": False}]}
+        >>> _check_factors(plan, {"fc1.0.weight": torch.zeros(16, 64), "fc1.1.weight": torch.zeros(32, 16)})
+        Traceback (most recent call last):
+        ...
+        fxdeco.serialize.PlanMismatchError: layer 'fc1': plan.json says rank 12 but its factors in \
+weights.safetensors have rank 16 (first factor 16x64); the plan and the weights do not belong together: keep \
+plan.json with the weights file saved next to it, or save the model again
+    """
+    file = plan["weights"]["file"]
+    if not all(isinstance(r["target"], str) for r in plan["sites"]):
+        raise PlanFormatError(f"{PLAN_FILE}: a decomposed layer under 'sites' lacks its target; save the model again")
+    records = {r["target"]: r for r in plan["sites"]}
+    decomposed = set()
+    for d in plan["decisions"]:
+        target = d.get("target") if isinstance(d, dict) else None
+        if not isinstance(target, str):
+            raise PlanFormatError(f"{PLAN_FILE}: a decision lacks its target; save the model again")
+        if d.get("rank") is None:
+            continue
+        if target not in records:
+            raise PlanFormatError(f"{PLAN_FILE}: layer {target!r} is decomposed but has no entry in 'sites'; "
+                                  "save the model again")
+        decomposed.add(target)
+        _check_layer_factors(f"layer {target!r}", d, records[target], weights, file)
+    for target in records:
+        if target not in decomposed:
+            raise PlanMismatchError(f"layer {target!r}: {PLAN_FILE} keeps it dense (no rank under 'decisions') but "
+                                    f"lists its factors under 'sites'; the plan was edited: give the layer its rank "
+                                    "back, or save the model again")
+
+
+def _check_layer_factors(what: str, decision: dict[str, Any], record: dict[str, Any],
+                         weights: Mapping[str, torch.Tensor], file: str) -> None:
+    """One decomposed layer of :func:`_check_factors`: its plan entries against its tensors."""
+    kind, order = record["kind"], record.get("conv_order", "kxk-first")
+    if order not in CONV_ORDERS:
+        raise PlanFormatError(f"{PLAN_FILE}: {what} has conv_order {order!r}, expected one of {CONV_ORDERS}; save the "
+                              "model again")
+    if kind not in ("linear", "conv2d"):
+        raise PlanFormatError(f"{PLAN_FILE}: {what} has kind {kind!r} under 'sites', expected 'linear' or 'conv2d'; "
+                              "save the model again")
+    ndim = 2 if kind == "linear" else 4
+    weight_shape = record["weight_shape"]
+    if not isinstance(weight_shape, list) or len(weight_shape) != ndim or not all(map(_is_count, weight_shape)):
+        raise PlanFormatError(f"{PLAN_FILE}: {what} has weight_shape {weight_shape!r} under 'sites', expected {ndim} "
+                              f"positive integers for a {kind} layer; save the model again")
+    weight_shape = tuple(weight_shape)
+    module = record["module"]
+    names = [f"{module}.0.weight", f"{module}.1.weight"] + ([f"{module}.1.bias"] if record["second_bias"] else [])
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise PlanMismatchError(f"{what}: {PLAN_FILE} needs the factor tensor {missing[0]!r}, which {file} does not "
+                                f"hold; {_NOT_TOGETHER}")
+    extra = sorted(n for n in weights if n.startswith(f"{module}.") and n not in names)
+    if extra:
+        raise PlanMismatchError(f"{what}: {file} holds {extra[0]!r} among the layer's factors, which {PLAN_FILE} does "
+                                f"not expect (it expects {', '.join(names)}); {_NOT_TOGETHER}")
+    first, second = weights[names[0]], weights[names[1]]
+    if first.dim() != ndim or second.dim() != ndim:
+        raise PlanMismatchError(f"{what}: {PLAN_FILE} says a {kind} layer but its factors in {file} are "
+                                f"{_dims(first.shape)} and {_dims(second.shape)}; {_NOT_TOGETHER}")
+    rank = first.shape[0]
+    for entry in (record, decision):
+        if not _is_count(entry["rank"]):
+            raise PlanMismatchError(f"{what}: {PLAN_FILE} says rank {entry['rank']!r}, not a positive integer, but "
+                                    f"its factors in {file} have rank {rank} (first factor {_dims(first.shape)}); "
+                                    f"{_NOT_TOGETHER}")
+        if entry["rank"] != rank:
+            raise PlanMismatchError(f"{what}: {PLAN_FILE} says rank {entry['rank']} but its factors in {file} have "
+                                    f"rank {rank} (first factor {_dims(first.shape)}); {_NOT_TOGETHER}")
+    if second.shape[1] != rank:
+        raise PlanFormatError(f"{what}: its factors in {file} do not chain: the first ({_dims(first.shape)}) gives "
+                              f"{rank} channels, the second ({_dims(second.shape)}) takes {second.shape[1]}; the "
+                              "weights file is damaged: save the model again")
+    layout = f"a {kind} layer of weight {_dims(weight_shape)}" + (f" factored {order}" if kind == "conv2d" else "")
+    expected = factor_shapes(kind, weight_shape, rank, order)
+    found = (tuple(first.shape), tuple(second.shape))
+    if found != expected:
+        raise PlanMismatchError(f"{what}: {PLAN_FILE} says {layout}, whose rank-{rank} factors are "
+                                f"{_dims(expected[0])} and {_dims(expected[1])}, but its factors in {file} are "
+                                f"{_dims(found[0])} and {_dims(found[1])}; {_NOT_TOGETHER}")
+    for key, shape in (("first_shape", found[0]), ("second_shape", found[1])):
+        if record[key] != list(shape):
+            raise PlanMismatchError(f"{what}: {PLAN_FILE} says {key} {_dims(record[key])} but that factor in {file} "
+                                    f"is {_dims(shape)}; {_NOT_TOGETHER}")
+    bias = weights.get(f"{module}.1.bias")
+    if bias is not None and tuple(bias.shape) != (weight_shape[0],):
+        raise PlanFormatError(f"{what}: its bias in {file} has shape {_dims(bias.shape)}, not ({weight_shape[0]},) "
+                              "like its outputs; the weights file is damaged: save the model again")
+    full = factored_full_rank(weight_shape, kind, order)
+    for entry in (record, decision):
+        if "full_rank" in entry and entry["full_rank"] != full:  # older plans' sites lack it
+            raise PlanMismatchError(f"{what}: {PLAN_FILE} says full rank {entry['full_rank']!r} but its factors in "
+                                    f"{file} are those of {layout}, of full rank {full}; {_NOT_TOGETHER}")
 
 
 def _check_layer(what: str, site: Site | None, skipped: SkippedSite | None, kind: str, shape: tuple[int, ...]) -> None:
@@ -474,23 +650,16 @@ def _fit(plan: dict[str, Any], sites: list[Site],
     plan_targets = set()
     factors: dict[str, Factorization] = {}
     reversed_order: dict[str, dict[str, Any]] = {}
-    for d in plan["decisions"]:
-        target = d.get("target") if isinstance(d, dict) else None
-        if not isinstance(target, str):
-            raise PlanFormatError(f"{PLAN_FILE}: a decision lacks its target; save the model again")
+    for d in plan["decisions"]:  # targets, 'sites' entries and conv orders passed _check_factors
+        target = d["target"]
         plan_targets.add(target)
         what = f"layer {target!r}"
         site = by_target.get(target)
         _check_layer(what, site, skipped_by_target.get(target), d.get("kind"), _shape(d.get("weight_shape", ())))
         _check_geometry(what, site, plan["conv_geometry"].get(target))
         if d.get("rank") is not None:
-            if target not in records:
-                raise PlanFormatError(f"{PLAN_FILE}: layer {target!r} is decomposed but has no entry in 'sites'; "
-                                      "save the model again")
             record = records[target]
-            if record.get("conv_order", "kxk-first") not in CONV_ORDERS:
-                raise PlanFormatError(f"{PLAN_FILE}: layer {target!r} has conv_order {record['conv_order']!r}, "
-                                      f"expected one of {CONV_ORDERS}; save the model again")
+            _check_record(what, site, record)
             if site.kind == "conv2d" and record.get("conv_order") == "1x1-first":
                 _check_bias(what, site, record)
                 reversed_order[target] = record
@@ -502,6 +671,14 @@ def _fit(plan: dict[str, Any], sites: list[Site],
         raise PlanMismatchError(f"layer {unknown[0]!r}: the model has this layer, the plan does not know it; build "
                                 "the model the plan was made for")
     return factors, reversed_order
+
+
+def _check_record(what: str, site: Site, record: dict[str, Any]) -> None:
+    """The layer's 'sites' entry (checked against the weights) describes the model's layer too."""
+    if record["kind"] != site.kind or tuple(record["weight_shape"]) != site.weight_shape:
+        raise PlanMismatchError(f"{what}: {PLAN_FILE} lists factors (under 'sites') for a {record['kind']} weight of "
+                                f"shape {_dims(record['weight_shape'])}, the model's layer is a {site.kind} of shape "
+                                f"{_dims(site.weight_shape)}; the plan was edited: save the model again")
 
 
 def _check_geometry(what: str, site: Site, recorded: dict[str, Any] | None) -> None:
@@ -605,6 +782,7 @@ def _restore_meta(gm: torch.fx.GraphModule, plan: dict[str, Any]) -> None:
         raise PlanFormatError(f"{PLAN_FILE}: a decision or skipped layer is malformed ({exc}); save the model "
                               "again") from exc
     gm.meta["fxdeco"] = {**plan["totals"], "method": plan.get("method"), "capture": plan["capture"],
+                         "constant_inputs": dict(plan.get("constant_inputs") or {}),
                          "options": plan["options"], "decisions": decisions, "skipped": skipped,
                          "removed": list(plan["removed"])}
 
@@ -617,7 +795,10 @@ def load(path: str | os.PathLike, model: nn.Module, *, example_inputs: Any = Non
     checked against the plan (:class:`PlanMismatchError` names the first layer
     or tensor that does not fit), factorized with the recorded shapes, and
     given the saved weights, so the result computes bit-exactly what the saved
-    GraphModule did. ``model`` itself is not modified.
+    GraphModule did. Before any of that the plan is checked against its
+    weights: a plan whose ranks or shapes are not those of its factor tensors
+    (edited by hand, or paired with another save's weights) is refused.
+    ``model`` itself is never modified, whether the load succeeds or fails.
 
     Example:
         >>> import tempfile, torch, fxdeco
@@ -635,14 +816,14 @@ is (6, 8); build the model with the configuration the plan was made for
                         f"{type(model).__name__}")
     folder = _directory(path)
     plan = read_plan(folder)
-    weights_file = _weights_file(folder, plan)  # before the (slow) capture
-    gm = _capture(model, plan, example_inputs)
+    weights = _read_weights(_weights_file(folder, plan), plan["weights"]["format"])
+    _check_factors(plan, weights)  # before the (slow) capture: nothing is built from a plan its weights contradict
+    gm = _capture(model, plan, example_inputs)  # a private copy: whatever fails below, model stays as it was
     sites, skipped = find_sites(gm)
     factors, reversed_order = _fit(plan, sites, skipped)
     new = _chains(factorize_sites(gm, sites, factors), sites, reversed_order)
     new.delete_all_unused_submodules()
     _check_modules(new, plan)
-    weights = _read_weights(weights_file, plan["weights"]["format"])
     _check_weights(new, weights)
     new.load_state_dict(weights, strict=True)
     _restore_meta(new, plan)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from torch import nn
 
 import fxdeco
 import fxdeco.serialize as serialize
+from fxdeco import lockd
 from fxdeco.serialize import PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -335,3 +338,227 @@ def test_only_decomposed_graphs_can_be_saved(tmp_path: pathlib.Path) -> None:
     with pytest.raises(TypeError, match="GraphModule"):
         save(ConvNet(), tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ a plan that does not match its weights
+
+
+class Mlp(nn.Module):
+    """Two Linears with biases; ``fc1`` sees rank-4 inputs and decomposes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def one_by_one_first_convs() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2, padding=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def mlp_saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.fx.GraphModule, pathlib.Path]:
+    torch.manual_seed(0)
+    data = [torch.randn(64, 4) @ torch.randn(4, 64) for _ in range(2)]
+    small = fxdeco.transform(built(Mlp, 0), data, capture="symbolic", nsr_threshold=0.01).eval()
+    return small, save(small, tmp_path_factory.mktemp("mlp") / "saved")
+
+
+@pytest.fixture(scope="module")
+def lockd_saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.fx.GraphModule, pathlib.Path]:
+    """Two 3x3 convs factored 1x1-first (lockd's default order), a quarter of their channels kept."""
+    torch.manual_seed(0)
+    gm = lockd.prepare(one_by_one_first_convs(), conv_order="1x1-first")
+    with torch.no_grad():
+        for branch in lockd.branches(gm).values():
+            branch.gate.logits[max(1, branch.rank // 4):] = -1.0
+    small = lockd.finalize(gm)
+    return small, save(small, tmp_path_factory.mktemp("lockd") / "saved")
+
+
+def site(folder: pathlib.Path, target: str) -> dict[str, Any]:
+    """The 'sites' entry of layer ``target`` in the plan saved in ``folder``."""
+    return next(s for s in json.loads((folder / "plan.json").read_text())["sites"] if s["target"] == target)
+
+
+def setting(target: str, sections: tuple[str, ...] = ("sites", "decisions"), **facts: Any) -> Callable[[str], str]:
+    """An ``edited_copy`` edit giving layer ``target`` new ``facts`` under the plan's ``sections``."""
+    def edit(text: str) -> str:
+        plan = json.loads(text)
+        for section in sections:
+            entry = next(e for e in plan[section] if e["target"] == target)
+            entry.update(facts)
+        return json.dumps(plan)
+    return edit
+
+
+def with_weights(folder: pathlib.Path, tmp_path: pathlib.Path, edit: Callable[[dict], None]) -> pathlib.Path:
+    """A copy of a saved directory whose weights went through ``edit(tensors)`` (in place)."""
+    import safetensors.torch
+
+    copy = edited_copy(folder, tmp_path, lambda text: text)
+    tensors = safetensors.torch.load_file(copy / "weights.safetensors")
+    edit(tensors)
+    safetensors.torch.save_file(tensors, copy / "weights.safetensors")
+    return copy
+
+
+def refused(folder: pathlib.Path, model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The message of load()'s PlanMismatchError, which must come before the model is captured and leave it alone."""
+    monkeypatch.setattr(serialize, "_capture", lambda *args, **kwargs: pytest.fail(
+        "load() captured the model before checking the plan against its weights"))
+    model.train()  # a load that switched modes, or touched a tensor, would show
+    before = state(model)
+    with pytest.raises(PlanMismatchError) as caught:
+        load(folder, model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(m.training for m in model.modules())
+    return str(caught.value)
+
+
+NOT_TOGETHER = "the plan and the weights do not belong together"
+
+
+@pytest.mark.parametrize("delta, sections", [
+    (+4, ("sites", "decisions")), (-1, ("sites", "decisions")), (+1, ("decisions",)), (-2, ("sites",)),
+], ids=["up", "down", "up-where-the-report-reads-it", "down-in-sites-only"])
+def test_a_linear_rank_edited_in_plan_json_is_refused(mlp_saved, tmp_path: pathlib.Path, monkeypatch,
+                                                      delta, sections) -> None:
+    small, folder = mlp_saved
+    rank = site(folder, "fc1")["rank"]
+    assert rank >= 3 and fxdeco.report(load(folder, Mlp())).rows[0]["rank"] == rank
+    edited = edited_copy(folder, tmp_path, setting("fc1", sections, rank=rank + delta))
+
+    message = refused(edited, Mlp(), monkeypatch)
+
+    assert message.startswith(f"layer 'fc1': plan.json says rank {rank + delta} but its factors in "
+                              f"weights.safetensors have rank {rank} (first factor {rank}x64); {NOT_TOGETHER}")
+
+
+def test_a_rank_edited_with_its_factor_shapes_is_still_refused(mlp_saved, tmp_path: pathlib.Path,
+                                                               monkeypatch) -> None:
+    _, folder = mlp_saved
+    rank = site(folder, "fc1")["rank"]
+    edit = setting("fc1", rank=rank + 2)
+    edited = edited_copy(folder, tmp_path, lambda text: setting("fc1", ("sites",), first_shape=[rank + 2, 64],
+                                                                second_shape=[32, rank + 2])(edit(text)))
+    assert refused(edited, Mlp(), monkeypatch).startswith(f"layer 'fc1': plan.json says rank {rank + 2} but its "
+                                                          f"factors in weights.safetensors have rank {rank}")
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True])
+def test_a_rank_that_is_not_a_positive_integer_is_refused(mlp_saved, tmp_path: pathlib.Path, monkeypatch,
+                                                          rank) -> None:
+    _, folder = mlp_saved
+    saved = site(folder, "fc1")["rank"]
+    message = refused(edited_copy(folder, tmp_path, setting("fc1", rank=rank)), Mlp(), monkeypatch)
+    assert message.startswith(f"layer 'fc1': plan.json says rank {rank!r}, not a positive integer, but its factors "
+                              f"in weights.safetensors have rank {saved}")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("fc1.0.weight"), "plan.json needs the factor tensor 'fc1.0.weight', which weights.safetensors "
+                                      "does not hold"),
+    (lambda t: t.pop("fc1.1.weight"), "plan.json needs the factor tensor 'fc1.1.weight'"),
+    (lambda t: t.pop("fc1.1.bias"), "plan.json needs the factor tensor 'fc1.1.bias'"),
+    (lambda t: t.update({"fc1.0.bias": torch.zeros(len(t["fc1.0.weight"]))}),
+     "weights.safetensors holds 'fc1.0.bias' among the layer's factors, which plan.json does not expect (it expects "
+     "fc1.0.weight, fc1.1.weight, fc1.1.bias)"),
+    (lambda t: t.update({"fc1.2.weight": torch.zeros(8, 32)}), "weights.safetensors holds 'fc1.2.weight'"),
+], ids=["first-factor-removed", "second-factor-removed", "bias-removed", "extra-bias", "third-factor"])
+def test_missing_or_extra_factor_tensors_are_refused(mlp_saved, tmp_path: pathlib.Path, monkeypatch,
+                                                     edit, message) -> None:
+    message_found = refused(with_weights(mlp_saved[1], tmp_path, edit), Mlp(), monkeypatch)
+    assert message_found.startswith(f"layer 'fc1': {message}") and NOT_TOGETHER in message_found
+
+
+def test_a_layer_the_plan_keeps_dense_but_whose_factors_it_lists_is_refused(mlp_saved, tmp_path: pathlib.Path,
+                                                                           monkeypatch) -> None:
+    edited = edited_copy(mlp_saved[1], tmp_path, setting("fc1", ("decisions",), rank=None))
+    assert refused(edited, Mlp(), monkeypatch).startswith(
+        "layer 'fc1': plan.json keeps it dense (no rank under 'decisions') but lists its factors under 'sites'")
+
+
+@pytest.mark.parametrize("facts, sections, message", [
+    (lambda r: {"rank": r + 1}, ("sites", "decisions"),
+     lambda r: f"plan.json says rank {r + 1} but its factors in weights.safetensors have rank {r} (first factor "
+               f"{r}x3x3x3)"),
+    (lambda r: {"conv_order": "1x1-first"}, ("sites",),
+     lambda r: f"plan.json says a conv2d layer of weight 16x3x3x3 factored 1x1-first, whose rank-{r} factors are "
+               f"{r}x3x1x1 and 16x{r}x3x3, but its factors in weights.safetensors are {r}x3x3x3 and 16x{r}x1x1"),
+    (lambda r: {"weight_shape": [16, 3, 5, 5]}, ("sites", "decisions"),
+     lambda r: f"plan.json says a conv2d layer of weight 16x3x5x5 factored kxk-first, whose rank-{r} factors are "
+               f"{r}x3x5x5 and 16x{r}x1x1, but its factors in weights.safetensors are {r}x3x3x3 and 16x{r}x1x1"),
+    (lambda r: {"weight_shape": [24, 3, 3, 3]}, ("sites",),
+     lambda r: f"plan.json says a conv2d layer of weight 24x3x3x3 factored kxk-first, whose rank-{r} factors are "
+               f"{r}x3x3x3 and 24x{r}x1x1, but"),
+    (lambda r: {"full_rank": 12}, ("decisions",),
+     lambda r: "plan.json says full rank 12 but its factors in weights.safetensors are those of a conv2d layer of "
+               "weight 16x3x3x3 factored kxk-first, of full rank 16"),
+    (lambda r: {"first_shape": [r, 3, 3, 1]}, ("sites",),
+     lambda r: f"plan.json says first_shape {r}x3x3x1 but that factor in weights.safetensors is {r}x3x3x3"),
+], ids=["rank", "conv-order", "kernel", "out-channels", "full-rank", "first-shape"])
+def test_an_edited_conv_fact_is_refused(cnn_saved, tmp_path: pathlib.Path, monkeypatch,
+                                        facts, sections, message) -> None:
+    _, folder = cnn_saved
+    rank = site(folder, "c1")["rank"]
+    edited = edited_copy(folder, tmp_path, setting("c1", sections, **facts(rank)))
+    assert refused(edited, ConvNet(), monkeypatch).startswith(f"layer 'c1': {message(rank)}")
+
+
+def test_one_by_one_first_convs_are_checked_in_their_own_order(lockd_saved, tmp_path: pathlib.Path,
+                                                               monkeypatch) -> None:
+    small, folder = lockd_saved
+    record = site(folder, "2")
+    rank = record["rank"]
+    assert record["conv_order"] == "1x1-first" and record["first_shape"] == [rank, 16, 1, 1]
+    assert record["full_rank"] == 16  # the 1x1-first order's full rank, above min(out, in * kh * kw) = 8
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(load(folder, one_by_one_first_convs())(x), small(x))
+
+    swapped = edited_copy(folder, tmp_path, setting("2", ("sites",), conv_order="kxk-first"))
+    assert refused(swapped, one_by_one_first_convs(), monkeypatch).startswith(
+        f"layer '2': plan.json says a conv2d layer of weight 8x16x3x3 factored kxk-first, whose rank-{rank} factors "
+        f"are {rank}x16x3x3 and 8x{rank}x1x1, but its factors in weights.safetensors are {rank}x16x1x1 and "
+        f"8x{rank}x3x3")
+    (tmp_path / "rank").mkdir()
+    fewer = edited_copy(folder, tmp_path / "rank", setting("2", rank=rank - 1))
+    assert refused(fewer, one_by_one_first_convs(), monkeypatch).startswith(
+        f"layer '2': plan.json says rank {rank - 1} but its factors in weights.safetensors have rank {rank} "
+        f"(first factor {rank}x16x1x1)")
+
+
+def test_a_failed_load_after_the_capture_leaves_the_model_alone(cnn_saved, tmp_path: pathlib.Path) -> None:
+    _, folder = cnn_saved
+    fresh = ConvNet(padding=0).train()  # the plan fits its weights, not this model's padding
+    before = state(fresh)
+    with pytest.raises(PlanMismatchError, match="layer 'c1': the plan's convolution has"):
+        load(folder, fresh)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
+    assert all(m.training for m in fresh.modules())
+    assert type(fresh.c1) is nn.Conv2d and type(fresh.fc) is nn.Linear
+
+
+# ------------------------------------------------------------------ permissions
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o007, 0o660)], ids=["umask-022", "umask-007"])
+def test_saved_files_get_ordinary_permissions(cnn_saved, tmp_path: pathlib.Path, monkeypatch,
+                                              fmt, umask, mode) -> None:
+    small, _ = cnn_saved
+    if fmt == "torch":
+        monkeypatch.setattr(serialize, "_safetensors", lambda: None)
+    previous = os.umask(umask)
+    try:
+        folder = save(small, tmp_path / "saved")
+        first = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        save(small, folder)  # replacing the files of an earlier save
+        second = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    finally:
+        os.umask(previous)
+    assert first == second == {"plan.json": mode, serialize.WEIGHT_FILES[fmt]: mode}
