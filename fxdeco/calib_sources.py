@@ -1,9 +1,17 @@
 """Calibration data named on the command line: an image folder, Fashion-MNIST, a text file, or ``random``.
 
 :func:`load_calibration` returns the batches with a one-line description that
-the CLI prints and stores in its report. ``random`` is Gaussian noise (images)
-or uniform token ids (text); its description says so in capitals, because
-ranks chosen on noise say little about how the model behaves on real data.
+the CLI prints and stores in its report. ``random`` is Gaussian noise (images,
+or float32 tensors of a given per-sample shape for models that do not take
+images) or uniform token ids (text); its description says so in capitals, and
+names the dtype and shape fed, because ranks chosen on noise say little about
+how the model behaves on real data.
+
+Random data for a factory model that is not an image model takes the shape of
+``input_shape`` (``--input-shape``), else the shape the model declares or
+implies (:attr:`BuiltModel.input_shape`). :func:`check_first_batch` runs the
+first batch through the model before anything slow, so that a shape that does
+not fit fails at once, naming the shape fed and the option that changes it.
 
 Images are scaled to [0, 1], given the channels the model's first convolution
 expects (grey repeated to RGB, RGB averaged to grey), resized (shorter side,
@@ -20,7 +28,12 @@ Example:
     >>> len(calib.batches), tuple(calib.batches[0].shape), calib.random
     (2, (4, 3, 32, 32), True)
     >>> calib.description
-    'RANDOM DATA (Gaussian noise, not real inputs): 2 batches of 4 images 3x32x32'
+    'RANDOM DATA (Gaussian noise, not real inputs): 2 batches of 4 images 3x32x32, fed as float32 tensors of \
+shape (4, 3, 32, 32)'
+    >>> mlp = BuiltModel(ModelSpec("f.py:make", "file", "f.py", "make"), torch.nn.Linear(32, 4))
+    >>> load_calibration("random", mlp, batches=2, batch_size=4, input_shape=(32,)).description
+    'RANDOM DATA (Gaussian noise, not real inputs): 2 batches of 4 samples of shape 32 (--input-shape), fed as \
+float32 tensors of shape (4, 32)'
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_IMAGE_SIZE = 224
 USAGE = "give an image folder, fashion-mnist[:DIR], a text file (hf: models) or random"
+SHAPE_HINT = "set the shape of one random sample (no batch dimension) with --input-shape, e.g. --input-shape 32 " \
+             "or --input-shape 3,224,224"
 
 
 class CalibrationSourceError(ValueError):
@@ -60,10 +75,36 @@ class Calibration:
     random: bool
     batches: list[Any]
     stat_mask_fn: Callable[[Any], torch.Tensor] | None = None
+    kind: str = "image"  # image, tensor (random data of a given shape) or text
 
     def example(self) -> Any:
         """The first batch: the example input of a model that must be captured with ``torch.export``."""
         return self.batches[0]
+
+    @property
+    def fed(self) -> str:
+        """What the model is fed, batch dimension included (:func:`describe_batch` of the first batch)."""
+        return describe_batch(self.example())
+
+
+def _dims(shape: Any) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def describe_batch(batch: Any) -> str:
+    """The dtype and shape of a calibration batch, for messages and reports.
+
+    Example:
+        >>> describe_batch(torch.zeros(4, 32))
+        'float32 tensors of shape (4, 32)'
+        >>> describe_batch({"input_ids": torch.zeros(2, 8, dtype=torch.long)})
+        'input_ids: int64 tensors of shape (2, 8)'
+    """
+    if isinstance(batch, torch.Tensor):
+        return f"{str(batch.dtype).removeprefix('torch.')} tensors of shape {tuple(batch.shape)}"
+    if isinstance(batch, dict):
+        return ", ".join(f"{key}: {describe_batch(value)}" for key, value in batch.items())
+    return type(batch).__name__
 
 
 def _fit_images(images: torch.Tensor, built: BuiltModel, size: int, mean: Any, std: Any) -> torch.Tensor:
@@ -109,8 +150,16 @@ def _random_images(built: BuiltModel, batches: int, batch_size: int, size: int, 
     channels = built.channels or 3
     data = [torch.randn(batch_size, channels, size, size, generator=generator) for _ in range(batches)]
     text = f"RANDOM DATA (Gaussian noise, not real inputs): {batches} batches of {batch_size} images " \
-           f"{channels}x{size}x{size}"
+           f"{channels}x{size}x{size}, fed as {describe_batch(data[0])}"
     return Calibration("random", text, True, data)
+
+
+def _random_tensors(batches: int, batch_size: int, shape: tuple[int, ...], origin: str, generator: torch.Generator
+                    ) -> Calibration:
+    data = [torch.randn(batch_size, *shape, generator=generator) for _ in range(batches)]
+    text = f"RANDOM DATA (Gaussian noise, not real inputs): {batches} batches of {batch_size} samples of shape " \
+           f"{_dims(shape)} ({origin}), fed as {describe_batch(data[0])}"
+    return Calibration("random", text, True, data, kind="tensor")
 
 
 def _random_tokens(built: BuiltModel, batches: int, batch_size: int, length: int, generator: torch.Generator
@@ -120,8 +169,8 @@ def _random_tokens(built: BuiltModel, batches: int, batch_size: int, length: int
     data = [{"input_ids": torch.randint(0, built.vocab_size, (batch_size, length), generator=generator),
              "attention_mask": torch.ones(batch_size, length, dtype=torch.long)} for _ in range(batches)]
     text = f"RANDOM DATA (uniform token ids, not real text): {batches} batches of {batch_size} sequences " \
-           f"of {length} tokens"
-    return Calibration("random", text, True, data)
+           f"of {length} tokens, fed as {describe_batch(data[0])}"
+    return Calibration("random", text, True, data, kind="text")
 
 
 def _read_idx(path: pathlib.Path) -> torch.Tensor:
@@ -191,7 +240,7 @@ def _text_file(file: pathlib.Path, built: BuiltModel, batches: int, batch_size: 
                         return_tensors="pt")
         data.append(dict(enc))
     text = f"{len(lines)} lines of {file} in {len(data)} batches (at most {max_length} tokens each)"
-    return Calibration(str(file), text, False, data, stat_mask_fn=attention_mask)
+    return Calibration(str(file), text, False, data, stat_mask_fn=attention_mask, kind="text")
 
 
 def attention_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -217,13 +266,17 @@ def tokenizer_for(built: BuiltModel) -> Any:
 
 
 def load_calibration(source: str, built: BuiltModel, *, batches: int = 8, batch_size: int = 16,
-                     image_size: int | None = None, max_length: int = 128, seed: int = 0) -> Calibration:
+                     image_size: int | None = None, max_length: int = 128, seed: int = 0,
+                     input_shape: tuple[int, ...] | None = None) -> Calibration:
     """Read ``source`` (``random``, ``fashion-mnist[:DIR]``, an image folder or a text file) for ``built``.
 
     ``image_size`` defaults to the model's native size (torchvision 224, timm's
     ``pretrained_cfg``), else 28 for Fashion-MNIST and 224 otherwise.
     ``max_length`` is in tokens (text models). ``seed`` fixes random data and
-    which samples are taken.
+    which samples are taken. ``input_shape`` (``random`` only) is the shape of
+    one sample, batch dimension excluded, for models that do not take images;
+    without it and without ``image_size``, random data takes
+    ``built.input_shape`` when the model has one, else it is images.
 
     Example:
         >>> import torch
@@ -237,10 +290,26 @@ folder, fashion-mnist[:DIR], a text file (hf: models) or random
     """
     if batches < 1 or batch_size < 1:
         raise CalibrationSourceError(f"--batches and --batch-size must be at least 1, got {batches} and {batch_size}")
+    if input_shape is not None:
+        if source != "random":
+            raise CalibrationSourceError(f"--input-shape sets the shape of random data; {source!r} brings its own "
+                                         "inputs: give --calib random or drop --input-shape")
+        if built.spec.takes_text:
+            raise CalibrationSourceError(f"{built.spec.text} takes token ids: size its random data with --max-length, "
+                                         "not --input-shape")
+        if image_size is not None:
+            raise CalibrationSourceError("give --input-shape or --image-size, not both")
+        if not input_shape or any(d < 1 for d in input_shape):
+            raise CalibrationSourceError(f"--input-shape must be positive sizes, got {_dims(input_shape) or 'none'}")
     generator = torch.Generator().manual_seed(seed)
     if source == "random":
         if built.spec.takes_text:
             return _random_tokens(built, batches, batch_size, max_length, generator)
+        if input_shape is not None:
+            return _random_tensors(batches, batch_size, tuple(input_shape), "--input-shape", generator)
+        if image_size is None and built.input_shape is not None:
+            return _random_tensors(batches, batch_size, built.input_shape,
+                                   f"{built.input_shape_origin or 'the model'}; change with --input-shape", generator)
         return _random_images(built, batches, batch_size, image_size or built.image_size or DEFAULT_IMAGE_SIZE,
                               generator)
     if built.spec.takes_text and source.startswith("fashion-mnist"):
@@ -260,6 +329,44 @@ folder, fashion-mnist[:DIR], a text file (hf: models) or random
     raise CalibrationSourceError(f"calibration source {source!r} not found: {USAGE}")
 
 
+def check_first_batch(built: BuiltModel, calib: Calibration) -> None:
+    """Run the first batch through the model once (no gradients): inputs that do not fit fail here, in one line.
+
+    Otherwise a wrong input shape surfaces deep inside the decomposition, as a
+    matrix or convolution shape error, after the model has been captured.
+
+    Example:
+        >>> from fxdeco.model_specs import BuiltModel, ModelSpec
+        >>> built = BuiltModel(ModelSpec("f.py:make", "file", "f.py", "make"), torch.nn.Linear(32, 8))
+        >>> check_first_batch(built, load_calibration("random", built, batches=1, batch_size=4, input_shape=(32,)))
+        >>> check_first_batch(built, load_calibration("random", built, batches=1, batch_size=4, input_shape=(16,)))
+        Traceback (most recent call last):
+        ...
+        fxdeco.calib_sources.CalibrationSourceError: the model fails on the first calibration batch, float32 \
+tensors of shape (4, 16) (random data): RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x16 and 32x8); set \
+the shape of one random sample (no batch dimension) with --input-shape, e.g. --input-shape 32 or --input-shape \
+3,224,224
+    """
+    from fxdeco.batches import as_call
+
+    args, kwargs = as_call(calib.example())
+    try:
+        with torch.no_grad():
+            built.model(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the input not fitting, or the model itself
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if calib.random and calib.kind != "text":
+            hint = SHAPE_HINT
+        elif calib.kind == "image":
+            hint = "the source gives images: check --image-size, or calibrate a model that does not take images " \
+                   "with --calib random --input-shape SHAPE"
+        else:
+            hint = "check that the model takes the tokenizer's outputs as keyword arguments"
+        origin = "random data" if calib.random else calib.source
+        raise CalibrationSourceError(f"the model fails on the first calibration batch, {calib.fed} ({origin}): "
+                                     f"{type(exc).__name__}: {first}; {hint}") from exc
+
+
 def example_batch(built: BuiltModel, info: dict[str, Any]) -> Any:
     """A small input of the recorded kind and size (``info`` from :func:`input_info`), to capture a model again.
 
@@ -269,9 +376,11 @@ def example_batch(built: BuiltModel, info: dict[str, Any]) -> Any:
         >>> built = BuiltModel(ModelSpec("f.py:make", "file", "f.py", "make"), torch.nn.Conv2d(1, 4, 3), channels=1)
         >>> tuple(example_batch(built, {"kind": "image", "shape": [1, 28, 28]}).shape)
         (2, 1, 28, 28)
+        >>> example_batch(built, {"kind": "tensor", "shape": [32], "dtype": "float32"}).shape
+        torch.Size([2, 32])
     """
-    if info["kind"] == "image":
-        return torch.zeros(2, *info["shape"])
+    if info["kind"] in ("image", "tensor"):
+        return torch.zeros(2, *info["shape"], dtype=getattr(torch, info.get("dtype", "float32")))
     # Two sequences of two or more tokens: torch.export would fix dimensions of size 1.
     length = max(2, int(info["length"]))
     return {key: torch.ones(2, length, dtype=torch.long) for key in info["keys"]}
@@ -282,9 +391,10 @@ def input_info(calib: Calibration) -> dict[str, Any]:
 
     Example:
         >>> input_info(Calibration("random", "", True, [torch.zeros(4, 3, 8, 8)]))
-        {'kind': 'image', 'shape': [3, 8, 8]}
+        {'kind': 'image', 'shape': [3, 8, 8], 'dtype': 'float32'}
     """
     first = calib.example()
     if isinstance(first, torch.Tensor):
-        return {"kind": "image", "shape": list(first.shape[1:])}
+        return {"kind": "tensor" if calib.kind == "tensor" else "image", "shape": list(first.shape[1:]),
+                "dtype": str(first.dtype).removeprefix("torch.")}
     return {"kind": "text", "keys": sorted(first), "length": int(first["input_ids"].shape[1])}

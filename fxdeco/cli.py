@@ -10,8 +10,19 @@ traceback only with ``--debug``).
 * ``report.txt`` and ``report.json``: the per-layer table and totals, with the
   model and the calibration data named (random data is labelled as such);
 * ``graph.html`` (before/after) and ``graph.dot`` (:func:`fxdeco.dump.dump`);
-* ``cli.json``: the model spec and input size, so ``fxdeco dump DIR`` can
-  rebuild the model and draw the graphs again.
+* ``cli.json``: the model spec and input (kind, per-sample shape, dtype), so
+  ``fxdeco dump DIR`` can rebuild the model and draw the graphs again.
+
+``--calib random`` feeds images unless the model is not an image model:
+``--input-shape 32`` (or ``3,224,224``: one sample, no batch dimension) sets
+the shape of the noise, and a factory model may declare it
+(:mod:`fxdeco.model_specs`). What was fed (dtype and shape) is printed and
+recorded; the first batch is run through the model before anything slow, so a
+shape that does not fit fails at once.
+
+This module imports nothing heavy at import time: ``report``, ``--help`` and
+usage errors do not need torch, so ``decompose``, ``dump`` and ``demo`` import
+torch and the rest of fxdeco when they run.
 """
 
 from __future__ import annotations
@@ -36,12 +47,24 @@ class CLIError(Exception):
     """A failure with a message meant for the user as it is (no exception type in front)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message says it all; others are shown with their type."""
-    from fxdeco.calib_sources import CalibrationSourceError
-    from fxdeco.model_specs import ModelSpecError
+# Modules whose errors have messages that say it all; looked up only if already imported (they import torch).
+_USER_ERRORS = (("fxdeco.model_specs", "ModelSpecError"), ("fxdeco.calib_sources", "CalibrationSourceError"))
 
-    return CLIError, ModelSpecError, CalibrationSourceError
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc``'s message says it all (others are shown with their type), without importing torch.
+
+    Example:
+        >>> _is_user_error(CLIError("no such directory")), _is_user_error(KeyError("x"))
+        (True, False)
+    """
+    if isinstance(exc, CLIError):
+        return True
+    for module, name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- demo
@@ -113,7 +136,7 @@ def _decompose(args: argparse.Namespace) -> int:
     import torch
 
     import fxdeco
-    from fxdeco.calib_sources import input_info, load_calibration
+    from fxdeco.calib_sources import check_first_batch, input_info, load_calibration
     from fxdeco.model_specs import build_model, describe_weights, parse_model_spec
     from fxdeco.serialize import save
 
@@ -122,9 +145,14 @@ def _decompose(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # random weights, when the model has them, are reproducible
     built = build_model(spec)
     calib = load_calibration(args.calib, built, batches=args.batches, batch_size=args.batch_size,
-                             image_size=args.image_size, max_length=args.max_length, seed=args.seed)
+                             image_size=args.image_size, max_length=args.max_length, seed=args.seed,
+                             input_shape=args.input_shape)
     if calib.random:
-        log.warning("calibrating on random data: the ranks reflect noise statistics, not your data")
+        log.warning("calibrating on random data (%s): the ranks reflect noise statistics, not your data",
+                    calib.fed)
+    else:
+        log.info("calibration batches: %s", calib.fed)
+    check_first_batch(built, calib)  # a shape that does not fit fails now, not deep inside the decomposition
     options = _method_options(args)
     gm = fxdeco.transform(built.model, calib.batches, method=args.method, capture=args.capture,
                           stat_mask_fn=calib.stat_mask_fn, show_progress=args.progress, **options)
@@ -223,7 +251,35 @@ def _positive(text: str) -> int:
     return value
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    """A per-sample shape: positive sizes separated by commas (or x), batch dimension excluded.
+
+    Example:
+        >>> _shape("32"), _shape("3,224,224"), _shape("3x32x32")
+        ((32,), (3, 224, 224), (3, 32, 32))
+    """
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid shape: {text!r}; write sizes separated by commas, e.g. 32 or "
+                                         "3,224,224 (one sample, no batch dimension)") from None
+    if any(size < 1 for size in shape):
+        raise argparse.ArgumentTypeError(f"sizes must be at least 1, got {text}")
+    return shape
+
+
 FORMATS = ("dot", "svg", "html")
+
+
+def _check_decompose(args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) of decompose options that parse alone but not together."""
+    if args.input_shape is None:
+        return
+    if args.calib != "random":
+        args.parser.error(f"--input-shape sets the shape of random data; --calib {args.calib} brings its own inputs")
+    if args.image_size is not None:
+        args.parser.error("give --input-shape or --image-size, not both")
 
 
 def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -235,7 +291,8 @@ def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
                "hf:DIR (a local Hugging Face model directory; offline), or path/to/file.py:FACTORY (a function "
                "returning an nn.Module). SOURCE: an image folder, fashion-mnist[:DIR] (default "
                "/usr/share/datasets/fashion-mnist), a text file (hf: models; tokenized with the model's tokenizer), "
-               "or random (noise: labelled as RANDOM DATA in the output and report). Example: fxdeco decompose "
+               "or random (noise: labelled as RANDOM DATA in the output and report; images, or tensors of "
+               "--input-shape for models that do not take images). Example: fxdeco decompose "
                "torchvision:resnet18 --keep-params 0.6 --calib fashion-mnist --out r18")
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, hf:DIR or path/to/file.py:FACTORY")
     p.add_argument("--method", default="falor", choices=["falor"], help="decomposition method (default falor)")
@@ -252,6 +309,10 @@ def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=16, metavar="B", help="samples per batch (default 16)")
     p.add_argument("--image-size", type=_positive, metavar="S",
                    help="image side in pixels (default: the model's, else 28 for Fashion-MNIST and 224 otherwise)")
+    p.add_argument("--input-shape", type=_shape, metavar="SHAPE",
+                   help="--calib random only: shape of one sample, batch dimension excluded, e.g. 32 for an MLP "
+                        "or 3,224,224 (default: what a FILE.py model declares as example_input_shape, the "
+                        "in_features of its first layer if that is an nn.Linear, else images)")
     p.add_argument("--max-length", type=_positive, default=128, metavar="L",
                    help="tokens per text sample at most (hf: models; default 128)")
     p.add_argument("--weights", metavar="FILE", help="state_dict file (.pt/.pth or .safetensors) to load first")
@@ -264,7 +325,7 @@ def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="graph dumps to write: dot, svg, html (default: html dot)")
     p.add_argument("--progress", action="store_true", default=None, help="show progress bars")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (created if absent)")
-    p.set_defaults(func=_decompose)
+    p.set_defaults(func=_decompose, check=_check_decompose, parser=p)
 
 
 def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -273,11 +334,15 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
                           description="Decompose the pretrained all-MiniLM-L6-v2 sentence encoder with falor, "
                                       "calibrated and evaluated on disjoint sentences from the Python standard "
                                       "library's docstrings.")
-    demo.add_argument("--nsr-threshold", type=float, default=0.02, help="per-layer output NSR bound (default 0.02)")
-    demo.add_argument("--calib-sentences", type=int, default=512, help="calibration sentences (default 512)")
-    demo.add_argument("--eval-sentences", type=int, default=512, help="evaluation sentences (default 512)")
-    demo.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
-    demo.add_argument("--max-length", type=int, default=64, help="tokens per sentence at most (default 64)")
+    demo.add_argument("--nsr-threshold", type=_fraction, default=0.02, metavar="F",
+                      help="per-layer output NSR bound, in (0, 1] (default 0.02)")
+    demo.add_argument("--calib-sentences", type=_positive, default=512, metavar="N",
+                      help="calibration sentences (default 512)")
+    demo.add_argument("--eval-sentences", type=_positive, default=512, metavar="N",
+                      help="evaluation sentences (default 512)")
+    demo.add_argument("--batch-size", type=_positive, default=32, metavar="B", help="sentences per batch (default 32)")
+    demo.add_argument("--max-length", type=_positive, default=64, metavar="L",
+                      help="tokens per sentence at most (default 64)")
     demo.add_argument("--no-stat-mask", action="store_true",
                       help="count padding tokens in the layers' statistics (default: masked out by the attention mask)")
     demo.set_defaults(func=_demo)
@@ -315,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fxdeco`` command."""
     args = build_parser().parse_args(argv)  # exits with 2 on usage errors
+    if hasattr(args, "check"):
+        args.check(args)  # options that parse alone but not together: also exit 2
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -325,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        if isinstance(exc, _user_errors()):
+        if _is_user_error(exc):
             print(f"fxdeco: error: {first}", file=sys.stderr)
         else:
             print(f"fxdeco: error: {type(exc).__name__}: {first}", file=sys.stderr)

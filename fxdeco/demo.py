@@ -10,6 +10,10 @@ Batches are padded to their longest sentence (over half of the calibration
 tokens are padding), so the statistics are masked with the attention mask
 (``stat_mask_fn``): at the same parameter count this gives higher fidelity than
 statistics that count padding (``mask_padding=False``, ``--no-stat-mask``).
+
+The summary also times one pass of the evaluation sentences through each model
+and says plainly when the decomposed one was slower: fewer MACs do not always
+mean a faster model on a CPU (see :func:`speed_summary`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ class DemoConfig:
     max_length: int = 64
     seed: int = 0
     mask_padding: bool = True  # statistics of real tokens only (stat_mask_fn = the attention mask)
+
+    def __post_init__(self) -> None:
+        for name in ("calib_sentences", "eval_sentences", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DemoConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.nsr_threshold <= 1.0:
+            raise ValueError(f"DemoConfig.nsr_threshold must be in (0, 1], got {self.nsr_threshold}")
 
 
 def run_demo(cfg: DemoConfig, show_progress: bool | None = None) -> dict[str, Any]:
@@ -68,6 +79,27 @@ def run_demo(cfg: DemoConfig, show_progress: bool | None = None) -> dict[str, An
     }
 
 
+def speed_summary(original_s: float, decomposed_s: float) -> str:
+    """One sentence on the measured encoding speed of the decomposed model, plain about a slowdown.
+
+    Example:
+        >>> speed_summary(1.0, 0.8)
+        'the decomposed model ran 1.25x as fast as the original here'
+        >>> speed_summary(1.0, 1.075)  # doctest: +ELLIPSIS
+        'the decomposed model ran 0.93x as fast as the original here, i.e. SLOWER: fewer MACs do not always mean ...'
+    """
+    if original_s <= 0 or decomposed_s <= 0:
+        return "the encoding runs were too short to time"
+    ratio = original_s / decomposed_s
+    if f"{ratio:.2f}" == "1.00":
+        return f"the decomposed model ran about as fast as the original here ({ratio:.3f}x)"
+    if ratio > 1:
+        return f"the decomposed model ran {ratio:.2f}x as fast as the original here"
+    return (f"the decomposed model ran {ratio:.2f}x as fast as the original here, i.e. SLOWER: fewer MACs do not "
+            "always mean faster on this CPU (thin factored matrix products run further below peak than the dense "
+            "ones they replace; see the latency measurements of benchmarks/rank_multiple.py)")
+
+
 def format_demo(result: dict[str, Any]) -> str:
     """The report table followed by a before/after summary."""
     rep, cfg = result["report"], result["config"]
@@ -88,6 +120,9 @@ def format_demo(result: dict[str, Any]) -> str:
         f"all-MiniLM-L6-v2, falor (local), nsr_threshold={cfg.nsr_threshold}; calibration: {cfg.calib_sentences} "
         f"sentences ({'padding masked out of' if cfg.mask_padding else 'padding counted in'} the statistics), "
         f"evaluation: {cfg.eval_sentences} other sentences (stdlib docstrings)\n\n"
-        f"{rep}\n\n{summary}\n\ndecomposition wall time: {result['decompose_s']:.1f} s "
+        f"{rep}\n\n{summary}\n\n"
+        f"speed: {speed_summary(result['eval_original_s'], result['eval_decomposed_s'])} (one timed pass of "
+        f"{cfg.eval_sentences} sentences each, original first)\n"
+        f"decomposition wall time: {result['decompose_s']:.1f} s "
         "(capture + calibration + eigendecompositions + rewrite)"
     )

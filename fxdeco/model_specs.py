@@ -5,6 +5,12 @@ weights unless a weights file is given, Hugging Face models load from a local
 directory with the hub switched offline, and a factory is a function in a local
 Python file that returns an ``nn.Module``.
 
+A factory model may say what one input sample looks like (batch dimension
+excluded), for ``--calib random``: an ``example_input_shape`` attribute on the
+model, or an ``example_input_shape`` in the file (e.g. ``(32,)``). Otherwise a
+model with no convolution whose first layer is an ``nn.Linear`` is fed
+vectors of its ``in_features``; any other model is fed images.
+
 Example:
     >>> spec = parse_model_spec("torchvision:resnet18")
     >>> spec.kind, spec.name
@@ -69,6 +75,8 @@ class BuiltModel:
     std: tuple[float, ...] | None = None
     tokenizer: Any = None  # hf models: loaded on demand by calibration sources
     vocab_size: int | None = None
+    input_shape: tuple[int, ...] | None = None  # one sample of a non-image model (no batch dimension)
+    input_shape_origin: str | None = None  # where input_shape came from, for messages and reports
 
 
 def parse_model_spec(text: str, weights: str | None = None) -> ModelSpec:
@@ -119,6 +127,47 @@ def _first_conv_channels(model: nn.Module) -> int | None:
         if isinstance(module, nn.modules.conv._ConvNd):
             return module.in_channels
     return None
+
+
+def _shape_of(value: Any, where: str) -> tuple[int, ...]:
+    """``value`` (a positive int, or a tuple/list of them) as a per-sample shape."""
+    dims = (value,) if isinstance(value, int) else value
+    if not (isinstance(dims, (tuple, list)) and dims
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)):
+        raise ModelSpecError(f"{where} is {value!r}; give the shape of one sample (no batch dimension) as "
+                             "positive integers, e.g. (32,) or (3, 224, 224)")
+    return tuple(dims)
+
+
+def _first_linear_features(model: nn.Module) -> int | None:
+    """``in_features`` when the first module that holds parameters is an ``nn.Linear``, and there is no convolution.
+
+    Example:
+        >>> _first_linear_features(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)))
+        32
+        >>> _first_linear_features(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))) is None
+        True
+    """
+    if _first_conv_channels(model) is not None:
+        return None
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            return module.in_features if isinstance(module, nn.Linear) else None
+    return None
+
+
+def _input_shape(module: Any, model: nn.Module, spec: ModelSpec) -> tuple[tuple[int, ...] | None, str | None]:
+    """The per-sample input shape a factory model declares or implies, and where it comes from."""
+    if getattr(model, "example_input_shape", None) is not None:
+        where = f"the example_input_shape of the model {spec.factory}() returns"
+        return _shape_of(model.example_input_shape, where), where
+    if getattr(module, "example_input_shape", None) is not None:
+        where = f"example_input_shape in {spec.name}"
+        return _shape_of(module.example_input_shape, where), where
+    features = _first_linear_features(model)
+    if features is not None:
+        return (features,), f"guessed from the model's first layer, an nn.Linear with in_features {features}"
+    return None, None
 
 
 def _torchvision(spec: ModelSpec) -> BuiltModel:
@@ -174,7 +223,8 @@ def _file(spec: ModelSpec) -> BuiltModel:
     model = factory()
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{spec.text} returned {type(model).__name__}, not an nn.Module")
-    return BuiltModel(spec, model, _first_conv_channels(model))
+    shape, origin = _input_shape(module, model, spec)
+    return BuiltModel(spec, model, _first_conv_channels(model), input_shape=shape, input_shape_origin=origin)
 
 
 def _load_weights(model: nn.Module, file: str) -> None:

@@ -256,7 +256,7 @@ def test_fashion_mnist_for_a_grey_model() -> None:
     # normalised with Fashion-MNIST's own statistics: roughly zero mean, unit spread
     assert abs(x.mean().item()) < 0.5 and 0.5 < x.std().item() < 1.5
     info = input_info(calib)
-    assert info == {"kind": "image", "shape": [1, 28, 28]}
+    assert info == {"kind": "image", "shape": [1, 28, 28], "dtype": "float32"}
     assert tuple(example_batch(_vision(1), info).shape) == (2, 1, 28, 28)
 
 

@@ -36,7 +36,7 @@ def test_cli_usage_errors_exit_2() -> None:
     bad = subprocess.run([sys.executable, "-m", "fxdeco.cli", "demo", "--nsr-threshold", "abc"],
                          capture_output=True, text=True)
     assert bad.returncode == 2
-    assert "invalid float value" in bad.stderr
+    assert "argument --nsr-threshold: invalid number: 'abc'" in bad.stderr
     ok = subprocess.run([sys.executable, "-m", "fxdeco.cli", "demo", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "--nsr-threshold" in ok.stdout
 
