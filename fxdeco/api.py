@@ -15,14 +15,18 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxdeco.batches import adapt_batch, check_input_fn
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
+from fxdeco.falor import check_budget_reachable
+from fxdeco.falor import check_mode_options as check_falor_modes
 from fxdeco.falor import check_options as check_falor_options
 from fxdeco.falor import falor
+from fxdeco.falor import selected_mode as selected_falor_mode
 from fxdeco.plan import LayerDecision, matches_any
-from fxdeco.outputs import OutputFn
+from fxdeco.outputs import OutputFn, select_output
 from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
-from fxdeco.progress import progress
+from fxdeco.progress import length_of, progress
 from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ num_metric_batches, proportion_threshold, rank_multiple, rank_tolerance, show_pr
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {names} for method {method!r}; "
                         f"valid options: {', '.join(valid)}")
     OPTION_CHECKS[method](**options)
+    if method == "falor":
+        check_falor_modes(options)
 
 
 def _skip_patterns(skip: Iterable[str]) -> tuple[str, ...]:
@@ -68,6 +74,9 @@ def _check_stat_mask_fn(stat_mask_fn: Any) -> None:
                         "write stat_mask_fn=lambda batch: batch['attention_mask']")
 
 
+# prepare and convert build modules: under a caller's torch.inference_mode() their parameters would be inference
+# tensors, which autograd refuses (budget mode's gradient pass, fine-tuning the result), so they leave it.
+@torch.inference_mode(False)
 def prepare(
     model: nn.Module,
     example_inputs: Any = None,
@@ -152,6 +161,7 @@ def prepare(
                          output_fn=output_fn, keep_batches=keep_batches, stat_dtype=stat_dtype)
 
 
+@torch.inference_mode(False)
 def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> torch.fx.GraphModule:
     """Decompose a calibrated :class:`PreparedModel` with ``method``; return a new GraphModule.
 
@@ -240,15 +250,36 @@ def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn:
         >>> fxdeco.calibrate(prepared, [torch.randn(2, 4)] * 3).batches
         3
     """
-    total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
+    check_input_fn(input_fn)
+    _calibrate(prepared, calib_loader, input_fn, show_progress, length_of(calib_loader))
+    return prepared
+
+
+def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callable[[Any], Any] | None,
+               show_progress: bool | None, total: int | None, after_first: Callable[[Any], None] | None = None) -> None:
+    """The calibration loop: each batch (adapted by ``input_fn``) through ``prepared``, with progress.
+
+    ``after_first(output)`` runs once the first batch is in, for checks that need one batch and must not wait
+    for all of them.
+    """
     seen = 0
-    for batch in progress(calib_loader, desc="calibrating", total=total, enabled=show_progress):
-        prepared.calibrate_batch(input_fn(batch) if input_fn is not None else batch)
+    for batch in progress(batches, desc="calibrating", total=total, enabled=show_progress):
+        out = prepared.calibrate_batch(adapt_batch(batch, input_fn, prepared.batches))
+        if seen == 0 and after_first is not None:
+            after_first(out)
         seen += 1
     if seen == 0:
         raise CalibrationError("the calibration loader yielded no batches")
     log.info("calibrated on %d batches", seen)
-    return prepared
+
+
+def _first_batch_checks(prepared: PreparedModel, method_options: dict[str, Any]) -> Callable[[Any], None]:
+    """What transform checks on the first batch's output rather than after the whole calibration."""
+    def check(output: Any) -> None:
+        if selected_falor_mode(method_options) == "final-output":
+            select_output(output, prepared.output_fn)  # a tuple/dict/ModelOutput needs output_fn: say so now
+        check_budget_reachable(prepared, **method_options)
+    return check
 
 
 def transform(
@@ -292,13 +323,19 @@ def transform(
     check_method_options(method, method_options)
     skip = _skip_patterns(skip)
     _check_stat_mask_fn(stat_mask_fn)
-    iterator = iter(calib_loader)
+    check_input_fn(input_fn)
+    total = length_of(calib_loader)
+    try:
+        iterator = iter(calib_loader)
+    except TypeError:
+        raise TypeError(f"calib_loader must be an iterable of batches (a list, a DataLoader, a generator), got "
+                        f"{type(calib_loader).__name__}") from None
     try:
         first = next(iterator)
     except StopIteration:
         raise CalibrationError("the calibration loader yielded no batches") from None
     if example_inputs is None:
-        example_inputs = input_fn(first) if input_fn is not None else first
+        example_inputs = adapt_batch(first, input_fn, 0)
     # Budget mode weighs each layer's error by how much it moves the final output (passes.sensitivity).
     sensitivity = (method_options.get("keep_params") is not None or method_options.get("keep_macs") is not None) \
         and method_options.get("budget_criterion", "auto") != "nsr"
@@ -306,5 +343,6 @@ def transform(
                        autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
                        sensitivity=sensitivity, output_fn=output_fn,
                        keep_batches=int(method_options.get("num_metric_batches", 2)), stat_dtype=stat_dtype)
-    calibrate(prepared, itertools.chain([first], iterator), input_fn=input_fn, show_progress=show_progress)
+    checks = _first_batch_checks(prepared, method_options) if method == "falor" else None
+    _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total, after_first=checks)
     return convert(prepared, method, **method_options)

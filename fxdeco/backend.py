@@ -350,7 +350,7 @@ class DecompositionBackend:
         try:
             with torch.no_grad():
                 for batch in self.calib_loader:
-                    args, kwargs = model_inputs(batch, self.input_fn)
+                    args, kwargs = model_inputs(batch, self.input_fn, seen, "calibration batch")
                     compiled_model(*args, **kwargs)
                     seen += 1
         finally:

@@ -6,6 +6,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from fxdeco.errors import CalibrationError
+
 
 def as_call(batch: Any) -> tuple[tuple, dict[str, Any]]:
     """Map a batch to ``(args, kwargs)``.
@@ -31,9 +33,58 @@ def as_call(batch: Any) -> tuple[tuple, dict[str, Any]]:
     )
 
 
-def model_inputs(batch: Any, input_fn: Callable[[Any], Any] | None) -> tuple[tuple, dict[str, Any]]:
-    """Apply ``input_fn`` (e.g. ``lambda b: b[0]`` for ``(x, y)`` loaders), then :func:`as_call`."""
-    return as_call(input_fn(batch) if input_fn is not None else batch)
+def check_input_fn(input_fn: Any) -> None:
+    """Refuse an ``input_fn`` that is not a function, before any batch is read.
+
+    Example:
+        >>> check_input_fn(lambda b: b[0])
+        >>> check_input_fn(0)
+        Traceback (most recent call last):
+        ...
+        TypeError: input_fn must be a function of a batch (e.g. input_fn=lambda b: b[0]), got int
+    """
+    if input_fn is not None and not callable(input_fn):
+        raise TypeError(f"input_fn must be a function of a batch (e.g. input_fn=lambda b: b[0]), got "
+                        f"{type(input_fn).__name__}")
+
+
+def adapt_batch(batch: Any, input_fn: Callable[[Any], Any] | None, index: int, what: str = "calibration batch") -> Any:
+    """``input_fn(batch)``, or ``batch`` without one; a failure names the batch.
+
+    Example:
+        >>> adapt_batch((1, 2), lambda b: b[0], 0)
+        1
+        >>> adapt_batch({"x": 1}, lambda b: b["image"], 7)
+        Traceback (most recent call last):
+        ...
+        fxdeco.errors.CalibrationError: input_fn failed on calibration batch 7 (a dict with keys ['x']): KeyError: 'image'
+    """
+    if input_fn is None:
+        return batch
+    try:
+        return input_fn(batch)
+    except Exception as exc:
+        raise CalibrationError(f"input_fn failed on {what} {index} ({_describe(batch)}): "
+                               f"{type(exc).__name__}: {exc}") from exc
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {sorted(map(str, batch))[:8]}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"
+
+
+def model_inputs(batch: Any, input_fn: Callable[[Any], Any] | None, index: int | None = None,
+                 what: str = "training batch") -> tuple[tuple, dict[str, Any]]:
+    """Apply ``input_fn`` (e.g. ``lambda b: b[0]`` for ``(x, y)`` loaders), then :func:`as_call`.
+
+    ``index`` names the batch when ``input_fn`` fails.
+    """
+    return as_call(adapt_batch(batch, input_fn, index if index is not None else 0, what))
 
 
 def leading_dim(args: tuple, kwargs: dict[str, Any]) -> int:

@@ -4,6 +4,8 @@ import os
 import sys
 import warnings
 
+import torch.utils._contextlib
+
 from passes.capture import CaptureError
 from passes.stats import NonFiniteActivationError
 
@@ -18,7 +20,9 @@ class NoSitesError(ValueError):
 
 # warnings are reported at the first frame outside these folders: the user's line, not fxdeco's
 _FXDECO_DIR = os.path.dirname(os.path.abspath(__file__))
-_LIBRARY_DIRS = (_FXDECO_DIR + os.sep, os.path.join(os.path.dirname(_FXDECO_DIR), "passes") + os.sep)
+_LIBRARY_DIRS = (_FXDECO_DIR + os.sep, os.path.join(os.path.dirname(_FXDECO_DIR), "passes") + os.sep,
+                 # the wrapper of decorators such as torch.inference_mode(False) on fxdeco's functions
+                 torch.utils._contextlib.__file__)
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:

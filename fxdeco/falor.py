@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from fxdeco.budget import LayerOptions, allocate
+from fxdeco.budget import BudgetError, LayerOptions, allocate
 from fxdeco.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
                             spectrum)
 from fxdeco.plan import (LayerDecision, check_fraction, decision, dense_macs, factored_macs, matches_any,
@@ -59,6 +59,43 @@ def round_rank(rank: int, multiple: int, full_rank: int) -> int:
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# Options only one of falor's modes reads. One beside another mode's options would be silently ignored.
+MODE_OPTIONS = {
+    "local": ("nsr_threshold",),
+    "budget": ("keep_params", "keep_macs", "budget_criterion", "budget_rounds"),
+    "final-output": ("nsr_final_threshold", "kl_final_threshold", "num_metric_batches", "max_probes", "rank_tolerance"),
+}
+
+
+def selected_mode(given: Iterable[str]) -> str:
+    """The mode falor runs in for the option names ``given``: final-output thresholds, else a budget, else local."""
+    given = set(given)
+    if given & {"nsr_final_threshold", "kl_final_threshold"}:
+        return "final-output"
+    return "budget" if given & {"keep_params", "keep_macs"} else "local"
+
+
+def check_mode_options(given: Iterable[str]) -> None:
+    """Refuse an option that the selected mode would ignore (``given``: the names the caller passed).
+
+    Example:
+        >>> check_mode_options(["keep_params", "rank_multiple"])
+        >>> check_mode_options(["nsr_threshold", "keep_params"])
+        Traceback (most recent call last):
+        ...
+        ValueError: keep_params selects falor's budget mode, which ignores nsr_threshold (an option of its local mode); drop one of them
+    """
+    given = set(given)
+    mode = selected_mode(given)
+    selector = next((n for n in MODE_OPTIONS[mode] if n in given), None)
+    for other, names in MODE_OPTIONS.items():
+        ignored = next((n for n in names if n in given), None)
+        if other != mode and ignored is not None:
+            chooser = f"{selector} selects falor's {mode} mode" if selector is not None else \
+                "falor runs in its local mode (no keep_params/keep_macs nor final-output threshold was given)"
+            raise ValueError(f"{chooser}, which ignores {ignored} (an option of its {other} mode); drop one of them")
 
 
 def check_options(
@@ -147,11 +184,56 @@ class _Layer:
 
     def candidate_ranks(self, min_rank: int, multiple: int | str, proportion_threshold: float) -> list[int]:
         """Ranks worth considering: multiples of ``multiple`` that save parameters."""
-        s = self.site
-        multiple = site_multiple(s, multiple)
-        ranks = sorted({round_rank(k, multiple, s.full_rank) for k in range(max(min_rank, 1), s.full_rank + 1)})
-        return [k for k in ranks if k * (s.in_features + s.out_features) < s.in_features * s.out_features
-                and k / s.full_rank <= proportion_threshold]
+        return candidate_ranks(self.site, min_rank, multiple, proportion_threshold)
+
+
+def candidate_ranks(s: Site, min_rank: int, multiple: int | str, proportion_threshold: float) -> list[int]:
+    """The ranks a budget may give layer ``s``: multiples of ``multiple`` that save parameters."""
+    multiple = site_multiple(s, multiple)
+    ranks = sorted({round_rank(k, multiple, s.full_rank) for k in range(max(min_rank, 1), s.full_rank + 1)})
+    return [k for k in ranks if k * (s.in_features + s.out_features) < s.in_features * s.out_features
+            and k / s.full_rank <= proportion_threshold]
+
+
+def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure: str, center: bool) -> list[float]:
+    """Params (or MACs per sample) of layer ``s`` dense, then factored at each candidate rank.
+
+    A centred factorization carries a bias even where the layer had none.
+    """
+    if measure == "params":
+        bias = s.out_features if s.bias else 0
+        return [s.in_features * s.out_features + bias] + [
+            factored_params(s, k) + (s.out_features if center else bias) for k in candidates]
+    return [dense_macs(s, stats)] + [factored_macs(s, stats, k) for k in candidates]
+
+
+def check_budget_reachable(prepared: Any, keep_params: float | None = None, keep_macs: float | None = None,
+                           rank_multiple: int | str = "auto", min_rank: int = 1, proportion_threshold: float = 1.0,
+                           center: bool = True, skip: Iterable[str] = (), **_: Any) -> None:
+    """Raise :class:`fxdeco.budget.BudgetError` now if the budget is below what falor can reach.
+
+    Every layer at its smallest candidate rank is the floor; it needs only the
+    layers' shapes (and, for MACs, the rows per sample of one calibration
+    batch), so ``fxdeco.transform`` calls this after the first batch instead
+    of finding out after all of them.
+    """
+    if keep_params is None and keep_macs is None:
+        return
+    measure, keep = ("params", keep_params) if keep_params is not None else ("macs", keep_macs)
+    statistics, total = prepared.statistics, _model_total(prepared.gm, measure)
+    floor = total
+    for site in unique_targets(prepared.sites):
+        if matches_any(site.target, tuple(skip)) or site.target not in statistics:
+            continue
+        costs = option_costs(site, statistics[site.target],
+                             candidate_ranks(site, int(min_rank), rank_multiple, proportion_threshold), measure, center)
+        floor -= costs[0] - min(costs)
+    if floor > keep * total * (1 + 1e-12):
+        name = "keep_params" if measure == "params" else "keep_macs"
+        raise BudgetError(f"{name}={keep:g} cannot be reached: decomposing every layer at its smallest rank keeps "
+                          f"{floor / total:.4f} of the model's {measure} ({name} >= {floor / total:.4f} is "
+                          "reachable; layers that are not Linear/Conv2d, skipped or too small to save anything "
+                          "stay as they are)")
 
 
 def _analyse(gm: torch.fx.GraphModule, sites: Iterable[Site], statistics: dict[str, SiteStatistics],
@@ -204,13 +286,7 @@ def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: 
     for layer in layers:
         s = layer.site
         candidates = layer.candidate_ranks(min_rank, multiple, proportion_threshold)
-        bias = s.out_features if s.bias else 0
-        if measure == "params":
-            dense = s.in_features * s.out_features + bias
-            costs = [dense] + [factored_params(s, k) + (s.out_features if center else bias) for k in candidates]
-        else:
-            dense = dense_macs(s, layer.stats)
-            costs = [dense] + [factored_macs(s, layer.stats, k) for k in candidates]
+        costs = option_costs(s, layer.stats, candidates, measure, center)
         curve = layer.output_error() * (scales or {}).get(s.target, default_scale) if use_output else layer.nsr
         errors = [0.0] + [float(curve[k]) for k in candidates]
         options.append(LayerOptions(s.target, torch.tensor(costs, dtype=torch.float64),

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import sys
 import time
 import warnings
 from typing import Any, Callable, Iterable, Iterator
@@ -24,8 +23,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from fxdeco.batches import model_inputs
+from fxdeco.batches import check_input_fn, model_inputs
 from fxdeco.errors import CalibrationError
+from fxdeco.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -141,30 +141,6 @@ def check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
-
-
-class StepBar:
-    """A tqdm bar over training steps with a loss readout; silent when disabled or tqdm is missing."""
-
-    def __init__(self, steps: int, desc: str, enabled: bool | None) -> None:
-        self.bar = None
-        if enabled is None:
-            enabled = sys.stderr.isatty()
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-                self.bar = tqdm(total=steps, desc=desc, leave=False)
-            except ImportError:  # tqdm is optional
-                pass
-
-    def update(self, **values: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
-            self.bar.update()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -303,6 +279,7 @@ def finetune(
     check_steps(steps)
     check_positive("lr", lr)
     check_positive("temperature", temperature)
+    check_input_fn(input_fn)
     if task_weight < 0:
         raise ValueError(f"task_weight must be >= 0, got {task_weight!r}")
     params = [p for p in student.parameters() if p.requires_grad]
@@ -318,7 +295,7 @@ def finetune(
     teacher.eval()
     history = FinetuneHistory()
     batches = TrainingBatches(loader, what="fine-tuning loader")
-    bar = StepBar(steps, "KD fine-tuning", show_progress)
+    bar = Progress("KD fine-tuning", steps, show_progress)
     start = time.perf_counter()
     try:
         for step in range(steps):
@@ -327,7 +304,7 @@ def finetune(
                 warnings.warn(batches.ran_out_message(steps), UserWarning, stacklevel=2)
                 break
             batch = to_device(batch, device)
-            args, kwargs = model_inputs(batch, input_fn)
+            args, kwargs = model_inputs(batch, input_fn, step)
             with torch.no_grad(), autocast_context(amp):
                 teacher_logits = get_logits(teacher(*args, **kwargs))
             with autocast_context(amp):

@@ -29,6 +29,13 @@ def first_tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"the model output ({type(output).__name__}) holds no floating-point tensor; pass output_fn=...")
 
 
+def _autograd_usable(value: Any) -> Any:
+    """A copy of an inference-mode tensor (autograd refuses those), anything else as is."""
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return value.clone()
+    return value
+
+
 class SensitivityInterpreter(torch.fx.Interpreter):
     """Run the graph with autograd and accumulate ``Σ g gᵀ`` at every site's output.
 
@@ -69,7 +76,11 @@ class SensitivityInterpreter(torch.fx.Interpreter):
         for p in frozen:  # gradients are wanted at site outputs only, not for the weights
             p.requires_grad_(False)
         try:
-            with torch.enable_grad():
+            # Gradients even when the caller runs under torch.inference_mode(); its inference tensors cannot take
+            # part in autograd, so the inputs are copied out of it first.
+            with torch.inference_mode(False), torch.enable_grad():
+                args = tuple(_autograd_usable(a) for a in args)
+                kwargs = {k: _autograd_usable(v) for k, v in kwargs.items()}
                 out = super().run(*args, **kwargs)
                 self._backward(out)
         finally:

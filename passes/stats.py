@@ -135,6 +135,8 @@ class SiteStatistics:
         weighted = shifted * w.to(rows)[:, None] if weights is not None else shifted
         outer = weighted.T @ shifted
         if not bool(torch.isfinite(outer.diagonal()).all()):  # y_i² on the diagonal: any NaN/Inf shows there
+            if bool(torch.isfinite(shifted).all()):  # finite rows whose squares left the product's range
+                raise StatisticsOverflowError(float(shifted.abs().max()), product_dtype)
             raise NonFiniteRowsError("NaN or Inf in the rows")
         return PendingUpdate(outer, weighted.sum(0), float(w.sum()) if weights is not None else rows.shape[0], n,
                              n if samples is None else samples, self.centre)
@@ -222,6 +224,14 @@ class PendingUpdate:
 
 class NonFiniteRowsError(ValueError):
     """Rows given to :meth:`SiteStatistics.update` hold NaN or Inf (nothing was added)."""
+
+
+class StatisticsOverflowError(NonFiniteRowsError):
+    """Finite rows whose products overflow the product's precision (e.g. values near 1e20 in float32)."""
+
+    def __init__(self, largest: float, dtype: torch.dtype) -> None:
+        super().__init__(f"values up to {largest:.3g} overflow the {dtype} products of the statistics")
+        self.largest, self.dtype = largest, dtype
 
 
 class NonFiniteActivationError(ValueError):
@@ -446,6 +456,14 @@ class StatsInterpreter(torch.fx.Interpreter):
         stats = self._statistics(container, key, rows.shape[-1])
         try:
             contribution = stats.contribution(rows, samples=samples, weights=weights, product_dtype=self.product_dtype)
+        except StatisticsOverflowError as exc:
+            remedy = ("pass stat_dtype=torch.float64 to fxdeco.prepare/transform, or " if exc.dtype != torch.float64
+                      else "")
+            raise NonFiniteActivationError(
+                f"the statistics of site {site.target!r} (node {site.node}) overflowed on calibration batch "
+                f"{self.batch_index}: its activations are finite but reach {exc.largest:.3g}, whose squares exceed "
+                f"{exc.dtype}'s range; {remedy}scale the inputs to an ordinary range"
+            ) from None
         except NonFiniteRowsError:
             raise NonFiniteActivationError(
                 f"site {site.target!r} (node {site.node}) produced NaN/Inf on calibration batch {self.batch_index}; "

@@ -393,3 +393,120 @@ def test_inputs_traced_as_their_default_survive_save_and_load(tmp_path: Any) -> 
     assert torch.equal(loaded(x), small(x))
     with pytest.raises(AssertionError, match="'mask' was not in the calibration batches"):
         loaded(x, torch.ones(4, 8))
+
+
+# ----------------------------------------------------------------------------- errors before the work
+
+
+class Counted:
+    """A loader that counts the batches read from it."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches, self.read = batches, 0
+
+    def __iter__(self) -> Any:
+        for batch in self.batches:
+            self.read += 1
+            yield batch
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+@pytest.mark.parametrize("budget", [dict(keep_params=0.01), dict(keep_macs=0.01)])
+def test_unreachable_budget_is_refused_after_the_first_batch(budget: dict[str, float]) -> None:
+    loader = Counted([torch.randn(32, 16) for _ in range(6)])
+    name = next(iter(budget))
+    with pytest.raises(ValueError, match=rf"{name}=0.01 cannot be reached.*{name} >= 0\.\d+ is reachable"):
+        fxdeco.transform(_mlp(), loader, **budget)
+    assert loader.read == 1, f"{loader.read} batches (and their backward passes) ran before the refusal"
+
+
+def test_reachable_budget_is_not_refused() -> None:
+    small = fxdeco.transform(_mlp(), [torch.randn(32, 16) for _ in range(3)], keep_params=0.5)
+    assert fxdeco.report(small).totals["params_after"] <= 0.5 * sum(p.numel() for p in _mlp().parameters())
+
+
+def test_final_output_mode_needs_output_fn_on_the_first_batch() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.net(x)
+            return y, y.softmax(-1)
+
+    loader = Counted([torch.randn(32, 16) for _ in range(6)])
+    with pytest.raises(TypeError, match=r"returns a tuple.*output_fn=lambda out: out\[0\]"):
+        fxdeco.transform(Pair(), loader, nsr_final_threshold=0.01)
+    assert loader.read == 1
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(nsr_threshold=0.05, keep_params=0.5), "keep_params selects falor's budget mode, which ignores nsr_threshold"),
+    (dict(nsr_threshold=0.05, nsr_final_threshold=0.01),
+     "nsr_final_threshold selects falor's final-output mode, which ignores nsr_threshold"),
+    (dict(keep_macs=0.5, max_probes=3), "keep_macs selects falor's budget mode, which ignores max_probes"),
+    (dict(budget_rounds=2), "local mode .* ignores budget_rounds"),
+])
+def test_options_of_two_modes_are_refused_before_calibration(options: dict[str, Any], match: str) -> None:
+    loader = Counted([torch.randn(32, 16)])
+    with pytest.raises(ValueError, match=match):
+        fxdeco.transform(_mlp(), loader, **options)
+    assert loader.read == 0
+
+
+def test_float32_overflow_is_named_with_the_remedy() -> None:
+    huge = [torch.randn(32, 16) * 1e30 for _ in range(2)]
+    with pytest.raises(fxdeco.NonFiniteActivationError, match=r"overflowed.*finite but reach.*stat_dtype=torch\.float64"):
+        fxdeco.transform(_mlp(), huge)
+    small = fxdeco.transform(_mlp(), huge, stat_dtype=torch.float64)
+    assert fxdeco.report(small).totals["layers"] == 2
+
+
+@pytest.mark.parametrize("mode", list(FALOR_MODES))
+def test_transform_inside_inference_mode(mode: str) -> None:
+    with torch.inference_mode():
+        small = fxdeco.transform(_mlp(), [torch.randn(64, 16) for _ in range(3)], **FALOR_MODES[mode])
+    assert not any(p.is_inference() for p in small.parameters()), "the result cannot be fine-tuned"
+    assert fxdeco.report(small).totals["layers"] == 2
+
+
+def test_input_fn_errors_name_the_batch() -> None:
+    with pytest.raises(TypeError, match="input_fn must be a function of a batch"):
+        fxdeco.transform(_mlp(), Counted([]), input_fn="x")
+    batches = [{"x": torch.randn(32, 16)} for _ in range(4)]
+    batches[2] = {"image": torch.randn(32, 16)}
+    with pytest.raises(fxdeco.CalibrationError, match=r"input_fn failed on calibration batch 2 \(a dict with keys "
+                                                      r"\['image'\]\): KeyError: 'x'"):
+        fxdeco.transform(_mlp(), batches, input_fn=lambda b: b["x"])
+    model, gm = _lockd_graph()
+    with pytest.raises(fxdeco.CalibrationError, match="input_fn failed on training batch 1"):
+        lockd.train(gm, [(torch.randn(8, 16),), {}], steps=3, input_fn=lambda b: b[0])
+    with pytest.raises(TypeError, match="input_fn must be a function"):
+        fxdeco.finetune(lockd.finalize(gm), model, [torch.randn(8, 16)], steps=1, input_fn=0)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_calibration_progress_knows_the_total_and_reports_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from fxdeco import progress as progress_module
+
+    stream = io.StringIO()
+    made = []
+
+    class Recorded(progress_module.Progress):
+        def __init__(self, desc: str, total: int | None = None, enabled: bool | None = None, **_: Any) -> None:
+            super().__init__(desc, total, enabled, stream=stream, first=0.0, every=0.0)
+            made.append(self)
+
+    monkeypatch.setattr(progress_module, "Progress", Recorded)
+    fxdeco.transform(_mlp(), [torch.randn(32, 16) for _ in range(5)], nsr_threshold=0.05)
+    calibration = next(p for p in made if p.desc == "calibrating")
+    assert calibration.total == 5, "transform lost the loader's length"
+    assert "fxdeco calibrating: 5/5 (100%)" in stream.getvalue()

@@ -19,11 +19,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxdeco.batches import leading_dim, model_inputs
-from fxdeco.finetune import (StepBar, autocast_context, check_positive, check_steps, model_device,
-                             to_device, TrainingBatches, use_amp)
+from fxdeco.batches import check_input_fn, leading_dim, model_inputs
+from fxdeco.finetune import (TrainingBatches, autocast_context, check_positive, check_steps, model_device,
+                             to_device, use_amp)
 from fxdeco.lockd.losses import check_finite, entropy_loss, kept_proportion, nsr_loss, proportion_loss
 from fxdeco.lockd.prepare import ROLE, branches, lockd_state, train_mode, unwrap
+from fxdeco.progress import Progress
 from passes import CostProp
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def train(
     """
     state = lockd_state(gm)
     check_steps(steps)
+    check_input_fn(input_fn)
     check_positive("lr", lr)
     check_positive("logit_lr", logit_lr)
     check_positive("lmbda", lmbda)
@@ -156,7 +158,7 @@ def train(
     amp = use_amp(amp, device)
     optimizer = _optimizer(gm, lr, logit_lr)
     history = TrainHistory()
-    bar = StepBar(steps, "lockd", show_progress)
+    bar = Progress("lockd", steps, show_progress)
     # the last eval_batches training batches measure the branches afterwards: the loader is never read again
     batches = TrainingBatches(loader, keep=eval_batches)
     start = time.perf_counter()
@@ -166,7 +168,7 @@ def train(
             if batch is None:
                 warnings.warn(batches.ran_out_message(steps), UserWarning, stacklevel=2)
                 break
-            args, kwargs = model_inputs(to_device(batch, device), input_fn)
+            args, kwargs = model_inputs(to_device(batch, device), input_fn, step)
             if step == 0 and state.macs_per_sample is None:
                 _try_record_macs(gm, args, kwargs)
             train_mode(gm, True)
