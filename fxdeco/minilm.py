@@ -9,7 +9,7 @@ normalisation. The BERT pooler is therefore dead code in the captured graph.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def padding_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+def embed(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
     """Concatenate the model's embeddings over ``batches``."""
     return torch.cat([model(**b) for b in batches])
 
