@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from passes.sites import has_side_effects
+
 # A node output replacement: the reference value in, the value to use downstream out.
 Override = Callable[[Any], Any]
 
@@ -52,6 +54,12 @@ class GraphWalk(torch.fx.Interpreter):
 
     def _run(self, node: torch.fx.Node, env: dict[torch.fx.Node, Any],
              overrides: Mapping[str, Override] | None = None) -> Any:
+        if env is not self.env and has_side_effects(node):
+            # an in-place op in a replay must not change a value the walk itself holds (a residual input,
+            # a site's reference output): it works on a copy
+            for used in node.all_input_nodes:
+                if used in env and isinstance(env[used], torch.Tensor) and env[used] is self.env.get(used):
+                    env[used] = env[used].clone()
         saved, self.env = self.env, env
         try:
             value = self.run_node(node)

@@ -18,6 +18,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from passes.sites import Site
+from passes.sites import has_side_effects
 from passes.stats import output_rows
 
 
@@ -63,6 +64,10 @@ class SensitivityInterpreter(torch.fx.Interpreter):
         # weighted error (e.g. ptdeco's per-channel NSR, with scale² = 1 / (channels · (var_c + eps))).
         self.output_scale = output_scale
         self.sites = {s.node: s for s in sites}
+        # site outputs that an in-place op later changes (ReLU(inplace=True) right after a Linear): the tensor
+        # differentiated against must keep the site's value, so the graph goes on with a copy
+        self.mutated = {n.name for n in gm.graph.nodes if n.name in self.sites
+                        and any(has_side_effects(u) and u.args and u.args[0] is n for u in n.users)}
         self.output_fn = output_fn
         self.generator = generator
         self.moments = moments if moments is not None else {}
@@ -108,6 +113,8 @@ class SensitivityInterpreter(torch.fx.Interpreter):
             if not out.requires_grad:
                 out.requires_grad_()  # a leaf: nothing upstream needs gradients
             self._outputs.append((site, out))
+            if n.name in self.mutated:
+                out = out.clone()
         return out
 
     def _backward(self, out: Any) -> None:

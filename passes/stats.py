@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
-from passes.sites import Site, fetch_attr, site_input
+from passes.sites import Site, fetch_attr, has_side_effects, site_input
 
 
 @dataclasses.dataclass
@@ -309,7 +309,9 @@ def input_side_groups(gm: torch.fx.GraphModule, sites: Iterable[Site]) -> dict[s
     groups: dict[str, list[Site]] = {}
     for s in sites:
         x = site_input(nodes[s.node])
-        if s.kind == "linear" and calls[s.target] == 1 and isinstance(x, torch.fx.Node):
+        # an input changed in place between its readers (x.relu_() after the first) is not one tensor for all
+        changed = isinstance(x, torch.fx.Node) and any(has_side_effects(u) for u in x.users)
+        if s.kind == "linear" and calls[s.target] == 1 and isinstance(x, torch.fx.Node) and not changed:
             groups.setdefault(x.name, []).append(s)
     return {name: group for name, group in groups.items()
             if group[0].in_features ** 2 < sum(s.out_features ** 2 for s in group)}

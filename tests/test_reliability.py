@@ -510,3 +510,108 @@ def test_calibration_progress_knows_the_total_and_reports_off_a_terminal(monkeyp
     calibration = next(p for p in made if p.desc == "calibrating")
     assert calibration.total == 5, "transform lost the loader's length"
     assert "fxdeco calibrating: 5/5 (100%)" in stream.getvalue()
+
+
+class OutOfPlace(InPlace):
+    """The same function as ``InPlace(how)`` written without in-place ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = h.clamp(min=0) if self.how == "clamp_" else h * 2 if self.how == "mul_" else torch.relu(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("how", ["clamp_", "mul_", "relu-module", "relu_", "functional-inplace"])
+def test_in_place_ops_after_a_layer_in_gradient_and_replay_passes(how: str) -> None:
+    """Budget and final-output mode used to fail on ``Linear -> ReLU(inplace=True)`` (VGG, AlexNet): autograd
+    refuses in-place ops on the leaf a site's output was made; they must see exactly what the out-of-place
+    model gives."""
+    torch.manual_seed(0)
+    inplace = InPlace(how).eval()
+    plain = OutOfPlace(how).eval()
+    plain.load_state_dict(inplace.state_dict())
+    calib = [torch.randn(64, 16) for _ in range(3)]
+    moments = []
+    for model in (inplace, plain):
+        prepared = fxdeco.calibrate(fxdeco.prepare(model, sensitivity=True), calib)
+        moments.append({name: s.sensitivity for name, s in prepared.statistics.items()})
+    for name in moments[1]:
+        torch.testing.assert_close(moments[0][name], moments[1][name])
+    finals = [fxdeco.transform(m, calib, nsr_final_threshold=0.2, rank_multiple=1).meta["fxdeco"]["decisions"]
+              for m in (inplace, plain)]
+    assert [(d.rank, d.nsr_final) for d in finals[0]] == [(d.rank, d.nsr_final) for d in finals[1]]
+    assert any(d.decomposed for d in finals[0])
+
+
+class Residual(nn.Module):
+    """``x0`` is changed in place after ``fc1`` reads it: a replay from ``fc1`` must not change the walk's copy."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.fc0, self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.fc0(x)
+        h = self.fc1(x0)
+        if self.in_place:
+            x0.mul_(2)
+        else:
+            x0 = x0 * 2
+        return self.fc2(h + x0)
+
+
+def test_replays_do_not_change_the_values_the_walk_holds() -> None:
+    torch.manual_seed(0)
+    inplace, plain = Residual(True), Residual(False)
+    plain.load_state_dict(inplace.state_dict())
+    calib = [torch.randn(64, 16) for _ in range(2)]
+    results = [fxdeco.transform(m, calib, nsr_final_threshold=0.01, rank_multiple=1).meta["fxdeco"]["decisions"]
+               for m in (inplace, plain)]
+    assert [(d.rank, d.nsr_final, d.probes) for d in results[0]] == [(d.rank, d.nsr_final, d.probes)
+                                                                     for d in results[1]]
+
+
+def test_graph_walk_replays_are_repeatable_with_in_place_ops() -> None:
+    from passes import GraphWalk
+
+    torch.manual_seed(0)
+    model = Residual(True)
+    x = torch.randn(4, 16)
+    walk = GraphWalk(torch.fx.symbolic_trace(model), [x])
+    walk.advance_to("fc1")
+    with torch.no_grad():
+        reference = model(x)
+        replays = [walk.replay({"fc1": lambda v: v}) for _ in range(3)]
+    for out in replays:  # each replay used to double x0 once more in the walk's own copy
+        torch.testing.assert_close(out, reference)
+
+
+class SharedInput(nn.Module):
+    """``fc1`` and ``fc2`` read the node ``h``, but ``fc2`` reads it after an in-place ReLU."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.fc0, self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 32), nn.Linear(8, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc0(x)
+        a = self.fc1(h)
+        if self.in_place:
+            h.relu_()
+        else:
+            h = torch.relu(h)
+        return a + self.fc2(h)
+
+
+def test_statistics_of_an_input_changed_in_place_between_its_readers() -> None:
+    """Input-side statistics are shared by the layers reading one node; a layer reading it after an in-place
+    change used to get the statistics of the unchanged input."""
+    torch.manual_seed(0)
+    inplace, plain = SharedInput(True), SharedInput(False)
+    plain.load_state_dict(inplace.state_dict())
+    calib = [torch.randn(64, 8) for _ in range(2)]
+    stats = [fxdeco.calibrate(fxdeco.prepare(m), calib).statistics for m in (inplace, plain)]
+    for name in ("fc1", "fc2"):
+        torch.testing.assert_close(stats[0][name].second_moment(), stats[1][name].second_moment())
