@@ -15,7 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxdeco.batches import adapt_batch, check_input_fn
+from fxdeco.batches import adapt_batch, check_input_fn, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.falor import check_budget_reachable
@@ -263,13 +263,14 @@ def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callab
     for all of them.
     """
     seen = 0
+    loader = batches
     for batch in progress(batches, desc="calibrating", total=total, enabled=show_progress):
         out = prepared.calibrate_batch(adapt_batch(batch, input_fn, prepared.batches))
         if seen == 0 and after_first is not None:
             after_first(out)
         seen += 1
     if seen == 0:
-        raise CalibrationError("the calibration loader yielded no batches")
+        raise no_batches(loader)
     log.info("calibrated on %d batches", seen)
 
 
@@ -333,7 +334,7 @@ def transform(
     try:
         first = next(iterator)
     except StopIteration:
-        raise CalibrationError("the calibration loader yielded no batches") from None
+        raise no_batches(calib_loader) from None
     if example_inputs is None:
         example_inputs = adapt_batch(first, input_fn, 0)
     # Budget mode weighs each layer's error by how much it moves the final output (passes.sensitivity).

@@ -75,7 +75,7 @@ import torch._dynamo
 import torch.fx
 
 from fxdeco.api import check_method_options, convert, prepare
-from fxdeco.batches import model_inputs
+from fxdeco.batches import model_inputs, no_batches
 from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
 from fxdeco.prepared import PreparedModel
 from passes import Factorization, factorize_sites, find_sites
@@ -356,7 +356,7 @@ class DecompositionBackend:
         finally:
             self.recording = False
         if seen == 0:
-            raise CalibrationError("the calibration loader yielded no batches")
+            raise no_batches(self.calib_loader)
         self.calibrated = True
         waiting = [g for g in self.graphs if isinstance(g, GraphDecomposer) and g.status == "calibrating"]
         # The member of each family that saw the most batches decides; its siblings adopt that decision.

@@ -33,6 +33,24 @@ def as_call(batch: Any) -> tuple[tuple, dict[str, Any]]:
     )
 
 
+def no_batches(loader: Any, what: str = "calibration loader") -> CalibrationError:
+    """The error for a loader that yielded nothing, with the likely cause when it is a spent iterator.
+
+    Example:
+        >>> gen = iter([])
+        >>> str(no_batches(gen))  # doctest: +ELLIPSIS
+        'the calibration loader yielded no batches (it is an iterator, which can be read only once, ...)'
+    """
+    hint = ""
+    try:
+        if iter(loader) is loader:
+            hint = (" (it is an iterator, which can be read only once, e.g. a generator: was it read before? Pass a "
+                    "list or a DataLoader to read the data again)")
+    except TypeError:
+        pass
+    return CalibrationError(f"the {what} yielded no batches{hint}")
+
+
 def check_input_fn(input_fn: Any) -> None:
     """Refuse an ``input_fn`` that is not a function, before any batch is read.
 
@@ -57,7 +75,8 @@ def adapt_batch(batch: Any, input_fn: Callable[[Any], Any] | None, index: int, w
         >>> adapt_batch({"x": 1}, lambda b: b["image"], 7)
         Traceback (most recent call last):
         ...
-        fxdeco.errors.CalibrationError: input_fn failed on calibration batch 7 (a dict with keys ['x']): KeyError: 'image'
+        fxdeco.errors.CalibrationError: input_fn failed on calibration batch 7 (a dict with keys ['x']): \
+KeyError: 'image'
     """
     if input_fn is None:
         return batch

@@ -85,7 +85,8 @@ def check_mode_options(given: Iterable[str]) -> None:
         >>> check_mode_options(["nsr_threshold", "keep_params"])
         Traceback (most recent call last):
         ...
-        ValueError: keep_params selects falor's budget mode, which ignores nsr_threshold (an option of its local mode); drop one of them
+        ValueError: keep_params selects falor's budget mode, which ignores nsr_threshold (an option of its local \
+mode); drop one of them
     """
     given = set(given)
     mode = selected_mode(given)

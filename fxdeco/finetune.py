@@ -18,13 +18,12 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from fxdeco.batches import check_input_fn, model_inputs
-from fxdeco.errors import CalibrationError
+from fxdeco.batches import check_input_fn, model_inputs, no_batches
 from fxdeco.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class TrainingBatches:
                 break
             except StopIteration:
                 if self.drawn == 0:
-                    raise CalibrationError(f"the {self.what} yielded no batches") from None
+                    raise no_batches(self.loader, self.what) from None
                 if self.one_shot or attempt == 1:
                     self.exhausted = True
                     return None

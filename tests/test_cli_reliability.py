@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from fxdeco.calib_sources import CalibrationSourceError, example_batch, input_info, load_calibration
 from fxdeco.cli import main

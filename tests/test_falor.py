@@ -9,7 +9,6 @@ definition), and it stays under the threshold.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

@@ -460,7 +460,8 @@ def test_options_of_two_modes_are_refused_before_calibration(options: dict[str, 
 
 def test_float32_overflow_is_named_with_the_remedy() -> None:
     huge = [torch.randn(32, 16) * 1e30 for _ in range(2)]
-    with pytest.raises(fxdeco.NonFiniteActivationError, match=r"overflowed.*finite but reach.*stat_dtype=torch\.float64"):
+    with pytest.raises(fxdeco.NonFiniteActivationError,
+                       match=r"overflowed.*finite but reach.*stat_dtype=torch\.float64"):
         fxdeco.transform(_mlp(), huge)
     small = fxdeco.transform(_mlp(), huge, stat_dtype=torch.float64)
     assert fxdeco.report(small).totals["layers"] == 2
