@@ -153,7 +153,8 @@ def prepare(
     skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
     sites = [s for s in sites if not matches_any(s.target, skip)]
     if not sites:
-        reasons = "; ".join(f"{k.target}: {k.reason}" for k in skipped[:5]) or "no Linear or Conv2d layer found"
+        reasons = "; ".join(list(dict.fromkeys(f"{k.target}: {k.reason}" for k in skipped))[:5]) \
+            or "no Linear or Conv2d layer found"
         raise NoSitesError(f"{type(model).__name__} has no decomposable Linear/Conv2d layer ({reasons})")
     log.info("prepared %d layers for calibration (%d skipped, %d dead)", len({s.target for s in sites}),
              len(skipped), len(removed))
@@ -326,6 +327,11 @@ def transform(
     _check_stat_mask_fn(stat_mask_fn)
     check_input_fn(input_fn)
     total = length_of(calib_loader)
+    metric_batches = method_options.get("num_metric_batches", 2)
+    if method == "falor" and selected_falor_mode(method_options) == "final-output" and total is not None \
+            and total < metric_batches:
+        raise ValueError(f"num_metric_batches={metric_batches} but the calibration loader holds {total} batch(es); "
+                         "lower num_metric_batches or give more batches")
     try:
         iterator = iter(calib_loader)
     except TypeError:

@@ -112,3 +112,22 @@ def leading_dim(args: tuple, kwargs: dict[str, Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return 1
+
+
+def call_on_batch(model: Any, args: tuple, kwargs: dict[str, Any], index: int, what: str = "training batch") -> Any:
+    """``model(*args, **kwargs)``; a batch that does not fit the model's signature is named, with the usual remedy.
+
+    Example:
+        >>> call_on_batch(torch.nn.Linear(2, 2), (torch.ones(1, 2), torch.ones(1)), {}, 0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        fxdeco.errors.CalibrationError: training batch 0 does not fit the model's inputs (2 positional, keywords []): ... for (inputs, labels) batches pass input_fn=lambda b: b[0]
+    """
+    try:
+        return model(*args, **kwargs)
+    except TypeError as exc:
+        if "argument" not in str(exc):  # a TypeError from inside the model, not from the call itself
+            raise
+        raise CalibrationError(f"{what} {index} does not fit the model's inputs ({len(args)} positional, keywords "
+                               f"{sorted(kwargs)}): {exc}; for (inputs, labels) batches pass "
+                               "input_fn=lambda b: b[0]") from exc

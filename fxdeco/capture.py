@@ -5,18 +5,21 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import operator
 import traceback
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch import nn
 
-from fxdeco.batches import as_call
+from fxdeco.batches import as_call, leading_dim
 from fxdeco.errors import warn_user
 from fxdeco.modes import eval_mode
 from passes import CaptureError, export_capture, symbolic_capture, training_mode_nodes
 from passes.capture import optional_tensor_inputs, require_inputs, reword_constant_checks
+from passes.inputs import flatten_inputs
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +127,12 @@ def trace(
             # Tracing runs Python code: ``self.training`` read there is baked into the graph, so trace in eval mode.
             constants = dict(constant_inputs) if constant_inputs is not None \
                 else _left_out_constant_inputs(model, example_inputs)
-            with eval_mode(model):
+            with eval_mode(model), state_restored(model) as changed:
                 gm = symbolic_capture(model, (*leaf_modules, *timm_modules), (*autowrap_functions, *timm_functions),
                                       concrete_args=constants)
+            if changed:  # the graph would hold the value the buffer had while tracing, for ever
+                raise RuntimeError(f"forward changes {', '.join(changed)} in place, which symbolic tracing records "
+                                   "as a constant")
             _guard_optional_inputs(gm, knew_batch=example_inputs is not None or constant_inputs is not None)
             gm.meta["fxdeco_capture"] = "symbolic"
             gm.meta["fxdeco_constant_inputs"] = constants
@@ -148,7 +154,7 @@ def trace(
     args, kwargs = as_call(example_inputs)
     _warn_unit_dims(args, kwargs)
     try:
-        with eval_mode(model), torch.no_grad(), _without_kv_cache(model, kwargs):
+        with eval_mode(model), torch.no_grad(), _without_kv_cache(model, kwargs), state_restored(model):
             gm = export_capture(model, args, kwargs)
     except Exception as exc:
         raise CaptureError(
@@ -159,7 +165,93 @@ def trace(
         ) from exc
     gm.meta["fxdeco_capture"] = "export"
     _warn_training_behaviour(gm, model)
+    _guard_batch_of_one(model, gm, args, kwargs)
     return gm
+
+
+@contextlib.contextmanager
+def state_restored(model: nn.Module) -> Iterator[list[str]]:
+    """Give back every buffer the block changes in place; the list yielded names them after the block.
+
+    Capture runs the model's Python code on its real tensors: ``self.count += 1``
+    in ``forward`` would change the caller's model (and be recorded as a
+    constant by symbolic tracing).
+
+    Example:
+        >>> class Counter(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.register_buffer("count", torch.zeros(1))
+        ...     def forward(self, x):
+        ...         self.count += 1
+        ...         return x
+        >>> m = Counter()
+        >>> with state_restored(m) as changed:
+        ...     _ = m(torch.ones(1))
+        >>> changed, m.count
+        (["buffer 'count'"], tensor([0.]))
+    """
+    buffers = [(name, b, b._version, b.detach().clone()) for name, b in model.named_buffers()]
+    changed: list[str] = []
+    try:
+        yield changed
+    finally:
+        with torch.no_grad():
+            for name, buffer, version, value in buffers:
+                if buffer._version != version:
+                    buffer.copy_(value)
+                    changed.append(f"buffer {name!r}")
+
+
+def _guard_batch_of_one(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> None:
+    """torch.export assumes dynamic sizes are at least 2 and drops ``if x.shape[0] == 1`` branches without a
+    guard. Run the model and the graph on one sample of the example: where they differ, the graph refuses
+    batches of one with the reason, instead of computing something else."""
+    n = leading_dim(args, kwargs)
+    if n < 2:
+        return
+
+    def one(value: Any) -> Any:
+        return value[:1] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
+
+    args1, kwargs1 = tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
+    try:
+        with eval_mode(model), torch.no_grad(), _without_kv_cache(model, kwargs), state_restored(model):
+            expected = model(*args1, **kwargs1)
+    except Exception:  # the model itself does not take a batch of one: nothing to protect
+        return
+    try:  # the exported graph may hold the model's own buffers: a forward that updates them must leave no trace
+        with torch.no_grad(), state_restored(model), state_restored(gm):
+            same = _same_tensors(gm(*args1, **kwargs1), expected)
+    except Exception:
+        same = False
+    if same:
+        return
+    flat = flatten_inputs(gm, args, kwargs)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    batch = next((node for node, value in zip(placeholders, flat)
+                  if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n), None)
+    if batch is None:
+        return
+    warn_user(f"{type(model).__name__} computes differently for a batch of one than the graph torch.export "
+              "captured (export assumes sizes of at least 2); the decomposed graph refuses batches of one")
+    with gm.graph.inserting_after(placeholders[-1]):
+        size = gm.graph.call_method("size", (batch, 0))
+        with gm.graph.inserting_after(size):
+            ok = gm.graph.call_function(operator.ge, (size, 2))
+        with gm.graph.inserting_after(ok):
+            gm.graph.call_function(torch._assert, (ok, (
+                f"this graph was captured with torch.export, which assumes a batch of at least 2, and "
+                f"{type(model).__name__} computes differently for a batch of one; pass at least 2 samples")))
+    gm.recompile()
+
+
+def _same_tensors(got: Any, expected: Any) -> bool:
+    a = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    b = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    return len(a) == len(b) and all(x.shape == y.shape and (not x.is_floating_point() and torch.equal(x, y) or
+                                                            torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5))
+                                    for x, y in zip(a, b))
 
 
 def _left_out_constant_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:

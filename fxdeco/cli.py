@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import sys
 from typing import Any, Sequence
@@ -84,9 +85,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _out_dir(path: str) -> pathlib.Path:
+    """Create (or reuse) the output directory now and check it can be written, before any slow work."""
     out = pathlib.Path(path)
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory; give a new or an existing directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out} cannot be created: {exc.strerror or exc}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out} is not writable")
     return out
 
 
@@ -133,6 +141,17 @@ def _dumps(gm: Any, model: Any, out: pathlib.Path, formats: Sequence[str], examp
 
 
 def _decompose(args: argparse.Namespace) -> int:
+    created = not pathlib.Path(args.out).exists()
+    out = _out_dir(args.out)  # before the slow part
+    try:
+        return _decompose_into(out, args)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a failure leaves no empty directory behind
+        raise
+
+
+def _decompose_into(out: pathlib.Path, args: argparse.Namespace) -> int:
     import torch
 
     import fxdeco
@@ -140,7 +159,6 @@ def _decompose(args: argparse.Namespace) -> int:
     from fxdeco.model_specs import build_model, describe_weights, parse_model_spec
     from fxdeco.serialize import save
 
-    out = _out_dir(args.out)  # before the slow part
     spec = parse_model_spec(args.model, args.weights)
     torch.manual_seed(args.seed)  # random weights, when the model has them, are reproducible
     built = build_model(spec)
@@ -156,7 +174,6 @@ def _decompose(args: argparse.Namespace) -> int:
     options = _method_options(args)
     gm = fxdeco.transform(built.model, calib.batches, method=args.method, capture=args.capture,
                           stat_mask_fn=calib.stat_mask_fn, show_progress=args.progress, **options)
-    out.mkdir(parents=True, exist_ok=True)
     save(gm, out)
     meta = {"model": spec.text, "weights": describe_weights(spec),
             "calibration": {"source": calib.source, "random": calib.random, "description": calib.description},
@@ -219,10 +236,7 @@ def _dump(args: argparse.Namespace) -> int:
     built = build_model(parse_model_spec(cli["model"], cli.get("weights_file")))
     example = example_batch(built, cli["input"])
     gm = load(folder, built.model, example_inputs=example)
-    out = pathlib.Path(args.out) if args.out else folder
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(args.out) if args.out else folder
     for path in _dumps(gm, built.model, out, args.format, example):
         print(f"wrote {path}")
     return 0

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from fxdeco.budget import BudgetError, LayerOptions, allocate
+from fxdeco.errors import warn_user
 from fxdeco.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
                             spectrum)
 from fxdeco.plan import (LayerDecision, check_fraction, decision, dense_macs, factored_macs, matches_any,
@@ -271,6 +272,10 @@ def _uses_output_error(layers: list[_Layer], criterion: str) -> bool:
     if use_output and any(l.stats.sensitivity is None for l in layers):
         raise ValueError("budget_criterion='output' needs output-gradient statistics: "
                          "fxdeco.prepare(..., sensitivity=True) (transform collects them in budget mode)")
+    if criterion == "auto" and not use_output:
+        warn_user("budget mode allocates ranks by summed layer NSR: the prepared model has no output-gradient "
+                  "statistics for the (better) predicted final-output error; prepare it with "
+                  "fxdeco.prepare(..., sensitivity=True), or pass budget_criterion='nsr' to choose this")
     return use_output
 
 
@@ -489,9 +494,9 @@ def falor(
 
     kept = prepared.kept_inputs
     if len(kept) < num_metric_batches:
-        raise ValueError(f"num_metric_batches={num_metric_batches} but the prepared model kept only {len(kept)} "
-                         f"calibration batch(es); prepare(..., keep_batches={num_metric_batches}) and calibrate on "
-                         "at least that many batches")
+        raise ValueError(f"num_metric_batches={num_metric_batches} but only {len(kept)} calibration batch(es) were "
+                         f"kept to measure on: lower num_metric_batches, or give at least {num_metric_batches} "
+                         f"batches (with fxdeco.prepare: prepare(..., keep_batches={num_metric_batches}))")
     return falor_final(prepared.gm, prepared.sites, prepared.statistics, metric_inputs=kept[:num_metric_batches],
                        nsr_final_threshold=math.inf if nsr_final_threshold is None else nsr_final_threshold,
                        kl_final_threshold=kl_final_threshold, output_fn=prepared.output_fn, max_probes=max_probes,

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from fxdeco.batches import check_input_fn, model_inputs, no_batches
+from fxdeco.batches import call_on_batch, check_input_fn, model_inputs, no_batches
 from fxdeco.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ def finetune(
             batch = to_device(batch, device)
             args, kwargs = model_inputs(batch, input_fn, step)
             with torch.no_grad(), autocast_context(amp):
-                teacher_logits = get_logits(teacher(*args, **kwargs))
+                teacher_logits = get_logits(call_on_batch(teacher, args, kwargs, step))
             with autocast_context(amp):
                 student_logits = get_logits(student(*args, **kwargs))
             kd = distill(student_logits, teacher_logits)

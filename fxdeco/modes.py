@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch  # noqa: F401  (the docstring example uses it)
 from torch import nn
 
 

@@ -39,6 +39,9 @@ e.g. output_fn=lambda out: out[0]
         return selected
     if isinstance(output, torch.Tensor) and output.is_floating_point():
         return output
+    if isinstance(output, torch.Tensor):
+        raise TypeError(f"the model returns a {output.dtype} tensor; final-output criteria compare floating-point "
+                        "outputs (logits, embeddings): pass output_fn= selecting one, or compare before an argmax")
     example = {tuple: "out[0]", list: "out[0]", dict: "out['logits']"}.get(type(output), "out.logits")
     raise TypeError(f"the model returns a {type(output).__name__}, not a tensor; pass output_fn= to select the "
                     f"tensor to compare, e.g. output_fn=lambda out: {example}")

@@ -260,8 +260,8 @@ class PreparedModel(nn.Module):
             except Exception as exc:
                 raise CalibrationError(
                     f"calibration batch {index} could not be run through the model, at "
-                    f"{_describe(interpreter.current_node)}: {exc}{self._dtype_hint(args, kwargs)}"
-                    f"{self._none_hint(flat)}{self._kept(index)}"
+                    f"{_describe(interpreter.current_node)}: {exc}{self._dtype_hint(args, kwargs, exc)}"
+                    f"{self._none_hint(flat)}{self._guard_hint(exc)}{self._kept(index)}"
                 ) from exc
             macs = None
             if self.macs_per_sample is None:
@@ -314,9 +314,22 @@ class PreparedModel(nn.Module):
                 "model's branch that uses it: tracing saw no example batch). Pass example_inputs=... (a batch "
                 f"without {traced[0]!r}) to fxdeco.prepare so the branch without it is traced.")
 
-    def _dtype_hint(self, args: tuple, kwargs: dict[str, Any]) -> str:
-        """A remedy for the common mistake of feeding integer tensors to a float model (only on failure:
+    def _guard_hint(self, exc: Exception) -> str:
+        """A remedy for torch.export's fixed sizes: a first batch with a dimension of 1 fixes it there."""
+        text = str(exc)
+        if "Guard failed" not in text and "guard" not in text.lower():
+            return ""
+        first = "a first calibration batch (the example torch.export captured the model from)"
+        return (f"\nThe model was captured with torch.export, whose graph accepts only inputs like {first} where "
+                "it fixed a size: export fixes every dimension of size 1 and any size the model's code depends on. "
+                "Use a first batch (or example_inputs=) with batch size and sequence length of at least 2 and "
+                "sizes like the others'.")
+
+    def _dtype_hint(self, args: tuple, kwargs: dict[str, Any], exc: Exception) -> str:
+        """A remedy for the common mistake of feeding integer tensors to a float model (only on a dtype error:
         integer token ids are the right input of a model that starts with an embedding)."""
+        if not any(word in str(exc) for word in ("dtype", "scalar type", "Float", "Long", "Int")):
+            return ""
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
         floats = {p.dtype for p in self.gm.parameters() if p.is_floating_point()}
         if not tensors or any(t.is_floating_point() or t.is_complex() for t in tensors) or not floats:

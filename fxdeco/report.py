@@ -86,7 +86,9 @@ def report(gm: torch.fx.GraphModule) -> Report:
     decisions: list[LayerDecision] = info["decisions"]
     skipped: list[SkippedSite] = info["skipped"]
     rows = [_decision_row(d) for d in decisions]
-    rows += [_other_row(k.target, f"skipped: {k.reason}") for k in skipped]
+    # a layer called at several nodes is skipped at each of them: one row
+    rows += [_other_row(target, f"skipped: {reason}") for target, reason in dict.fromkeys((k.target, k.reason)
+                                                                                           for k in skipped)]
     rows += [_other_row(name, "removed: output never used") for name in info["removed"]]
     totals = {
         "method": info["method"],

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
+import torch.nn.utils.parametrize
 from torch import nn
 
 aten = torch.ops.aten
@@ -145,6 +146,10 @@ def site_input(node: torch.fx.Node) -> Any:
 def _module_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | SkippedSite | None:
     mod = gm.get_submodule(node.target)
     cls = type(mod)
+    if isinstance(mod, (nn.Linear, nn.Conv2d)):
+        unusual = _not_plain(mod)
+        if unusual is not None:
+            return SkippedSite(node.name, node.target, unusual)
     if isinstance(mod, nn.Linear) and cls.forward is nn.Linear.forward:
         return Site(node.name, "linear", node.target, f"{node.target}.weight",
                     f"{node.target}.bias" if mod.bias is not None else None, tuple(mod.weight.shape))
@@ -162,6 +167,22 @@ def _module_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | Skippe
             return SkippedSite(node.name, node.target, reason)
     if isinstance(mod, (nn.Linear, nn.Conv2d)):
         return SkippedSite(node.name, node.target, f"{cls.__name__} overrides forward")
+    return None
+
+
+def _not_plain(mod: nn.Module) -> str | None:
+    """Why a Linear/Conv2d module call is not just ``y = W x + b``, or None.
+
+    Forward hooks and pre-hooks run around the call (a factored layer would not
+    run them), and a parametrized weight (``weight_norm``, ``spectral_norm``) is
+    recomputed on every call rather than stored.
+    """
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        return ("has forward hooks or pre-hooks, which change what the layer computes and which a factored layer "
+                "would not run")
+    if torch.nn.utils.parametrize.is_parametrized(mod):
+        return ("its weight is parametrized (weight_norm, spectral_norm, ...); remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations) or capture the model with torch.export")
     return None
 
 
@@ -303,9 +324,9 @@ def _hidden_layers(gm: torch.fx.GraphModule, found: list[Site | SkippedSite]) ->
 
 
 def _non_site_users(gm: torch.fx.GraphModule, sites: list[Site]) -> dict[int, str]:
-    """Map weight tensor id -> a node that uses the weight outside any site."""
+    """Map weight (or bias) tensor id -> a node that uses the tensor outside any site."""
     site_nodes = {s.node for s in sites}
-    weight_ids = {id(fetch_attr(gm, s.weight)) for s in sites}
+    weight_ids = {id(fetch_attr(gm, name)) for s in sites for name in (s.weight, s.bias) if name is not None}
     outside: dict[int, str] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -321,6 +342,30 @@ def _non_site_users(gm: torch.fx.GraphModule, sites: list[Site]) -> dict[int, st
                 if id(t) in weight_ids:
                     outside.setdefault(id(t), node.name)
     return outside
+
+
+def _call_signature(s: Site) -> tuple:
+    """What must agree between the calls of one layer for one factorization to serve them all."""
+    def pair(v: Any) -> Any:
+        return v if isinstance(v, str) else (v, v) if isinstance(v, int) else tuple(v)
+
+    geometry = (pair(s.stride), pair(s.padding), pair(s.dilation)) if s.kind == "conv2d" else ()
+    return (s.kind, s.weight, s.bias, s.weight_transposed, *geometry)
+
+
+def _calls_that_differ(sites: list[Site]) -> dict[str, str]:
+    """Layers called at several nodes with other arguments (``self.conv(x)`` beside ``F.conv2d(x, self.conv.weight,
+    dilation=2)``, a call without the bias): target -> the reason to keep them dense."""
+    by_target: dict[str, list[Site]] = defaultdict(list)
+    for s in sites:
+        by_target[s.target].append(s)
+    differ = {}
+    for target, calls in by_target.items():
+        odd = next((c for c in calls[1:] if _call_signature(c) != _call_signature(calls[0])), None)
+        if odd is not None:
+            differ[target] = (f"its weight is used by nodes {calls[0].node!r} and {odd.node!r} with different "
+                              "arguments (bias, stride, padding or dilation); one factorization cannot serve both")
+    return differ
 
 
 def find_sites(gm: torch.fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
@@ -346,11 +391,17 @@ def find_sites(gm: torch.fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]
     targets_by_weight: dict[int, set[str]] = defaultdict(set)
     for s in sites:
         targets_by_weight[id(fetch_attr(gm, s.weight))].add(s.target)
+    calls_differ = _calls_that_differ(sites)
     kept: list[Site] = []
     for s in sites:
         wid = id(fetch_attr(gm, s.weight))
+        bid = id(fetch_attr(gm, s.bias)) if s.bias is not None else None
         if wid in outside:
             skipped.append(SkippedSite(s.node, s.target, f"weight also used by node {outside[wid]!r}"))
+        elif bid in outside:
+            skipped.append(SkippedSite(s.node, s.target, f"bias also used by node {outside[bid]!r}"))
+        elif s.target in calls_differ:
+            skipped.append(SkippedSite(s.node, s.target, calls_differ[s.target]))
         elif len(targets_by_weight[wid]) > 1:
             others = ", ".join(sorted(targets_by_weight[wid] - {s.target}))
             skipped.append(SkippedSite(s.node, s.target, f"weight tied with {others}"))
@@ -395,9 +446,10 @@ def has_side_effects(node: torch.fx.Node) -> bool:
     torch.fx keeps placeholders, outputs and known impure functions; it drops
     in-place tensor methods and modules whose result is not assigned, although
     they change a tensor that later nodes read (``h.clamp_(min=0)``,
-    ``h.mul_(2)``, ``nn.ReLU(inplace=True)(h)`` on its own line). Those are
-    kept here: in-place methods and functions (a trailing ``_``, as
-    ``torch.relu_``), calls with ``inplace=True``, and modules built with
+    ``h.mul_(2)``, ``nn.ReLU(inplace=True)(h)`` on its own line,
+    ``torch.mul(x, 2, out=buf)``). Those are kept here: in-place methods and
+    functions (a trailing ``_``, as ``torch.relu_``), calls with
+    ``inplace=True`` or an ``out=`` tensor, and modules built with
     ``inplace=True``.
 
     Example:
@@ -414,6 +466,8 @@ def has_side_effects(node: torch.fx.Node) -> bool:
         if name.endswith("_") and not name.startswith("__"):  # torch's naming rule for in-place variants
             return True
         if name in ("__setitem__",):
+            return True
+        if node.kwargs.get("out") is not None:  # torch.mul(x, 2, out=buffer) writes into buffer
             return True
         if node.op == "call_function":
             try:

@@ -616,3 +616,219 @@ def test_statistics_of_an_input_changed_in_place_between_its_readers() -> None:
     stats = [fxdeco.calibrate(fxdeco.prepare(m), calib).statistics for m in (inplace, plain)]
     for name in ("fc1", "fc2"):
         torch.testing.assert_close(stats[0][name].second_moment(), stats[1][name].second_moment())
+
+
+# ----------------------------------------------------------------------------- more silent wrong models
+
+
+def _low_rank(layer: nn.Module, rank: int = 3) -> nn.Module:
+    """Give ``layer`` an exactly rank-``rank`` weight, so a tiny threshold decomposes it without error."""
+    with torch.no_grad():
+        out, fan_in = layer.weight.shape[0], layer.weight[0].numel()
+        layer.weight.copy_((torch.randn(out, rank) @ torch.randn(rank, fan_in)).reshape(layer.weight.shape)
+                           / fan_in ** 0.5)
+    return layer
+
+
+def _exact(model: nn.Module, calib: list[torch.Tensor], x: torch.Tensor, **options: Any) -> nn.Module:
+    """Decompose at a tiny threshold and check the result computes what ``model`` computes on fresh ``x``."""
+    small = fxdeco.transform(model, calib, nsr_threshold=1e-8, rank_multiple=1, stat_dtype=torch.float64, **options)
+    with torch.no_grad():
+        expected, got = model(x), small(x)
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-4), \
+        f"relative error {((got - expected).norm() / expected.norm()).item():.3g}"
+    return small
+
+
+class ReusedWeight(nn.Module):
+    """A layer's weight also used through F.linear/F.conv2d with other arguments."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.head = _low_rank(nn.Linear(32, 32))
+        self.a = _low_rank(nn.Linear(32, 32))
+        self.c = _low_rank(nn.Conv2d(2, 2, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "linear-without-bias":
+            h = self.a(x) + nn.functional.linear(x, self.a.weight)
+        elif self.how == "bias-read":
+            h = self.a(x) + self.a.bias
+        else:
+            img = x.reshape(-1, 2, 4, 4)
+            other = nn.functional.conv2d(img, self.c.weight, self.c.bias, 1, 2, 2)  # dilation 2
+            h = (self.c(img) + other).reshape(-1, 32)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["linear-without-bias", "bias-read", "conv-other-dilation"])
+def test_weight_reused_with_other_arguments_is_kept_dense(how: str) -> None:
+    torch.manual_seed(0)
+    model = ReusedWeight(how).eval()
+    small = _exact(model, [torch.randn(64, 32) for _ in range(4)], torch.randn(8, 32))
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    layer = "c" if how.startswith("conv") else "a"
+    assert rows[layer]["rank"] is None, f"{layer!r} was decomposed although another call uses it differently"
+    assert rows["head"]["rank"] == 3
+
+
+def test_out_argument_is_not_dead_code() -> None:
+    class Out(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = _low_rank(nn.Linear(32, 32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(x)
+            torch.mul(x, 2, out=out)
+            return self.a(out)
+
+    torch.manual_seed(0)
+    _exact(Out().eval(), [torch.randn(64, 32) for _ in range(4)], torch.randn(8, 32))
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_layers_with_hooks_are_kept_dense(hook: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_low_rank(nn.Linear(32, 32)), nn.ReLU(), _low_rank(nn.Linear(32, 10))).eval()
+    if hook == "forward":
+        model[0].register_forward_hook(lambda module, inputs, out: out * 2)
+    else:
+        model[0].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 3,))
+    small = _exact(model, [torch.randn(64, 32) for _ in range(4)], torch.randn(8, 32))
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert "hooks" in rows["0"]["note"] and rows["2"]["rank"] == 3
+
+
+def test_parametrized_layer_is_kept_dense_with_the_remedy() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_low_rank(nn.Linear(32, 32)), nn.ReLU(), _low_rank(nn.Linear(32, 10))).eval()
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    small = _exact(model, [torch.randn(64, 32) for _ in range(4)], torch.randn(8, 32))
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert "parametrized" in rows["0"]["note"] and "remove_parametrizations" in rows["0"]["note"]
+
+
+def test_buffer_changed_in_forward_leaves_the_caller_alone() -> None:
+    """Tracing ran ``self.count += 1`` on the caller's buffer and froze its value into the graph."""
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = _low_rank(nn.Linear(32, 32))
+            self.register_buffer("count", torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.count += 1
+            return self.a(x) + self.count
+
+    torch.manual_seed(0)
+    model = Counter().eval()
+    calib = [torch.randn(64, 32) for _ in range(4)]
+    small = fxdeco.transform(model, calib, nsr_threshold=1e-6, rank_multiple=1)
+    assert model.count.item() == 0, "capture or calibration changed the caller's buffer"
+    assert small.meta["fxdeco"]["capture"] == "export"  # tracing cannot record the update; export can
+    x = torch.randn(8, 32)
+    with torch.no_grad():
+        first, second = small(x), small(x)
+    torch.testing.assert_close(second - first, torch.ones_like(first), rtol=1e-4, atol=1e-4)
+
+
+def test_export_branch_for_a_batch_of_one_is_guarded() -> None:
+    class OneIsSpecial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = _low_rank(nn.Linear(32, 32))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            if h.shape[0] == 1:  # export assumes sizes >= 2 and drops this branch without a guard
+                h = h * 0
+            return h
+
+    torch.manual_seed(0)
+    model = OneIsSpecial().eval()
+    with pytest.warns(UserWarning, match="computes differently for a batch of one"):
+        small = fxdeco.transform(model, [torch.randn(16, 32) for _ in range(4)], nsr_threshold=1e-8,
+                                 rank_multiple=1, capture="export")
+    with torch.no_grad():
+        torch.testing.assert_close(small(torch.randn(4, 32)).shape, torch.Size([4, 32]))
+        with pytest.raises(AssertionError, match="assumes a batch of at least 2"):
+            small(torch.randn(1, 32))
+
+
+def test_export_capture_without_a_batch_of_one_branch_takes_batches_of_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_low_rank(nn.Linear(32, 32)), nn.ReLU(), _low_rank(nn.Linear(32, 10))).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _exact(model, [torch.randn(64, 32) for _ in range(4)], torch.randn(1, 32), capture="export")
+
+
+# ----------------------------------------------------------------------------- messages that name the right thing
+
+
+def test_dtype_hint_only_for_dtype_errors_and_guard_hint_for_fixed_sizes() -> None:
+    with pytest.raises(fxdeco.CalibrationError, match=r"convert the inputs to floating point"):
+        fxdeco.transform(_mlp(), [torch.randint(0, 5, (8, 16))])
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2)
+    bert = transformers.BertModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (1, 12))}, {"input_ids": torch.randint(0, 100, (4, 12))}]
+    with pytest.raises(fxdeco.CalibrationError) as info:
+        fxdeco.transform(bert, batches)
+    message = str(info.value)
+    assert "calibration batch 1" in message and "batch size and sequence length of at least 2" in message
+    assert "floating point" not in message, "token ids were called the wrong dtype"
+
+
+def test_training_loops_name_a_batch_that_does_not_fit() -> None:
+    model, gm = _lockd_graph()
+    labelled = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(3)]
+    with pytest.raises(fxdeco.CalibrationError, match=r"training batch 0 does not fit.*input_fn=lambda b: b\[0\]"):
+        lockd.train(gm, labelled, steps=2)
+    with pytest.raises(fxdeco.CalibrationError, match=r"training batch 0 does not fit.*input_fn=lambda b: b\[0\]"):
+        fxdeco.finetune(lockd.finalize(gm), model, labelled, steps=2)
+
+
+def test_more_metric_batches_than_the_loader_holds_is_refused_before_calibration() -> None:
+    loader = [torch.randn(32, 16) for _ in range(3)]
+    with pytest.raises(ValueError, match="num_metric_batches=5 but the calibration loader holds 3"):
+        fxdeco.transform(_mlp(), loader, nsr_final_threshold=0.01, num_metric_batches=5)
+    with pytest.raises(ValueError, match="lower num_metric_batches, or give at least 5 batches"):
+        fxdeco.transform(_mlp(), iter(loader), nsr_final_threshold=0.01, num_metric_batches=5)
+
+
+def test_integer_output_in_final_output_mode_says_what_is_wrong() -> None:
+    class ArgMax(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).argmax(-1)
+
+    with pytest.raises(TypeError, match=r"returns a torch.int64 tensor; final-output criteria compare floating-point"):
+        fxdeco.transform(ArgMax(), [torch.randn(32, 16) for _ in range(3)], kl_final_threshold=0.01)
+
+
+def test_budget_without_gradient_statistics_says_so() -> None:
+    prepared = fxdeco.calibrate(fxdeco.prepare(_mlp()), [torch.randn(64, 16) for _ in range(3)])
+    with pytest.warns(UserWarning, match=r"allocates ranks by summed layer NSR.*sensitivity=True"):
+        fxdeco.convert(prepared, keep_params=0.6)
+
+
+def test_cli_out_that_cannot_be_created_fails_before_the_work(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    factory = tmp_path / "mlp.py"
+    factory.write_text("import torch\n\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(32, 64), "
+                       "torch.nn.ReLU(), torch.nn.Linear(64, 10))\n")
+    result = subprocess.run([sys.executable, "-m", "fxdeco.cli", "decompose", f"{factory}:build", "--calib", "random",
+                             "--out", str(blocker / "sub")], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "cannot be created" in result.stderr, result.stderr
+    assert "calibrat" not in result.stderr.lower(), "the work ran before the output directory was checked"

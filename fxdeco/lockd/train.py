@@ -19,7 +19,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxdeco.batches import check_input_fn, leading_dim, model_inputs
+from fxdeco.batches import call_on_batch, check_input_fn, leading_dim, model_inputs
 from fxdeco.finetune import (TrainingBatches, autocast_context, check_positive, check_steps, model_device,
                              to_device, use_amp)
 from fxdeco.lockd.losses import check_finite, entropy_loss, kept_proportion, nsr_loss, proportion_loss
@@ -173,7 +173,7 @@ def train(
                 _try_record_macs(gm, args, kwargs)
             train_mode(gm, True)
             with autocast_context(amp):
-                gm(*args, **kwargs)
+                call_on_batch(gm, args, kwargs, step)
             nsr_term, prop_term = nsr_loss(gm), proportion_loss(gm)
             loss = nsr_term + lmbda * prop_term
             if entropy_weight:
