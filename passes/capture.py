@@ -163,25 +163,25 @@ def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None 
     """
     kwargs = dict(kwargs or {})
     dyn_args, dyn_kwargs = _auto_dynamic_shapes(tuple(args), kwargs)
-    dynamic_shapes: Any
-    if kwargs:
-        dynamic_shapes = {**_positional_dynamic(model, dyn_args), **dyn_kwargs}
-    else:
-        dynamic_shapes = dyn_args
+    dynamic_shapes = {**_positional_dynamic(model, dyn_args), **dyn_kwargs}
     program = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     return program.module()
 
 
 def _positional_dynamic(model: nn.Module, dyn_args: tuple) -> dict[str, Any]:
-    """Name positional dynamic-shape specs after ``model.forward``'s parameters."""
+    """Name positional dynamic-shape specs after ``model.forward``'s parameters (``*args`` takes the rest, as a
+    tuple: torch.export matches dynamic shapes to the signature's structure)."""
     import inspect
 
-    names = [
-        p.name
-        for p in inspect.signature(model.forward).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    return dict(zip(names, dyn_args))
+    named: dict[str, Any] = {}
+    rest = list(dyn_args)
+    for p in inspect.signature(model.forward).parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            named[p.name] = tuple(rest)
+            break
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and rest:
+            named[p.name] = rest.pop(0)
+    return named
 
 
 # Functions that behave differently in training when their ``training``/``train`` argument is true: dropout

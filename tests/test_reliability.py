@@ -832,3 +832,21 @@ def test_cli_out_that_cannot_be_created_fails_before_the_work(tmp_path: Any) -> 
                              "--out", str(blocker / "sub")], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "cannot be created" in result.stderr, result.stderr
     assert "calibrat" not in result.stderr.lower(), "the work ran before the output directory was checked"
+
+
+def test_varargs_model_is_captured_by_export() -> None:
+    class VarArgs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = _low_rank(nn.Linear(32, 32))
+
+        def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+            return self.a(xs[0]) + self.a(xs[1])
+
+    torch.manual_seed(0)
+    model = VarArgs().eval()
+    calib = [(torch.randn(64, 32), torch.randn(64, 32)) for _ in range(3)]
+    small = fxdeco.transform(model, calib, nsr_threshold=1e-6, rank_multiple=1, capture="export")
+    x = (torch.randn(5, 32), torch.randn(5, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(small(*x), model(*x), rtol=1e-3, atol=1e-4)
