@@ -264,14 +264,13 @@ def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callab
     for all of them.
     """
     seen = 0
-    loader = batches
     for batch in progress(batches, desc="calibrating", total=total, enabled=show_progress):
         out = prepared.calibrate_batch(adapt_batch(batch, input_fn, prepared.batches))
         if seen == 0 and after_first is not None:
             after_first(out)
         seen += 1
     if seen == 0:
-        raise no_batches(loader)
+        raise no_batches(batches)
     log.info("calibrated on %d batches", seen)
 
 
