@@ -36,6 +36,7 @@ _EXPORTS = {
     "CalibrationError": "errors", "CaptureError": "errors", "NonFiniteActivationError": "errors",
     "NoSitesError": "errors",
     "PreparedModel": "prepared",
+    "Falor": "methods", "MethodConfig": "methods",
     "Report": "report", "report": "report",
     "PlanError": "serialize", "PlanFormatError": "serialize", "PlanMismatchError": "serialize",
     "PlanNotFoundError": "serialize", "load": "serialize", "save": "serialize",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fxdeco.dump import dump
     from fxdeco.errors import CalibrationError, CaptureError, NonFiniteActivationError, NoSitesError
     from fxdeco.finetune import finetune
+    from fxdeco.methods import Falor, MethodConfig
     from fxdeco.prepared import PreparedModel
     from fxdeco.report import Report, report
     from fxdeco.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import logging
 import math
@@ -18,11 +17,8 @@ from torch import nn
 from fxdeco.batches import adapt_batch, check_input_fn, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
-from fxdeco.falor import check_budget_reachable
-from fxdeco.falor import check_mode_options as check_falor_modes
-from fxdeco.falor import check_options as check_falor_options
-from fxdeco.falor import falor
-from fxdeco.falor import selected_mode as selected_falor_mode
+from fxdeco.falor import check_budget_reachable, falor
+from fxdeco.methods import Falor, MethodConfig, method_config
 from fxdeco.plan import LayerDecision, matches_any
 from fxdeco.outputs import OutputFn, select_output
 from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
@@ -31,35 +27,8 @@ from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
 
 log = logging.getLogger(__name__)
 
-# A method maps a calibrated PreparedModel and its options to (plan, decisions, summary).
-METHODS: dict[str, Callable[..., Any]] = {"falor": falor}
-# Each method's option validator: run before calibration, so a typo costs nothing.
-OPTION_CHECKS: dict[str, Callable[..., None]] = {"falor": check_falor_options}
-
-
-def check_method_options(method: str, options: dict[str, Any]) -> None:
-    """Raise a clear error for an unknown ``method``, an unknown option name or an out-of-range value.
-
-    Example:
-        >>> check_method_options("falor", {"nsr_treshold": 0.1})
-        Traceback (most recent call last):
-        ...
-        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: budget_criterion, budget_rounds, center, damping, \
-keep_macs, keep_params, kl_final_threshold, max_probes, min_rank, nsr_final_threshold, nsr_threshold, \
-num_metric_batches, proportion_threshold, rank_multiple, rank_tolerance, show_progress, skip
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
-    signature = inspect.signature(METHODS[method])
-    valid = sorted(p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        names = ", ".join(repr(u) for u in unknown)
-        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {names} for method {method!r}; "
-                        f"valid options: {', '.join(valid)}")
-    OPTION_CHECKS[method](**options)
-    if method == "falor":
-        check_falor_modes(options)
+# What runs each method's config on a calibrated PreparedModel: (plan, decisions, summary).
+RUNNERS: dict[str, Callable[[PreparedModel, Any], tuple[dict, list, dict]]] = {"falor": falor}
 
 
 def _skip_patterns(skip: Iterable[str]) -> tuple[str, ...]:
@@ -163,12 +132,12 @@ def prepare(
 
 
 @torch.inference_mode(False)
-def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> torch.fx.GraphModule:
+def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **options: Any) -> torch.fx.GraphModule:
     """Decompose a calibrated :class:`PreparedModel` with ``method``; return a new GraphModule.
 
-    ``options`` go to the method (falor: ``nsr_threshold`` or ``keep_params`` /
-    ``keep_macs``, ``rank_multiple``, ``min_rank``, ``proportion_threshold``,
-    ``damping``, ``center``, ``skip``; see :func:`fxdeco.falor.falor_local`).
+    ``method`` is a method config (``fxdeco.Falor(keep_params=0.5)``), or a
+    method's name with its options as keywords (``method="falor",
+    keep_params=0.5``; see :class:`fxdeco.Falor` for falor's options).
     Per-layer results are in ``node.meta["fxdeco"]`` and summarised by
     :func:`fxdeco.report`.
 
@@ -184,17 +153,17 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
         raise TypeError("convert() expects the result of fxdeco.prepare(...)")
     if prepared.batches == 0:
         raise CalibrationError("no calibration batch was run through the prepared model; call it on your data first")
-    check_method_options(method, options)
+    config = method_config(method, **options)
     start = time.perf_counter()
-    plan, decisions, summary = METHODS[method](prepared, **options)
+    plan, decisions, summary = RUNNERS[config.name](prepared, config)
     _record_calibration_rows(prepared, decisions)
     new = factorize_sites(prepared.gm, prepared.sites, plan)
     new.delete_all_unused_submodules()
     saved_params = sum(d.params_before - d.params_after for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
     new.meta["fxdeco"] = {
-        "method": method,
-        "options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, tuple, list))},
+        "method": config.name,
+        "options": {k: v for k, v in config.options().items() if isinstance(v, (int, float, str, bool, tuple, list))},
         "capture": prepared.gm.meta.get("fxdeco_capture", "graph"),
         "constant_inputs": dict(prepared.gm.meta.get("fxdeco_constant_inputs", {})),
         "decisions": decisions,
@@ -207,7 +176,7 @@ def convert(prepared: PreparedModel, method: str = "falor", **options: Any) -> t
         "calibration_batches": prepared.batches,
         **summary,
     }
-    log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", method,
+    log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", config.name,
              sum(d.decomposed for d in decisions), len(decisions), time.perf_counter() - start, saved_params)
     return new
 
@@ -274,18 +243,22 @@ def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callab
     log.info("calibrated on %d batches", seen)
 
 
-def _first_batch_checks(prepared: PreparedModel, method_options: dict[str, Any]) -> Callable[[Any], None]:
+def _first_batch_checks(prepared: PreparedModel, config: MethodConfig) -> Callable[[Any], None] | None:
     """What transform checks on the first batch's output rather than after the whole calibration."""
+    if not isinstance(config, Falor):
+        return None
+
     def check(output: Any) -> None:
-        if selected_falor_mode(method_options) == "final-output":
+        if config.mode == "final-output":
             select_output(output, prepared.output_fn)  # a tuple/dict/ModelOutput needs output_fn: say so now
-        check_budget_reachable(prepared, **method_options)
+        check_budget_reachable(prepared, config)
     return check
 
 
 def transform(
     model: nn.Module,
     calib_loader: Iterable[Any],
+    config: MethodConfig | None = None,
     *,
     method: str = "falor",
     example_inputs: Any = None,
@@ -301,6 +274,11 @@ def transform(
     **method_options: Any,
 ) -> torch.fx.GraphModule:
     """Capture, calibrate on ``calib_loader`` and decompose ``model`` in one call.
+
+    ``config`` is the method and its options, ``fxdeco.Falor(keep_params=0.5)``;
+    ``method="falor", keep_params=0.5`` builds the same config from keywords.
+    It says what calibration it needs (gradient moments, kept batches), and a
+    bad option fails before any batch is read.
 
     ``calib_loader`` is any iterable of batches: a tensor is the positional
     input, a tuple/list the positional inputs, a dict the keyword inputs;
@@ -321,16 +299,14 @@ def transform(
         True
     """
     # Before calibration: a typo must not cost a calibration run.
-    check_method_options(method, method_options)
+    config = method_config(config if config is not None else method, **method_options)
     skip = _skip_patterns(skip)
     _check_stat_mask_fn(stat_mask_fn)
     check_input_fn(input_fn)
     total = length_of(calib_loader)
-    metric_batches = method_options.get("num_metric_batches", 2)
-    if method == "falor" and selected_falor_mode(method_options) == "final-output" and total is not None \
-            and total < metric_batches:
-        raise ValueError(f"num_metric_batches={metric_batches} but the calibration loader holds {total} batch(es); "
-                         "lower num_metric_batches or give more batches")
+    if total is not None and total < config.kept_batches and getattr(config, "mode", None) == "final-output":
+        raise ValueError(f"num_metric_batches={config.kept_batches} but the calibration loader holds {total} "
+                         "batch(es); lower num_metric_batches or give more batches")
     try:
         iterator = iter(calib_loader)
     except TypeError:
@@ -342,13 +318,10 @@ def transform(
         raise no_batches(calib_loader) from None
     if example_inputs is None:
         example_inputs = adapt_batch(first, input_fn, 0)
-    # Budget mode weighs each layer's error by how much it moves the final output (passes.sensitivity).
-    sensitivity = (method_options.get("keep_params") is not None or method_options.get("keep_macs") is not None) \
-        and method_options.get("budget_criterion", "auto") != "nsr"
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
-                       sensitivity=sensitivity, output_fn=output_fn,
-                       keep_batches=int(method_options.get("num_metric_batches", 2)), stat_dtype=stat_dtype)
-    checks = _first_batch_checks(prepared, method_options) if method == "falor" else None
-    _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total, after_first=checks)
-    return convert(prepared, method, **method_options)
+                       sensitivity=config.needs_sensitivity, output_fn=output_fn, keep_batches=config.kept_batches,
+                       stat_dtype=stat_dtype)
+    _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
+               after_first=_first_batch_checks(prepared, config))
+    return convert(prepared, config)

@@ -74,7 +74,8 @@ import torch
 import torch._dynamo
 import torch.fx
 
-from fxdeco.api import check_method_options, convert, prepare
+from fxdeco.api import convert, prepare
+from fxdeco.methods import MethodConfig, method_config
 from fxdeco.batches import model_inputs, no_batches
 from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
 from fxdeco.prepared import PreparedModel
@@ -231,7 +232,7 @@ class GraphDecomposer:
             return
         if self.prepared.batches == 0:
             return
-        decomposed = convert(self.prepared, self.owner.method, **self.owner.options)
+        decomposed = convert(self.prepared, self.owner.config)
         self.family.plan, self.family.meta, self.family.leader = _plan_of(decomposed), decomposed.meta, self.index
         self._switch(decomposed, self._last_inputs, "decomposed")
         fx = decomposed.meta["fxdeco"]
@@ -278,26 +279,22 @@ class DecompositionBackend:
     :class:`PassThrough`) per graph Dynamo handed over.
     """
 
-    def __init__(self, method: str, calib_loader: Iterable[Any] | None, inner: str | InnerBackend,
+    def __init__(self, method: str | MethodConfig, calib_loader: Iterable[Any] | None, inner: str | InnerBackend,
                  calib_steps: int, input_fn: Callable[[Any], Any] | None, options: dict[str, Any]) -> None:
-        check_method_options(method, options)
+        self.config = method_config(method, **options)  # checked now: a typo fails before compiling
         if isinstance(calib_steps, bool) or not isinstance(calib_steps, int) or calib_steps < 1:
             raise ValueError(f"calib_steps must be a positive integer, got {calib_steps!r}")
         if input_fn is not None and not callable(input_fn):
             raise TypeError(f"input_fn must be a function of a batch, got {type(input_fn).__name__}")
         if calib_loader is not None and not isinstance(calib_loader, Iterable):
             raise TypeError(f"calib_loader must be an iterable of batches, got {type(calib_loader).__name__}")
-        self.method = method
-        self.options = options
         self.inner = inner
         self.inner_fn = _inner_backend(inner)
         self.calib_loader = calib_loader
         self.calib_loader_given = calib_loader is not None
         self.calib_steps = calib_steps
         self.input_fn = input_fn
-        # Budget mode weighs layers by their effect on the graph's output, as fxdeco.transform does.
-        self.sensitivity = (options.get("keep_params") is not None or options.get("keep_macs") is not None) \
-            and options.get("budget_criterion", "auto") != "nsr"
+        self.sensitivity = self.config.needs_sensitivity  # as fxdeco.transform asks the config
         self.graphs: list[GraphDecomposer | PassThrough] = []
         self._families: dict[tuple, _Family] = {}
         self.recording = False
@@ -371,7 +368,7 @@ class DecompositionBackend:
 
 
 def backend(
-    method: str = "falor",
+    method: str | MethodConfig = "falor",
     calib_loader: Iterable[Any] | None = None,
     inner: str | InnerBackend = "inductor",
     calib_steps: int = 8,
@@ -380,9 +377,9 @@ def backend(
 ) -> DecompositionBackend:
     """Build a ``torch.compile`` backend that low-rank decomposes the model, graph by graph.
 
-    ``method`` and ``options`` are those of :func:`fxdeco.convert` (falor:
-    ``nsr_threshold``, ``keep_params``, ``rank_multiple``, ...), checked here so
-    a typo fails at once. ``inner`` compiles each decomposed graph: ``"eager"``
+    ``method`` is a method config (``fxdeco.Falor(keep_params=0.6)``) or a
+    method's name with ``options`` as keywords, as :func:`fxdeco.convert` takes
+    them; checked here so a typo fails at once. ``inner`` compiles each decomposed graph: ``"eager"``
     (run the GraphModule), ``"inductor"``, any name Dynamo knows, or a backend
     callable. Without ``calib_loader`` each graph calibrates on its first
     ``calib_steps`` calls (returning exact outputs meanwhile); with one, call
@@ -396,6 +393,6 @@ def backend(
         >>> backend(nsr_treshold=0.1)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        TypeError: unknown option 'nsr_treshold' for method 'falor'; valid options: ...
+        TypeError: unknown option 'nsr_treshold' for method 'falor' (did you mean 'nsr_threshold'?); valid options: ...
     """
     return DecompositionBackend(method, calib_loader, inner, calib_steps, input_fn, options)

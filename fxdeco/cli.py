@@ -33,7 +33,7 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger("fxdeco")
 
@@ -245,14 +245,32 @@ def _dump(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+def _falor_option(name: str, parse: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    """An argparse type for falor's option ``name``: parsed, then checked by ``fxdeco.Falor`` itself, so the
+    command line takes exactly the range the library takes.
+
+    Example:
+        >>> _falor_option("keep_params")("0.5")
+        0.5
+        >>> _falor_option("keep_params")("2")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: keep_params must be a number in (0.0, 1.0], got 2.0
+    """
+    def check(text: str) -> Any:
+        from fxdeco.methods.falor.config import Falor  # light: dataclasses only
+
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {'integer' if parse is int else 'number'}: {text!r}") from None
+        try:
+            Falor(**{name: value})
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+    check.__name__ = name  # argparse names the type in its messages
+    return check
 
 
 def _positive(text: str) -> int:
@@ -311,11 +329,11 @@ def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, hf:DIR or path/to/file.py:FACTORY")
     p.add_argument("--method", default="falor", choices=["falor"], help="decomposition method (default falor)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--keep-params", type=_fraction, metavar="F",
+    budget.add_argument("--keep-params", type=_falor_option("keep_params"), metavar="F",
                         help="keep this fraction of the model's parameters (budget mode)")
-    budget.add_argument("--keep-macs", type=_fraction, metavar="F",
+    budget.add_argument("--keep-macs", type=_falor_option("keep_macs"), metavar="F",
                         help="keep this fraction of the model's MACs per sample (budget mode)")
-    budget.add_argument("--nsr-threshold", type=_fraction, metavar="F",
+    budget.add_argument("--nsr-threshold", type=_falor_option("nsr_threshold"), metavar="F",
                         help="per-layer output noise-to-signal bound (default mode; falor's default 0.02)")
     p.add_argument("--calib", required=True, metavar="SOURCE",
                    help="image folder, fashion-mnist[:DIR], text file (hf: models) or random")
@@ -330,7 +348,8 @@ def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=_positive, default=128, metavar="L",
                    help="tokens per text sample at most (hf: models; default 128)")
     p.add_argument("--weights", metavar="FILE", help="state_dict file (.pt/.pth or .safetensors) to load first")
-    p.add_argument("--rank-multiple", type=_positive, metavar="K", help="round ranks up to a multiple of K")
+    p.add_argument("--rank-multiple", type=_falor_option("rank_multiple", int), metavar="K",
+                   help="round ranks up to a multiple of K")
     p.add_argument("--skip", action="append", metavar="GLOB", help="keep layers matching GLOB dense (repeatable)")
     p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto",
                    help="how to capture the model (default auto: symbolic tracing, then torch.export)")
@@ -348,7 +367,7 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
                           description="Decompose the pretrained all-MiniLM-L6-v2 sentence encoder with falor, "
                                       "calibrated and evaluated on disjoint sentences from the Python standard "
                                       "library's docstrings.")
-    demo.add_argument("--nsr-threshold", type=_fraction, default=0.02, metavar="F",
+    demo.add_argument("--nsr-threshold", type=_falor_option("nsr_threshold"), default=0.02, metavar="F",
                       help="per-layer output NSR bound, in (0, 1] (default 0.02)")
     demo.add_argument("--calib-sentences", type=_positive, default=512, metavar="N",
                       help="calibration sentences (default 512)")

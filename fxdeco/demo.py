@@ -49,8 +49,7 @@ class DemoConfig:
         for name in ("calib_sentences", "eval_sentences", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DemoConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 < self.nsr_threshold <= 1.0:
-            raise ValueError(f"DemoConfig.nsr_threshold must be in (0, 1], got {self.nsr_threshold}")
+        fxdeco.Falor(nsr_threshold=self.nsr_threshold)  # falor's own range
 
 
 def _stage(message: str, show_progress: bool | None) -> None:

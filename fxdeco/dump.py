@@ -152,7 +152,8 @@ def _annotate_after(gm: torch.fx.GraphModule, graph: nx.DiGraph, boxes: dict[str
     info = gm.meta.get("fxdeco")
     if info is None:
         return
-    for node in [n for n in gm.graph.nodes if "fxdeco" in n.meta]:  # a layer called twice has two pairs
+    # a layer called twice has two pairs; lockd also marks the layers it keeps dense (rank None): not boxes
+    for node in [n for n in gm.graph.nodes if n.meta.get("fxdeco", {}).get("rank") is not None]:
         meta = node.meta["fxdeco"]
         layer = meta["target"]
         nsr = f", nsr {meta['nsr']:.3g}" if isinstance(meta.get("nsr"), float) else ""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import statistics as statistics_lib
 from typing import Any, Callable, Iterable, Mapping
 
@@ -26,9 +25,10 @@ import torch
 
 from fxdeco.budget import BudgetError, LayerOptions, allocate
 from fxdeco.errors import warn_user
+from fxdeco.methods.falor.config import Falor
 from fxdeco.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
                             spectrum)
-from fxdeco.plan import (LayerDecision, check_fraction, decision, dense_macs, factored_macs, matches_any,
+from fxdeco.plan import (LayerDecision, decision, dense_macs, factored_macs, matches_any,
                          site_multiple, unique_targets)
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
@@ -55,110 +55,6 @@ def round_rank(rank: int, multiple: int, full_rank: int) -> int:
         (16, 64, 5)
     """
     return min(full_rank, -(-rank // multiple) * multiple)
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-# Options only one of falor's modes reads. One beside another mode's options would be silently ignored.
-MODE_OPTIONS = {
-    "local": ("nsr_threshold",),
-    "budget": ("keep_params", "keep_macs", "budget_criterion", "budget_rounds"),
-    "final-output": ("nsr_final_threshold", "kl_final_threshold", "num_metric_batches", "max_probes", "rank_tolerance"),
-}
-
-
-def selected_mode(given: Iterable[str]) -> str:
-    """The mode falor runs in for the option names ``given``: final-output thresholds, else a budget, else local."""
-    given = set(given)
-    if given & {"nsr_final_threshold", "kl_final_threshold"}:
-        return "final-output"
-    return "budget" if given & {"keep_params", "keep_macs"} else "local"
-
-
-def check_mode_options(given: Iterable[str]) -> None:
-    """Refuse an option that the selected mode would ignore (``given``: the names the caller passed).
-
-    Example:
-        >>> check_mode_options(["keep_params", "rank_multiple"])
-        >>> check_mode_options(["nsr_threshold", "keep_params"])
-        Traceback (most recent call last):
-        ...
-        ValueError: keep_params selects falor's budget mode, which ignores nsr_threshold (an option of its local \
-mode); drop one of them
-    """
-    given = set(given)
-    mode = selected_mode(given)
-    selector = next((n for n in MODE_OPTIONS[mode] if n in given), None)
-    for other, names in MODE_OPTIONS.items():
-        ignored = next((n for n in names if n in given), None)
-        if other != mode and ignored is not None:
-            chooser = f"{selector} selects falor's {mode} mode" if selector is not None else \
-                "falor runs in its local mode (no keep_params/keep_macs nor final-output threshold was given)"
-            raise ValueError(f"{chooser}, which ignores {ignored} (an option of its {other} mode); drop one of them")
-
-
-def check_options(
-    *,
-    nsr_threshold: float = 0.02,
-    keep_params: float | None = None,
-    keep_macs: float | None = None,
-    nsr_final_threshold: float | None = None,
-    kl_final_threshold: float | None = None,
-    num_metric_batches: int = 2,
-    max_probes: int = 8,
-    rank_tolerance: float = 0.02,
-    rank_multiple: int | str = "auto",
-    budget_criterion: str = "auto",
-    budget_rounds: int = 1,
-    damping: float = 0.0,
-    min_rank: int = 1,
-    proportion_threshold: float = 1.0,
-    skip: Iterable[str] = (),
-    center: bool = True,
-    show_progress: bool | None = None,
-) -> None:
-    """Validate falor's options, raising ValueError/TypeError that names the option.
-
-    Separate from :func:`falor_local` so ``fxdeco.transform`` can reject a bad
-    option before spending time on calibration.
-
-    Example:
-        >>> check_options(nsr_threshold=0.0)
-        Traceback (most recent call last):
-        ...
-        ValueError: nsr_threshold must be a number in (0.0, inf], got 0.0
-    """
-    check_fraction("nsr_threshold", nsr_threshold, high=math.inf)
-    check_fraction("proportion_threshold", proportion_threshold)
-    if keep_params is not None and keep_macs is not None:
-        raise ValueError("give keep_params or keep_macs, not both")
-    for name, value in (("keep_params", keep_params), ("keep_macs", keep_macs)):
-        if value is not None:
-            check_fraction(name, value)
-    for name, value in (("nsr_final_threshold", nsr_final_threshold), ("kl_final_threshold", kl_final_threshold)):
-        if value is not None:
-            check_fraction(name, value, high=math.inf)
-    if (nsr_final_threshold is not None or kl_final_threshold is not None) and \
-            (keep_params is not None or keep_macs is not None):
-        raise ValueError("give final-output thresholds (nsr_final_threshold / kl_final_threshold) or a budget "
-                         "(keep_params / keep_macs), not both")
-    _check_positive_int("num_metric_batches", num_metric_batches)
-    _check_positive_int("max_probes", max_probes)
-    check_fraction("rank_tolerance", rank_tolerance, low=-1e-12)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0 or math.isnan(damping):
-        raise ValueError(f"damping must be a number >= 0, got {damping!r}")
-    _check_positive_int("min_rank", min_rank)
-    if rank_multiple != "auto":
-        _check_positive_int("rank_multiple", rank_multiple)
-    if isinstance(budget_rounds, bool) or not isinstance(budget_rounds, int) or budget_rounds < 0:
-        raise ValueError(f"budget_rounds must be an integer >= 0, got {budget_rounds!r}")
-    if budget_criterion not in ("auto", "nsr", "output"):
-        raise ValueError(f"budget_criterion must be 'auto', 'nsr' or 'output', got {budget_criterion!r}")
-    if isinstance(skip, str):  # a bare string would be read as one pattern per character
-        raise TypeError(f"skip must be a list of glob patterns, got the string {skip!r}; write skip=[{skip!r}]")
 
 
 @dataclasses.dataclass
@@ -209,9 +105,7 @@ def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure:
     return [dense_macs(s, stats)] + [factored_macs(s, stats, k) for k in candidates]
 
 
-def check_budget_reachable(prepared: Any, keep_params: float | None = None, keep_macs: float | None = None,
-                           rank_multiple: int | str = "auto", min_rank: int = 1, proportion_threshold: float = 1.0,
-                           center: bool = True, skip: Iterable[str] = (), **_: Any) -> None:
+def check_budget_reachable(prepared: Any, config: Falor) -> None:
     """Raise :class:`fxdeco.budget.BudgetError` now if the budget is below what falor can reach.
 
     Every layer at its smallest candidate rank is the floor; it needs only the
@@ -219,16 +113,16 @@ def check_budget_reachable(prepared: Any, keep_params: float | None = None, keep
     batch), so ``fxdeco.transform`` calls this after the first batch instead
     of finding out after all of them.
     """
-    if keep_params is None and keep_macs is None:
+    if config.mode != "budget":
         return
-    measure, keep = ("params", keep_params) if keep_params is not None else ("macs", keep_macs)
+    measure, keep = ("params", config.keep_params) if config.keep_params is not None else ("macs", config.keep_macs)
     statistics, total = prepared.statistics, _model_total(prepared.gm, measure)
     floor = total
     for site in unique_targets(prepared.sites):
-        if matches_any(site.target, tuple(skip)) or site.target not in statistics:
+        if matches_any(site.target, config.skip) or site.target not in statistics:
             continue
-        costs = option_costs(site, statistics[site.target],
-                             candidate_ranks(site, int(min_rank), rank_multiple, proportion_threshold), measure, center)
+        candidates = candidate_ranks(site, config.min_rank, config.rank_multiple, config.proportion_threshold)
+        costs = option_costs(site, statistics[site.target], candidates, measure, config.center)
         floor -= costs[0] - min(costs)
     if floor > keep * total * (1 + 1e-12):
         name = "keep_params" if measure == "params" else "keep_macs"
@@ -339,23 +233,14 @@ def falor_local(
     gm: torch.fx.GraphModule,
     sites: Iterable[Site],
     statistics: dict[str, SiteStatistics],
+    config: Falor | None = None,
     *,
-    nsr_threshold: float = 0.02,
-    keep_params: float | None = None,
-    keep_macs: float | None = None,
-    rank_multiple: int | str = "auto",
-    budget_criterion: str = "auto",
-    damping: float = 0.0,
-    min_rank: int = 1,
-    proportion_threshold: float = 1.0,
-    skip: Iterable[str] = (),
-    center: bool = True,
-    show_progress: bool | None = None,
-    budget_rounds: int = 0,
     measure_final_nsr: FinalNsrMeasure | None = None,
+    **options: Any,
 ) -> tuple[dict[str, Factorization], list[LayerDecision]]:
     """Plan the factorization of every site from its statistics.
 
+    ``config`` is a :class:`fxdeco.Falor` in local or budget mode (or its options as keywords).
     Threshold mode (default): each layer gets the smallest rank (rounded up to
     ``rank_multiple``) whose layer-output NSR is at most ``nsr_threshold``.
     Budget mode: ``keep_params`` / ``keep_macs`` is the fraction of the original
@@ -386,26 +271,27 @@ def falor_local(
         >>> decisions[0].rank
         4
     """
-    check_options(nsr_threshold=nsr_threshold, keep_params=keep_params, keep_macs=keep_macs,
-                  rank_multiple=rank_multiple, budget_criterion=budget_criterion, damping=damping, min_rank=min_rank,
-                  proportion_threshold=proportion_threshold, skip=skip)
-    skip = tuple(skip)
+    config = config if config is not None else Falor(**options)
+    if config.mode == "final-output":
+        raise ValueError("falor_local plans local and budget mode; final-output mode runs in fxdeco.falor_final")
     targets = unique_targets(sites)
-    skipped = [s for s in targets if matches_any(s.target, skip)]
-    layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, damping, center, show_progress)
-    min_rank = int(min_rank)
-    if keep_params is not None or keep_macs is not None:
-        measure, keep = ("params", keep_params) if keep_params is not None else ("macs", keep_macs)
-        use_output = _uses_output_error(layers, budget_criterion)
+    skipped = [s for s in targets if matches_any(s.target, config.skip)]
+    layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, config.damping, config.center,
+                      config.show_progress)
+    if config.mode == "budget":
+        measure, keep = ("params", config.keep_params) if config.keep_params is not None else ("macs", config.keep_macs)
+        use_output = _uses_output_error(layers, config.budget_criterion)
         log.info("falor budget: allocating by %s",
                  "predicted final-output error" if use_output else "summed layer NSR")
         allocate_ranks = functools.partial(_budget_ranks, layers, float(keep), measure, _model_total(gm, measure),
-                                           min_rank, rank_multiple, proportion_threshold, center, use_output)
+                                           config.min_rank, config.rank_multiple, config.proportion_threshold,
+                                           config.center, use_output)
         chosen = allocate_ranks()
-        if use_output and measure_final_nsr is not None and budget_rounds > 0:
-            chosen = _refine(layers, chosen, allocate_ranks, measure_final_nsr, budget_rounds)
+        if use_output and measure_final_nsr is not None and config.budget_rounds > 0:
+            chosen = _refine(layers, chosen, allocate_ranks, measure_final_nsr, config.budget_rounds)
     else:
-        chosen = _threshold_ranks(layers, nsr_threshold, min_rank, rank_multiple, proportion_threshold)
+        chosen = _threshold_ranks(layers, config.nsr_threshold, config.min_rank, config.rank_multiple,
+                                  config.proportion_threshold)
 
     plan: dict[str, Factorization] = {}
     by_target = {layer.site.target: layer for layer in layers}
@@ -440,27 +326,7 @@ def _budget_meter(prepared: Any, rounds: int, criterion: str) -> Any:
     return FinalNsrMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.output_fn)
 
 
-def falor(
-    prepared: Any,
-    *,
-    nsr_threshold: float = 0.02,
-    keep_params: float | None = None,
-    keep_macs: float | None = None,
-    nsr_final_threshold: float | None = None,
-    kl_final_threshold: float | None = None,
-    num_metric_batches: int = 2,
-    max_probes: int = 8,
-    rank_tolerance: float = 0.02,
-    rank_multiple: int | str = "auto",
-    budget_criterion: str = "auto",
-    budget_rounds: int = 1,
-    damping: float = 0.0,
-    min_rank: int = 1,
-    proportion_threshold: float = 1.0,
-    skip: Iterable[str] = (),
-    center: bool = True,
-    show_progress: bool | None = None,
-) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
+def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
     """falor on a calibrated :class:`fxdeco.PreparedModel`, in one of three modes:
 
     * ``nsr_threshold`` (default): per layer, closed form (:func:`falor_local`);
@@ -473,31 +339,20 @@ def falor(
 
     Returns the plan, the per-layer decisions and a summary for ``gm.meta``.
     """
-    check_options(nsr_threshold=nsr_threshold, keep_params=keep_params, keep_macs=keep_macs,
-                  nsr_final_threshold=nsr_final_threshold, kl_final_threshold=kl_final_threshold,
-                  num_metric_batches=num_metric_batches, max_probes=max_probes, rank_tolerance=rank_tolerance,
-                  rank_multiple=rank_multiple, budget_criterion=budget_criterion, budget_rounds=budget_rounds,
-                  damping=damping, min_rank=min_rank, proportion_threshold=proportion_threshold, skip=skip)
-    common = dict(rank_multiple=rank_multiple, min_rank=int(min_rank), proportion_threshold=proportion_threshold,
-                  damping=damping, center=center, skip=skip, show_progress=show_progress)
-    if nsr_final_threshold is None and kl_final_threshold is None:
-        budget = keep_params is not None or keep_macs is not None
-        meter = _budget_meter(prepared, budget_rounds, budget_criterion) if budget else None
-        plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, nsr_threshold=nsr_threshold,
-                                      keep_params=keep_params, keep_macs=keep_macs,
-                                      budget_criterion=budget_criterion, budget_rounds=budget_rounds,
-                                      measure_final_nsr=meter.measure if meter is not None else None, **common)
-        return plan, decisions, ({"budget_rounds": budget_rounds, "probes": meter.probes, "metric_batches": 1,
+    if config.mode != "final-output":
+        meter = _budget_meter(prepared, config.budget_rounds, config.budget_criterion) \
+            if config.mode == "budget" else None
+        plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, config,
+                                      measure_final_nsr=meter.measure if meter is not None else None)
+        return plan, decisions, ({"budget_rounds": config.budget_rounds, "probes": meter.probes, "metric_batches": 1,
                                   "probe_forward_equivalents": meter.forward_equivalents()}
                                  if meter is not None else {})
     from fxdeco.falor_final import falor_final  # the final-output mode's machinery, only when asked for
 
-    kept = prepared.kept_inputs
-    if len(kept) < num_metric_batches:
-        raise ValueError(f"num_metric_batches={num_metric_batches} but only {len(kept)} calibration batch(es) were "
-                         f"kept to measure on: lower num_metric_batches, or give at least {num_metric_batches} "
-                         f"batches (with fxdeco.prepare: prepare(..., keep_batches={num_metric_batches}))")
-    return falor_final(prepared.gm, prepared.sites, prepared.statistics, metric_inputs=kept[:num_metric_batches],
-                       nsr_final_threshold=math.inf if nsr_final_threshold is None else nsr_final_threshold,
-                       kl_final_threshold=kl_final_threshold, output_fn=prepared.output_fn, max_probes=max_probes,
-                       rank_tolerance=rank_tolerance, **common)
+    kept, wanted = prepared.kept_inputs, config.num_metric_batches
+    if len(kept) < wanted:
+        raise ValueError(f"num_metric_batches={wanted} but only {len(kept)} calibration batch(es) were "
+                         f"kept to measure on: lower num_metric_batches, or give at least {wanted} "
+                         f"batches (with fxdeco.prepare: prepare(..., keep_batches={wanted}))")
+    return falor_final(prepared.gm, prepared.sites, prepared.statistics, config, metric_inputs=kept[:wanted],
+                       output_fn=prepared.output_fn)

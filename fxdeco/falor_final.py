@@ -38,6 +38,7 @@ from fxdeco.lowrank import (NSR_EPSILON, Spectrum, centred_bias, nsr_by_rank, ou
                             projection_factors, spectrum)
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
+from fxdeco.methods.falor.config import Falor
 from fxdeco.plan import LayerDecision, decision, matches_any, site_multiple, unique_targets
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
@@ -243,24 +244,15 @@ def falor_final(
     gm: torch.fx.GraphModule,
     sites: Iterable[Site],
     statistics: dict[str, SiteStatistics],
+    config: Falor,
     *,
     metric_inputs: Sequence[Sequence[Any]],
-    nsr_final_threshold: float,
-    kl_final_threshold: float | None = None,
     output_fn: OutputFn | None = None,
-    rank_multiple: int | str = "auto",
-    min_rank: int = 1,
-    proportion_threshold: float = 1.0,
-    damping: float = 0.0,
-    center: bool = True,
-    skip: Iterable[str] = (),
-    max_probes: int = 8,
-    rank_tolerance: float = 0.02,
-    show_progress: bool | None = None,
 ) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
     """Plan every site by its verified final-output error (see the module docstring).
 
-    ``metric_inputs`` are the metric batches as flat placeholder values
+    ``config`` is a :class:`fxdeco.Falor` in final-output mode; ``metric_inputs``
+    are the metric batches as flat placeholder values
     (``passes.inputs.flatten_inputs``), each of at least 2 samples.
     ``max_probes`` bounds the measured probes per layer; the search stops once
     the smallest passing and largest failing rank are within
@@ -270,19 +262,19 @@ def falor_final(
     """
     if not metric_inputs:
         raise ValueError("final-output mode needs at least one metric batch")
-    skip = tuple(skip)
     all_sites = list(sites)  # every call of every layer; targets: one site per layer
     targets = unique_targets(all_sites)
-    work = [s for s in targets if not matches_any(s.target, skip)]
+    work = [s for s in targets if not matches_any(s.target, config.skip)]
+    nsr_final_threshold = math.inf if config.nsr_final_threshold is None else config.nsr_final_threshold
     with eval_mode(gm):
         references = metric_references(gm, metric_inputs, output_fn)
         sensitivity = _sensitivities(gm, all_sites, metric_inputs, references, output_fn, seed=0)
         with torch.no_grad():
             plan, decisions, summary = _verify_all(gm, all_sites, targets, work, statistics, sensitivity,
                                                    metric_inputs, references, output_fn, nsr_final_threshold,
-                                                   kl_final_threshold, rank_multiple, min_rank,
-                                                   proportion_threshold, damping, center, max_probes,
-                                                   rank_tolerance, show_progress)
+                                                   config.kl_final_threshold, config.rank_multiple, config.min_rank,
+                                                   config.proportion_threshold, config.damping, config.center,
+                                                   config.max_probes, config.rank_tolerance, config.show_progress)
     return plan, decisions, summary
 
 

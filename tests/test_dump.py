@@ -401,3 +401,20 @@ def test_bad_format_and_directory_path(decomposed, tmp_path: Path) -> None:
         dump(gm, tmp_path / "g.png")
     with pytest.raises(IsADirectoryError, match="give a file name"):
         dump(gm, tmp_path, format="dot")
+
+
+def test_lockd_dump_marks_dense_layers_dense(tmp_path) -> None:
+    """lockd's finalize marks the layers it keeps dense in node.meta too; they were drawn as "rank None"."""
+    from fxdeco import lockd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(32, 2) @ torch.randn(2, 16) / 4)
+    gm = lockd.prepare(model, nsr_threshold=0.1)
+    lockd.train(gm, [torch.randn(64, 16) for _ in range(4)], steps=150)
+    small = lockd.finalize(gm)
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert rows["0"]["rank"] is not None and rows["2"]["rank"] is None
+    text = fxdeco.dump(small, tmp_path / "g.dot").read_text()
+    assert "rank None" not in text and "kept dense" in text and "0 decomposed" in text

@@ -1,0 +1,138 @@
+"""``fxdeco.Falor``: every option of falor, its default, its range and its meaning, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+from fxdeco.methods.base import MethodConfig, check_count, check_number
+
+# Options only one of falor's modes reads. Set beside another mode's options they would be silently ignored.
+MODE_OPTIONS = {
+    "local": ("nsr_threshold",),
+    "budget": ("keep_params", "keep_macs", "budget_criterion", "budget_rounds"),
+    "final-output": ("nsr_final_threshold", "kl_final_threshold", "num_metric_batches", "max_probes", "rank_tolerance"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Falor(MethodConfig):
+    """falor (Features Are LOw Rank): ranks from each layer's output covariance, in one of three modes.
+
+    * local (default): each layer gets the smallest rank whose layer-output NSR
+      is at most ``nsr_threshold``, in closed form;
+    * budget (``keep_params`` or ``keep_macs``): ranks allocated across all
+      layers so the model keeps that fraction of its parameters (MACs per
+      sample), minimising the predicted final-output error;
+    * final-output (``nsr_final_threshold`` and/or ``kl_final_threshold``): each
+      layer's rank is measured at the model's output (ptdeco's criterion).
+
+    Options that only another mode reads are refused (``nsr_threshold`` beside
+    ``keep_params``). Validated at construction.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+        >>> small = fxdeco.transform(model, [torch.randn(64, 32) for _ in range(4)], fxdeco.Falor(keep_params=0.5))
+        >>> fxdeco.Falor(keep_params=0.5).mode, fxdeco.Falor().needs_sensitivity
+        ('budget', False)
+        >>> fxdeco.Falor(nsr_threshold=-1)
+        Traceback (most recent call last):
+        ...
+        ValueError: nsr_threshold must be a number in (0.0, inf], got -1
+    """
+
+    name: ClassVar[str] = "falor"
+
+    # local mode: the largest layer-output NSR (ptdeco's per-channel noise-to-signal ratio) a layer may have
+    nsr_threshold: float = 0.02
+    # budget mode: the fraction of the original parameters (or MACs per sample) to keep
+    keep_params: float | None = None
+    keep_macs: float | None = None
+    # budget mode: allocate by predicted final-output error ("output", needs gradient moments), summed layer
+    # NSR ("nsr"), or "auto" (output when the moments were collected)
+    budget_criterion: str = "auto"
+    # budget mode: rounds that measure each allocated layer at the output and re-allocate (0: prediction only)
+    budget_rounds: int = 1
+    # final-output mode: thresholds on the model's output with only the layer decomposed (NSR, symmetric KL)
+    nsr_final_threshold: float | None = None
+    kl_final_threshold: float | None = None
+    # final-output mode: calibration batches the errors are measured on, probes per layer, and the relative
+    # slack below the threshold at which a rank is accepted without searching further
+    num_metric_batches: int = 2
+    max_probes: int = 8
+    rank_tolerance: float = 0.02
+    # all modes: ranks rounded up to a multiple ("auto": 8 on layers at least 128 wide, else exact)
+    rank_multiple: int | str = "auto"
+    # all modes: the smallest rank, the largest rank/full-rank fraction worth factorizing, eigenvalue damping
+    # (a fraction of the mean eigenvalue), glob patterns of layer names kept dense, and covariance centring
+    # (the mean of the discarded directions folded into the bias)
+    min_rank: int = 1
+    proportion_threshold: float = 1.0
+    damping: float = 0.0
+    skip: tuple[str, ...] = ()
+    center: bool = True
+    # a progress bar (None: on a terminal; elsewhere periodic lines)
+    show_progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_number("nsr_threshold", self.nsr_threshold, high=math.inf)
+        check_number("proportion_threshold", self.proportion_threshold)
+        if self.keep_params is not None and self.keep_macs is not None:
+            raise ValueError("give keep_params or keep_macs, not both")
+        for name in ("keep_params", "keep_macs"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name))
+        for name in ("nsr_final_threshold", "kl_final_threshold"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), high=math.inf)
+        if (self.nsr_final_threshold is not None or self.kl_final_threshold is not None) and \
+                (self.keep_params is not None or self.keep_macs is not None):
+            raise ValueError("give final-output thresholds (nsr_final_threshold / kl_final_threshold) or a budget "
+                             "(keep_params / keep_macs), not both")
+        check_count("num_metric_batches", self.num_metric_batches)
+        check_count("max_probes", self.max_probes)
+        check_number("rank_tolerance", self.rank_tolerance, high=1.0, low_open=False)
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or self.damping < 0 \
+                or math.isnan(self.damping):
+            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        check_count("min_rank", self.min_rank)
+        if self.rank_multiple != "auto":
+            check_count("rank_multiple", self.rank_multiple)
+        check_count("budget_rounds", self.budget_rounds, minimum=0)
+        if self.budget_criterion not in ("auto", "nsr", "output"):
+            raise ValueError(f"budget_criterion must be 'auto', 'nsr' or 'output', got {self.budget_criterion!r}")
+        if isinstance(self.skip, str):  # a bare string would be read as one pattern per character
+            raise TypeError(f"skip must be a list of glob patterns, got the string {self.skip!r}; "
+                            f"write skip=[{self.skip!r}]")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        self._refuse_other_modes()
+
+    @property
+    def mode(self) -> str:
+        """``"local"``, ``"budget"`` or ``"final-output"``: final-output thresholds, else a budget, else local."""
+        if self.nsr_final_threshold is not None or self.kl_final_threshold is not None:
+            return "final-output"
+        return "budget" if self.keep_params is not None or self.keep_macs is not None else "local"
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        """Budget mode weighs each layer by how much it moves the final output: one backward pass per batch."""
+        return self.mode == "budget" and self.budget_criterion != "nsr"
+
+    @property
+    def kept_batches(self) -> int:
+        """Final-output mode measures on its metric batches; budget mode's measured round on the first one."""
+        return self.num_metric_batches
+
+    def _refuse_other_modes(self) -> None:
+        given = set(self.options())
+        selector = next((n for n in MODE_OPTIONS[self.mode] if n in given), None)
+        for other, names in MODE_OPTIONS.items():
+            ignored = next((n for n in names if n in given), None)
+            if other != self.mode and ignored is not None:
+                chooser = f"{selector} selects falor's {self.mode} mode" if selector is not None else \
+                    "falor runs in its local mode (no keep_params/keep_macs nor final-output threshold was given)"
+                raise ValueError(f"{chooser}, which ignores {ignored} (an option of its {other} mode); drop one of "
+                                 "them")

@@ -1,0 +1,101 @@
+"""Method configs: ``fxdeco.Falor`` is the one source of falor's options, defaults and ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+from fxdeco.falor import falor_local
+from fxdeco.methods import method_config, option_names
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def _calib() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(64, 32) for _ in range(4)]
+
+
+@pytest.mark.parametrize("options", [dict(keep_params=0.5), dict(nsr_threshold=0.05), dict(keep_macs=0.4),
+                                     dict(nsr_final_threshold=0.02, rank_multiple=1)])
+def test_config_and_keywords_give_the_same_graph(options: dict[str, Any]) -> None:
+    by_config = fxdeco.transform(_model(), _calib(), fxdeco.Falor(**options))
+    by_keywords = fxdeco.transform(_model(), _calib(), method="falor", **options)
+    assert by_config.code == by_keywords.code
+    for (name, a), (_, b) in zip(by_config.state_dict().items(), by_keywords.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert by_config.meta["fxdeco"]["options"] == by_keywords.meta["fxdeco"]["options"] == options
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(nsr_threshold=-1), "nsr_threshold must be a number in"),
+    (dict(keep_params=1.5), "keep_params must be a number in"),
+    (dict(min_rank=0), "min_rank must be a positive integer"),
+    (dict(budget_criterion="best"), "budget_criterion must be"),
+    (dict(nsr_threshold=0.1, keep_params=0.5), "keep_params selects falor's budget mode, which ignores nsr_threshold"),
+])
+def test_falor_is_validated_at_construction(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fxdeco.Falor(**options)
+
+
+def test_falor_is_frozen_and_says_what_calibration_it_needs() -> None:
+    config = fxdeco.Falor(keep_params=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.keep_params = 0.1  # type: ignore[misc]
+    assert (config.mode, config.needs_sensitivity) == ("budget", True)
+    assert fxdeco.Falor(keep_params=0.5, budget_criterion="nsr").needs_sensitivity is False
+    assert fxdeco.Falor(kl_final_threshold=0.01, num_metric_batches=3).kept_batches == 3
+    assert fxdeco.Falor(skip=["head*"]).skip == ("head*",)
+
+
+def test_typos_and_options_beside_a_config_are_refused() -> None:
+    with pytest.raises(TypeError, match=r"unknown option 'keep_param' for method 'falor' \(did you mean 'keep_params'"):
+        method_config("falor", keep_param=0.5)
+    with pytest.raises(TypeError, match="set them in the config"):
+        fxdeco.transform(_model(), _calib(), fxdeco.Falor(), keep_params=0.5)
+
+
+def test_option_names_come_from_the_config() -> None:
+    names = option_names(fxdeco.Falor)
+    assert {"nsr_threshold", "keep_params", "budget_rounds", "kl_final_threshold", "skip"} <= set(names)
+    assert names == [f.name for f in dataclasses.fields(fxdeco.Falor)]
+
+
+def test_budget_rounds_has_one_default() -> None:
+    """falor_local defaulted to 0 measured rounds while falor and its option check defaulted to 1."""
+    prepared = fxdeco.calibrate(fxdeco.prepare(_model(), sensitivity=True), _calib())
+    rounds = []
+
+    def measure(ranks: Any, spectra: Any) -> dict[str, float]:
+        rounds.append(dict(ranks))
+        return {target: 0.01 for target in ranks}
+
+    falor_local(prepared.gm, prepared.sites, prepared.statistics, keep_params=0.5, measure_final_nsr=measure)
+    assert len(rounds) == fxdeco.Falor().budget_rounds == 1
+
+
+def test_cli_takes_the_library_range(tmp_path: Path) -> None:
+    """The CLI limited --nsr-threshold to (0, 1]; the library takes (0, inf]."""
+    from fxdeco.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["decompose", "m.py:f", "--calib", "random", "--out", str(tmp_path),
+                              "--nsr-threshold", "1.5"])
+    assert args.nsr_threshold == 1.5
+    result = subprocess.run([sys.executable, "-m", "fxdeco.cli", "decompose", "m.py:f", "--calib", "random",
+                             "--out", str(tmp_path / "o"), "--keep-params", "1.5"], capture_output=True, text=True)
+    assert result.returncode == 2 and "keep_params must be a number in (0.0, 1.0], got 1.5" in result.stderr
