@@ -57,8 +57,8 @@ def fashion_mnist_rows(name: str) -> list[dict[str, Any]]:
 
 
 def minilm_rows() -> list[dict[str, Any]]:
-    from fxdeco.minilm import embed, fidelity, load_minilm, padding_mask, tokenized_batches
-    from fxdeco.text_corpus import calibration_and_evaluation
+    from fxdeco.cli.minilm import embed, fidelity, load_minilm, padding_mask, tokenized_batches
+    from fxdeco.cli.text_corpus import calibration_and_evaluation
 
     model, tokenizer = load_minilm()
     calib_texts, eval_texts = calibration_and_evaluation(512, 512)

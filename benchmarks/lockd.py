@@ -8,7 +8,7 @@ of an existing LOCKD.md (for development; the plain command regenerates it all).
 In the CNN part every run uses the
 same data: ``STEPS`` batches of ``BATCH`` training images (a fixed permutation,
 seed 0) for lockd training, then ``KD_STEPS`` further batches for a knowledge-
-distillation fine-tune (``fxdeco.finetune.finetune``: KL on logits from the
+distillation fine-tune (``fxdeco.train.finetune.finetune``: KL on logits from the
 original model, Adam ``KD_LR``, student in training mode). Accuracy is on the
 10k test images.
 
@@ -49,8 +49,8 @@ from benchmarks import fashion_mnist as fm
 from benchmarks.ptdeco_falor import macs_per_image, n_params, weights_file
 from benchmarks.ptdeco_lockd import train_ptdeco_lockd
 from fxdeco import lockd
-from fxdeco.finetune import finetune
-from fxdeco.report import human
+from fxdeco.train.finetune import finetune
+from fxdeco.io.report import human
 
 STEPS, BATCH = 1000, 64
 KD_STEPS, KD_LR = 300, 1e-4  # at 3e-4 the fine-tune alone cost an exact copy 0.25 pt

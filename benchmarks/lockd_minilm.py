@@ -3,7 +3,7 @@
 The MiniLM part of ``python -m benchmarks.lockd`` (which writes
 ``benchmarks/LOCKD.md``). The model and text are those of
 ``benchmarks/ptdeco_minilm.py`` (its ``_data``): the sentence encoder of
-``fxdeco.minilm`` (real pretrained weights, offline, BERT's dead pooler removed),
+``fxdeco.cli.minilm`` (real pretrained weights, offline, BERT's dead pooler removed),
 512 stdlib docstring sentences for training (tokenized in batches of 32, at most
 64 tokens, each split here into two batches of ``BATCH`` = 16 with their common
 padding trimmed, cycled) and 512 other sentences for evaluation only.
@@ -12,7 +12,7 @@ padding trimmed, cycled) and 512 other sentences for evaluation only.
   logits start at 3), ``lockd.train`` for ``STEPS`` steps (Adam: weights 1e-3,
   logits ``logit_lr``), ``lockd.finalize`` (a layer is replaced wherever its
   pruned branch has fewer params), then a KD fine-tune of ``KD_STEPS`` steps
-  (``fxdeco.finetune.finetune(distill_loss="cosine")``: 1 - cosine between the
+  (``fxdeco.train.finetune.finetune(distill_loss="cosine")``: 1 - cosine between the
   student's and the original's embeddings, Adam ``KD_LR``, student in eval mode).
 * ptdeco lockd with its own settings (those of the CNN part: tau 0.05, lambda 1,
   Adam 1e-3 on weights and logits, random init, logits at 3), the same steps and
@@ -22,7 +22,7 @@ padding trimmed, cycled) and 512 other sentences for evaluation only.
   out of the statistics, the 16 calibration batches of 32) at the parameter
   fraction each lockd run reached, with and without the same KD fine-tune.
 
-Fidelity (``fxdeco.minilm.fidelity``): mean cosine between the compressed and the
+Fidelity (``fxdeco.cli.minilm.fidelity``): mean cosine between the compressed and the
 original embeddings of the evaluation sentences, and top-1 nearest-neighbour
 agreement among them. MACs per sentence from ``passes.CostProp`` on the first
 evaluation batch (32 sentences padded to the longest).
@@ -47,9 +47,9 @@ from benchmarks.ptdeco_lockd import train_ptdeco_lockd
 from benchmarks.ptdeco_minilm import DATA_SPEC, _data
 from fxdeco import lockd
 from fxdeco.capture import trace
-from fxdeco.finetune import finetune
-from fxdeco.minilm import embed, fidelity, padding_mask
-from fxdeco.report import human
+from fxdeco.train.finetune import finetune
+from fxdeco.cli.minilm import embed, fidelity, padding_mask
+from fxdeco.io.report import human
 from passes import CostProp, graph_macs
 
 Batch = dict[str, torch.Tensor]
@@ -206,7 +206,7 @@ def section(rows: list[dict[str, Any]], seconds: float) -> str:
         f"of every compressed model: {KD_STEPS} steps of {BATCH} of the same sentences, loss 1 - cosine between "
         f"the student's and the original's embeddings (`finetune(distill_loss=\"cosine\")`), Adam lr {KD_LR:g}. "
         "Fidelity on the evaluation sentences: mean cosine to the original embeddings and top-1 nearest-neighbour "
-        "agreement (`fxdeco.minilm.fidelity`). MACs per sentence from `passes.CostProp` on one evaluation batch of "
+        "agreement (`fxdeco.cli.minilm.fidelity`). MACs per sentence from `passes.CostProp` on one evaluation batch of "
         "32 sentences padded to the longest. `wall s`: lockd prepare+train+finalize (or falor transform), and the "
         "fine-tune on its own row.\n\n"
         "fxdeco lockd: SVD init, logits start at 3, Adam lr 1e-3 (weights) and the logit lr shown, `finalize()` "

@@ -1,6 +1,6 @@
 """ptdeco's falor against fxdeco on all-MiniLM-L6-v2 (real pretrained weights, real English text).
 
-Both tools see the same model: the sentence encoder of ``fxdeco.minilm`` (mean
+Both tools see the same model: the sentence encoder of ``fxdeco.cli.minilm`` (mean
 pooling over the attention mask, L2 normalisation) with BERT's pooler removed
 (it does not feed the sentence embedding; ptdeco would otherwise decompose
 that dead layer at rank 1 and count the saving). ptdeco's ``data_iterator``
@@ -48,8 +48,8 @@ class Packed(nn.Module):
 
 
 def _data() -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    from fxdeco.minilm import load_minilm, tokenized_batches
-    from fxdeco.text_corpus import calibration_and_evaluation
+    from fxdeco.cli.minilm import load_minilm, tokenized_batches
+    from fxdeco.cli.text_corpus import calibration_and_evaluation
 
     model, tokenizer = load_minilm()
     model.encoder.pooler = None  # dead for sentence embeddings: see the module docstring
@@ -60,7 +60,7 @@ def _data() -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[dict[str, to
 
 
 def _quality(model: nn.Module, evaluation: list[dict[str, torch.Tensor]], reference: torch.Tensor) -> dict[str, float]:
-    from fxdeco.minilm import embed, fidelity
+    from fxdeco.cli.minilm import embed, fidelity
 
     return fidelity(reference, embed(model, evaluation))
 
@@ -99,7 +99,7 @@ def run_fxdeco(model: nn.Module, calib: list[dict[str, torch.Tensor]], evaluatio
                reference: torch.Tensor, threshold: float | None, keep: float | None, mode: str,
                rounds: int = 1) -> dict[str, Any]:
     """fxdeco in final-output mode (``threshold``) or budget mode (``keep``), padding masked out."""
-    from fxdeco.minilm import padding_mask
+    from fxdeco.cli.minilm import padding_mask
 
     budget = {"keep_params": keep, "rank_multiple": 1, "budget_rounds": rounds}
     options: dict[str, Any] = budget if keep is not None else {
@@ -119,7 +119,7 @@ def run_fxdeco(model: nn.Module, calib: list[dict[str, torch.Tensor]], evaluatio
 
 def run() -> list[dict[str, Any]]:
     """Original, then per threshold: ptdeco, fxdeco final-output mode, fxdeco budget at ptdeco's size."""
-    from fxdeco.minilm import embed
+    from fxdeco.cli.minilm import embed
 
     torch.manual_seed(0)
     model, calib, evaluation = _data()

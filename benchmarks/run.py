@@ -17,7 +17,7 @@ import torch
 from tabulate import tabulate
 
 from benchmarks import falor_local, ptdeco_falor, ptdeco_minilm, rank_multiple
-from fxdeco.report import human
+from fxdeco.io.report import human
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

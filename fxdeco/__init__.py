@@ -19,54 +19,49 @@ without it.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> the submodule that defines it
+# public name -> the module that defines it (relative to fxdeco)
 _EXPORTS = {
     "calibrate": "api", "convert": "api", "prepare": "api", "transform": "api",
-    "backend": "backend",
     "trace": "capture",
-    "dump": "dump",
-    "finetune": "finetune",
     "CalibrationError": "errors", "CaptureError": "errors", "NonFiniteActivationError": "errors",
     "NoSitesError": "errors",
     "PreparedModel": "prepared",
     "Falor": "methods", "MethodConfig": "methods",
-    "Report": "report", "report": "report",
-    "PlanError": "serialize", "PlanFormatError": "serialize", "PlanMismatchError": "serialize",
-    "PlanNotFoundError": "serialize", "load": "serialize", "save": "serialize",
+    "backend": "compile.backend",
+    "finetune": "train.finetune",
+    "Report": "io.report", "report": "io.report", "dump": "io.dump",
+    "PlanError": "io.serialize", "PlanFormatError": "io.serialize", "PlanMismatchError": "io.serialize",
+    "PlanNotFoundError": "io.serialize", "load": "io.serialize", "save": "io.serialize",
 }
-# Functions named like the submodule that defines them: ``fxdeco.report`` is the function, as it always was,
-# even after ``import fxdeco.report`` (the import system sets the submodule on the package; see _Package).
-_SHADOWED = {name for name, module in _EXPORTS.items() if name == module}
+# public submodules by their short name: ``from fxdeco import lockd``
+_SUBMODULES = {"lockd": "methods.lockd"}
 
-__all__ = sorted([*_EXPORTS, "lockd"], key=lambda name: (name[0].islower(), name))
+__all__ = sorted([*_EXPORTS, *_SUBMODULES], key=lambda name: (name[0].islower(), name))
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from fxdeco import lockd
     from fxdeco.api import calibrate, convert, prepare, transform
-    from fxdeco.backend import backend
     from fxdeco.capture import trace
-    from fxdeco.dump import dump
+    from fxdeco.compile.backend import backend
     from fxdeco.errors import CalibrationError, CaptureError, NonFiniteActivationError, NoSitesError
-    from fxdeco.finetune import finetune
+    from fxdeco.io.dump import dump
+    from fxdeco.io.report import Report, report
+    from fxdeco.io.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
     from fxdeco.methods import Falor, MethodConfig
+    from fxdeco.methods import lockd
     from fxdeco.prepared import PreparedModel
-    from fxdeco.report import Report, report
-    from fxdeco.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
+    from fxdeco.train.finetune import finetune
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public name, or a submodule (``fxdeco.lockd``, ``fxdeco.api`` ...), when it is first used."""
+    """Import a public name, or a public submodule (``fxdeco.lockd``), when it is first used."""
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f"{__name__}.{name}")
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{_SUBMODULES[name]}")
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value
@@ -75,20 +70,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _Package(types.ModuleType):
-    """Keeps ``fxdeco.report``, ``fxdeco.dump``, ``fxdeco.backend`` and ``fxdeco.finetune`` the functions.
-
-    Importing a submodule sets it as an attribute of its package; the eager
-    ``from fxdeco.report import report`` used to rebind the name to the
-    function right after, so this does the same whenever it happens.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SHADOWED and isinstance(value, types.ModuleType) and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -17,7 +17,7 @@ from torch import nn
 from fxdeco.batches import adapt_batch, check_input_fn, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
-from fxdeco.falor import check_budget_reachable, falor
+from fxdeco.methods.falor.local import check_budget_reachable, falor
 from fxdeco.methods import Falor, MethodConfig, method_config
 from fxdeco.plan import LayerDecision, matches_any
 from fxdeco.outputs import OutputFn, select_output

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxdeco
-from fxdeco.backend import GraphDecomposer, PassThrough, backend
+from fxdeco.compile.backend import GraphDecomposer, PassThrough, backend
 from fxdeco.errors import CalibrationError
 from passes.lift import lift_parameters
 
@@ -250,7 +250,7 @@ def test_graph_without_sites_passes_through(caplog):
     model = NoLayers()
     compiled, deco = compile_with(model)
     x = torch.randn(4, 8)
-    with caplog.at_level(logging.INFO, logger="fxdeco.backend"):
+    with caplog.at_level(logging.INFO, logger="fxdeco.compile.backend"):
         out = compiled(x)
     assert torch.equal(out, model(x))
     assert len(deco.graphs) == 1 and isinstance(deco.graphs[0], PassThrough)

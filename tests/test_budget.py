@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fxdeco
-from fxdeco.budget import BudgetError, LayerOptions, allocate
-from fxdeco.lowrank import output_error_by_rank
+from fxdeco.methods.falor.budget import BudgetError, LayerOptions, allocate
+from fxdeco.methods.falor.lowrank import output_error_by_rank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,7 +142,7 @@ def test_budget_by_output_error_beats_summed_nsr_on_its_own_criterion() -> None:
 
 def test_budget_rounds_rescale_a_layer_by_its_measurement() -> None:
     """A layer measured far worse than predicted gets a larger rank after one refinement round."""
-    from fxdeco.falor import falor_local
+    from fxdeco.methods.falor.local import falor_local
 
     prepared = fxdeco.calibrate(fxdeco.prepare(_model(), sensitivity=True), _data())
     calls = []

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from fxdeco.calib_sources import CalibrationSourceError, example_batch, input_info, load_calibration
+from fxdeco.cli.calib_sources import CalibrationSourceError, example_batch, input_info, load_calibration
 from fxdeco.cli import main
-from fxdeco.model_specs import ModelSpecError, build_model, parse_model_spec
+from fxdeco.cli.model_specs import ModelSpecError, build_model, parse_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -212,7 +212,7 @@ def test_file_factory_and_weights_file(factory_file: Path, tmp_path: Path) -> No
 
 
 def _vision(channels: int):
-    from fxdeco.model_specs import BuiltModel, ModelSpec
+    from fxdeco.cli.model_specs import BuiltModel, ModelSpec
 
     return BuiltModel(ModelSpec("m.py:f", "file", "m.py", "f"), nn.Conv2d(channels, 4, 3), channels=channels)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxdeco.calib_sources import CalibrationSourceError, example_batch, input_info, load_calibration
+from fxdeco.cli.calib_sources import CalibrationSourceError, example_batch, input_info, load_calibration
 from fxdeco.cli import main
-from fxdeco.model_specs import ModelSpecError, build_model, parse_model_spec
+from fxdeco.cli.model_specs import ModelSpecError, build_model, parse_model_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +60,7 @@ def usage_error(capsys, *args: str) -> str:
 
 
 def test_random_data_takes_the_input_shape(mlp_file: Path) -> None:
-    from fxdeco.calib_sources import check_first_batch
+    from fxdeco.cli.calib_sources import check_first_batch
 
     built = build_model(parse_model_spec(f"{mlp_file}:make"))
     calib = load_calibration("random", built, batches=2, batch_size=4, input_shape=(32,))
@@ -175,18 +175,18 @@ def test_input_shape_usage_errors_exit_2(capsys, args: list[str]) -> None:
     ("--max-length", "0"), ("--nsr-threshold", "0"), ("--nsr-threshold", "-0.1"),
 ])
 def test_demo_numeric_options_are_usage_errors(capsys, monkeypatch, option: str, value: str) -> None:
-    import fxdeco.demo
+    import fxdeco.cli.demo
 
     def run_demo(*args, **kwargs):
         raise AssertionError("the demo ran")
 
-    monkeypatch.setattr(fxdeco.demo, "run_demo", run_demo)
+    monkeypatch.setattr(fxdeco.cli.demo, "run_demo", run_demo)
     err = usage_error(capsys, "demo", option, value)
     assert "usage: fxdeco demo" in err and f"argument {option}" in err
 
 
 def test_demo_config_refuses_nonpositive_sizes() -> None:
-    from fxdeco.demo import DemoConfig
+    from fxdeco.cli.demo import DemoConfig
 
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         DemoConfig(batch_size=0)
@@ -203,7 +203,7 @@ class _Report:
 
 
 def _demo_text(original_s: float, decomposed_s: float) -> str:
-    from fxdeco.demo import DemoConfig, format_demo
+    from fxdeco.cli.demo import DemoConfig, format_demo
 
     return format_demo({"report": _Report(), "config": DemoConfig(eval_sentences=64),
                         "fidelity_before": {"cosine": 1.0, "nn_agreement": 1.0},
@@ -270,7 +270,7 @@ print("ok")
 
 
 def test_cli_module_runs_report_help_and_usage_errors_without_torch(tmp_path: Path) -> None:
-    """fxdeco/cli.py itself imports nothing heavy: report, --help, usage errors and user errors need no torch."""
+    """fxdeco/cli/__init__.py itself imports nothing heavy: report, --help, usage errors and user errors need no torch."""
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     res = _python(CLI_ALONE, str(ROOT / "fxdeco"), str(_saved(tmp_path)), str(foreign))

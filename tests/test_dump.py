@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxdeco
-from fxdeco.dump import dump
+from fxdeco.io.dump import dump
 from passes.graph_view import to_networkx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -311,7 +311,7 @@ def test_svg_is_drawn_by_graphviz(decomposed, tmp_path: Path) -> None:
 def test_missing_dot_writes_dot_and_says_so(decomposed, tmp_path: Path, monkeypatch, caplog) -> None:
     _, gm = decomposed
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    with caplog.at_level(logging.WARNING, logger="fxdeco.dump"):
+    with caplog.at_level(logging.WARNING, logger="fxdeco.io.dump"):
         path = dump(gm, tmp_path / "g.svg")
     assert path == tmp_path / "g.dot" and not (tmp_path / "g.svg").exists()
     parse_dot(path.read_text())

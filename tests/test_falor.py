@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import fxdeco
-from fxdeco.falor import falor_local
-from fxdeco.lowrank import NSR_EPSILON, nsr_by_rank, output_error_by_rank, spectrum
+from fxdeco.methods.falor.local import falor_local
+from fxdeco.methods.falor.lowrank import NSR_EPSILON, nsr_by_rank, output_error_by_rank, spectrum
 from passes import SiteStatistics, StatsInterpreter, find_sites
 from passes.stats import ActivationStatistics
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fxdeco
-from fxdeco.final_metrics import final_nsr, symmetric_kl
+from fxdeco.methods.falor.final_metrics import final_nsr, symmetric_kl
 from passes import factorize_sites
 from passes.inputs import flatten_inputs
 from passes.replay import GraphWalk

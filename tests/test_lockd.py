@@ -18,8 +18,8 @@ from torch import nn
 import fxdeco
 from fxdeco import lockd
 from fxdeco.errors import CalibrationError, NoSitesError
-from fxdeco.finetune import finetune, kd_loss
-from fxdeco.lockd.finalize import _strip, pruned_chain
+from fxdeco.train.finetune import finetune, kd_loss
+from fxdeco.methods.lockd.finalize import _strip, pruned_chain
 from passes.chains import replace_sites_with_chains
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -256,7 +256,7 @@ def _close_most_gates(gm: torch.fx.GraphModule) -> None:
 
 
 def _round_trip(small: torch.fx.GraphModule, fresh: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
-    from fxdeco.serialize import load, save
+    from fxdeco.io.serialize import load, save
 
     with tempfile.TemporaryDirectory() as folder:
         save(small, folder)
@@ -340,7 +340,7 @@ class _Embedder(nn.Module):
 
 
 def test_finetune_distils_embeddings_with_another_loss() -> None:
-    from fxdeco.finetune import cosine_distance, mse_distance
+    from fxdeco.train.finetune import cosine_distance, mse_distance
 
     teacher = _Embedder().eval()
     student = copy.deepcopy(teacher)
@@ -415,7 +415,7 @@ def test_nan_stops_training_and_names_the_layer() -> None:
 
 
 def test_failing_prepare_leaves_nothing_half_prepared(monkeypatch: pytest.MonkeyPatch) -> None:
-    prep = importlib.import_module("fxdeco.lockd.prepare")  # the package's ``prepare`` is the function
+    prep = importlib.import_module("fxdeco.methods.lockd.prepare")  # the package's ``prepare`` is the function
     model = small_net()
     before = copy.deepcopy(model.state_dict())
     real, calls = prep.build_branch, []

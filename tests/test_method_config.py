@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxdeco
-from fxdeco.falor import falor_local
+from fxdeco.methods.falor.local import falor_local
 from fxdeco.methods import method_config, option_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")

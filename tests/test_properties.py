@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxdeco
-from fxdeco.falor import falor_local
-from fxdeco.lowrank import projection_factors, spectrum
+from fxdeco.methods.falor.local import falor_local
+from fxdeco.methods.falor.lowrank import projection_factors, spectrum
 from fxdeco.plan import decision
 from passes import CostProp, Factorization, export_capture, factorize_sites, find_sites
 from passes.sites import fetch_attr

@@ -15,7 +15,7 @@ from torch import nn
 
 import fxdeco
 from fxdeco import lockd
-from fxdeco.lockd.prepare import lockd_state
+from fxdeco.methods.lockd.prepare import lockd_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""fxdeco.serialize: save a decomposed model as plan.json + weights, re-apply it to a fresh model."""
+"""fxdeco.io.serialize: save a decomposed model as plan.json + weights, re-apply it to a fresh model."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxdeco
-import fxdeco.serialize as serialize
+import fxdeco.io.serialize as serialize
 from fxdeco import lockd
-from fxdeco.serialize import PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
+from fxdeco.io.serialize import PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,13 +2,13 @@
 
 Each layer's output second moment is eigen-decomposed once; the layer-output
 noise-to-signal ratio of *every* rank then follows in closed form (see
-``fxdeco.lowrank``), so no forward pass is spent per candidate rank. Ranks are
+``fxdeco.methods.falor.lowrank``), so no forward pass is spent per candidate rank. Ranks are
 chosen either
 
 * per layer: the smallest rank whose NSR stays under ``nsr_threshold``; or
 * globally: ``keep_params=0.6`` (or ``keep_macs=``) allocates ranks across all
   layers so the model keeps that fraction of its original size with the least
-  summed layer NSR (``fxdeco.budget``).
+  summed layer NSR (``fxdeco.methods.falor.budget``).
 
 ``rank_multiple`` rounds ranks up to hardware-friendly multiples.
 """
@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from fxdeco.budget import BudgetError, LayerOptions, allocate
+from fxdeco.methods.falor.budget import BudgetError, LayerOptions, allocate
 from fxdeco.errors import warn_user
 from fxdeco.methods.falor.config import Falor
-from fxdeco.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
+from fxdeco.methods.falor.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
                             spectrum)
 from fxdeco.plan import (LayerDecision, decision, dense_macs, factored_macs, matches_any,
                          site_multiple, unique_targets)
@@ -37,7 +37,7 @@ from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
 
-# (ranks by layer, spectra by layer) -> measured final-output NSR by layer (fxdeco.budget_measure)
+# (ranks by layer, spectra by layer) -> measured final-output NSR by layer (fxdeco.methods.falor.budget_measure)
 FinalNsrMeasure = Callable[[Mapping[str, int], Mapping[str, Spectrum]], Mapping[str, float]]
 
 
@@ -106,7 +106,7 @@ def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure:
 
 
 def check_budget_reachable(prepared: Any, config: Falor) -> None:
-    """Raise :class:`fxdeco.budget.BudgetError` now if the budget is below what falor can reach.
+    """Raise :class:`fxdeco.methods.falor.budget.BudgetError` now if the budget is below what falor can reach.
 
     Every layer at its smallest candidate rank is the floor; it needs only the
     layers' shapes (and, for MACs, the rows per sample of one calibration
@@ -179,7 +179,7 @@ def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: 
     """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs).
 
     ``scales`` multiply layers' predicted final-output error curves (measured / predicted,
-    ``fxdeco.budget_measure``); a layer without one gets the median scale, so all curves share a unit.
+    ``fxdeco.methods.falor.budget_measure``); a layer without one gets the median scale, so all curves share a unit.
     """
     options, ranks = [], []
     default_scale = statistics_lib.median(scales.values()) if scales else 1.0
@@ -203,7 +203,7 @@ def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: 
 def _refine(layers: list[_Layer], chosen: dict[str, int | str], allocate_ranks: Callable[..., dict[str, int | str]],
             measure_final_nsr: FinalNsrMeasure, rounds: int) -> dict[str, int | str]:
     """Measure the allocated layers, rescale their predicted curves, allocate again; ``rounds`` times."""
-    from fxdeco.budget_measure import measured_scales
+    from fxdeco.methods.falor.budget_measure import measured_scales
 
     by_target = {layer.site.target: layer for layer in layers}
     scales: dict[str, float] = {}
@@ -254,12 +254,12 @@ def falor_local(
     and MACs (``k * (in + out) < in * out``) and ``k / full_rank <=
     proportion_threshold``; layers matching a ``skip`` glob are kept dense. With
     ``center`` (default) the covariance is decomposed and the mean of the
-    discarded directions folded into the bias (see ``fxdeco.lowrank``).
+    discarded directions folded into the bias (see ``fxdeco.methods.falor.lowrank``).
 
     With the output criterion, ``budget_rounds`` rounds of measurement refine the
     allocation: ``measure_final_nsr(ranks, spectra)`` returns each allocated
     layer's measured final-output NSR, which rescales its predicted curve before
-    the next allocation (``fxdeco.budget_measure``; :func:`falor` wires it up).
+    the next allocation (``fxdeco.methods.falor.budget_measure``; :func:`falor` wires it up).
 
     Example:
         >>> import fxdeco, torch
@@ -273,7 +273,7 @@ def falor_local(
     """
     config = config if config is not None else Falor(**options)
     if config.mode == "final-output":
-        raise ValueError("falor_local plans local and budget mode; final-output mode runs in fxdeco.falor_final")
+        raise ValueError("falor_local plans local and budget mode; final-output mode runs in fxdeco.methods.falor.final")
     targets = unique_targets(sites)
     skipped = [s for s in targets if matches_any(s.target, config.skip)]
     layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, config.damping, config.center,
@@ -321,7 +321,7 @@ def _budget_meter(prepared: Any, rounds: int, criterion: str) -> Any:
         log.info("falor budget: no calibration batch was kept (keep_batches=0), so the allocation is not refined "
                  "by measurement")
         return None
-    from fxdeco.budget_measure import FinalNsrMeter  # the replay machinery, only when asked for
+    from fxdeco.methods.falor.budget_measure import FinalNsrMeter  # the replay machinery, only when asked for
 
     return FinalNsrMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.output_fn)
 
@@ -332,10 +332,10 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
     * ``nsr_threshold`` (default): per layer, closed form (:func:`falor_local`);
     * ``keep_params`` / ``keep_macs``: a global budget (:func:`falor_local`), allocated by
       predicted final-output error, then ``budget_rounds`` times rescaled by a measurement
-      of each allocated layer on the first calibration batch (``fxdeco.budget_measure``);
+      of each allocated layer on the first calibration batch (``fxdeco.methods.falor.budget_measure``);
     * ``nsr_final_threshold`` / ``kl_final_threshold``: per layer, by the model's
       final output, every rank verified by measurement on the first
-      ``num_metric_batches`` calibration batches (:func:`fxdeco.falor_final.falor_final`).
+      ``num_metric_batches`` calibration batches (:func:`fxdeco.methods.falor.final.falor_final`).
 
     Returns the plan, the per-layer decisions and a summary for ``gm.meta``.
     """
@@ -347,7 +347,7 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
         return plan, decisions, ({"budget_rounds": config.budget_rounds, "probes": meter.probes, "metric_batches": 1,
                                   "probe_forward_equivalents": meter.forward_equivalents()}
                                  if meter is not None else {})
-    from fxdeco.falor_final import falor_final  # the final-output mode's machinery, only when asked for
+    from fxdeco.methods.falor.final import falor_final  # the final-output mode's machinery, only when asked for
 
     kept, wanted = prepared.kept_inputs, config.num_metric_batches
     if len(kept) < wanted:

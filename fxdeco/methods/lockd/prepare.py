@@ -21,7 +21,7 @@ from torch import nn
 
 from fxdeco.capture import trace
 from fxdeco.errors import NoSitesError
-from fxdeco.lockd.branch import GumbelGate, LockdBranch, full_rank, svd_factors
+from fxdeco.methods.lockd.branch import GumbelGate, LockdBranch, full_rank, svd_factors
 from fxdeco.plan import matches_any
 from passes import Site, SkippedSite, find_sites, remove_dead_sites
 from passes.chains import insert_parallel_chain
@@ -152,11 +152,11 @@ def prepare(
     PyTorch's default initialisation, as ptdeco. The returned graph passes the
     ORIGINAL outputs on, so it computes what the model computed; each branch
     records its per-channel NSR against its layer's output. ``nsr_threshold``
-    (tau) is the NSR each branch may reach before :func:`fxdeco.lockd.nsr_loss`
+    (tau) is the NSR each branch may reach before :func:`fxdeco.methods.lockd.nsr_loss`
     pushes back. Original parameters are frozen (``requires_grad=False``);
     ``skip`` holds glob patterns of layers to leave alone. The graph is
-    returned in eval mode; :func:`fxdeco.lockd.train` switches the branches to
-    training mode itself (for your own loop, see :func:`fxdeco.lockd.train_mode`).
+    returned in eval mode; :func:`fxdeco.methods.lockd.train` switches the branches to
+    training mode itself (for your own loop, see :func:`fxdeco.methods.lockd.train_mode`).
 
     Example:
         >>> import torch
@@ -221,7 +221,7 @@ def lockd_state(model: nn.Module) -> LockdState:
     gm = unwrap(model)
     state = getattr(gm, "meta", {}).get("lockd") if isinstance(gm, torch.fx.GraphModule) else None
     if state is None:
-        raise ValueError(f"{type(gm).__name__} was not prepared for lockd; call gm = fxdeco.lockd.prepare(model) "
+        raise ValueError(f"{type(gm).__name__} was not prepared for lockd; call gm = fxdeco.methods.lockd.prepare(model) "
                          "first (and lockd.finalize on the trained result)")
     return state
 

@@ -4,7 +4,7 @@ The rhythm is prepare -> train -> finalize -> fine-tune:
 
     >>> import torch, fxdeco
     >>> from fxdeco import lockd
-    >>> from fxdeco.finetune import finetune
+    >>> from fxdeco.train.finetune import finetune
     >>> model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
     >>> with torch.no_grad():  # a first layer of rank 4, so most of its branch channels are useless
     ...     _ = model[0].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 16) / 4)
@@ -22,12 +22,12 @@ and a tap that returns the original output while recording the branch's NSR;
 replaces layers by their pruned branches where that pays.
 """
 
-from fxdeco.lockd.branch import GumbelGate, LockdBranch, NsrTap, channel_nsr
-from fxdeco.lockd.finalize import finalize
-from fxdeco.lockd.losses import (NonFiniteLossError, check_finite, entropy_loss, kept_proportion, nsr_loss,
+from fxdeco.methods.lockd.branch import GumbelGate, LockdBranch, NsrTap, channel_nsr
+from fxdeco.methods.lockd.finalize import finalize
+from fxdeco.methods.lockd.losses import (NonFiniteLossError, check_finite, entropy_loss, kept_proportion, nsr_loss,
                                  nsr_values, proportion_loss)
-from fxdeco.lockd.prepare import LockdState, branches, prepare, train_mode
-from fxdeco.lockd.train import TrainHistory, measure_nsr, record_macs, train
+from fxdeco.methods.lockd.prepare import LockdState, branches, prepare, train_mode
+from fxdeco.methods.lockd.train import TrainHistory, measure_nsr, record_macs, train
 
 __all__ = [
     "GumbelGate",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxdeco.lockd.prepare import branches, check_threshold, lockd_state
+from fxdeco.methods.lockd.prepare import branches, check_threshold, lockd_state
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -18,7 +18,7 @@ Example:
     >>> parse_model_spec("resnet18")
     Traceback (most recent call last):
     ...
-    fxdeco.model_specs.ModelSpecError: unknown model spec 'resnet18': write torchvision:NAME, timm:NAME, hf:DIR or \
+    fxdeco.cli.model_specs.ModelSpecError: unknown model spec 'resnet18': write torchvision:NAME, timm:NAME, hf:DIR or \
 path/to/file.py:FACTORY
 """
 
@@ -90,7 +90,7 @@ def parse_model_spec(text: str, weights: str | None = None) -> ModelSpec:
         >>> parse_model_spec("torchvision:resnet18", weights="/nonexistent.pt")
         Traceback (most recent call last):
         ...
-        fxdeco.model_specs.ModelSpecError: weights file /nonexistent.pt not found
+        fxdeco.cli.model_specs.ModelSpecError: weights file /nonexistent.pt not found
     """
     prefix, sep, rest = text.partition(":")
     if sep and prefix in KINDS:

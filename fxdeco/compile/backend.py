@@ -1,7 +1,7 @@
 """A ``torch.compile`` backend that decomposes every graph Dynamo captures.
 
     >>> import torch
-    >>> from fxdeco.backend import backend
+    >>> from fxdeco.compile.backend import backend
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
     >>> deco = backend(inner="eager", calib_steps=4, nsr_threshold=0.05)
     >>> compiled = torch.compile(model, backend=deco)
@@ -332,7 +332,7 @@ class DecompositionBackend:
 
         Example:
             >>> import torch
-            >>> from fxdeco.backend import backend
+            >>> from fxdeco.compile.backend import backend
             >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
             >>> deco = backend(calib_loader=[torch.randn(8, 16) for _ in range(3)], inner="eager")
             >>> compiled = deco.calibrate(torch.compile(model, backend=deco))
@@ -389,7 +389,7 @@ def backend(
     docstring for how statistics reach each graph.
 
     Example:
-        >>> from fxdeco.backend import backend
+        >>> from fxdeco.compile.backend import backend
         >>> backend(nsr_treshold=0.1)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

@@ -10,7 +10,7 @@ with a halving search that runs the whole model twice per probe; here:
    pass per metric batch under random projections of the final output, scaled
    so that ``tr(G Σ_δ)`` predicts the per-channel NSR; ``passes.sensitivity``)
    and each layer's spectrum give the predicted final NSR of every rank at once
-   (``fxdeco.lowrank.output_error_by_rank``).
+   (``fxdeco.methods.falor.lowrank.output_error_by_rank``).
 2. **Verify.** A :class:`passes.replay.GraphWalk` per metric batch runs the
    reference forward once, layer by layer; a probe replays only the part of the
    graph downstream of the layer, with the layer's output replaced by its rank-k
@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx
 
-from fxdeco.final_metrics import channel_variance, final_nsr, symmetric_kl
-from fxdeco.lowrank import (NSR_EPSILON, Spectrum, centred_bias, nsr_by_rank, output_error_by_rank,
+from fxdeco.methods.falor.final_metrics import channel_variance, final_nsr, symmetric_kl
+from fxdeco.methods.falor.lowrank import (NSR_EPSILON, Spectrum, centred_bias, nsr_by_rank, output_error_by_rank,
                             projection_factors, spectrum)
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output

@@ -1,7 +1,7 @@
 """Budget mode, measured: rescale each layer's predicted final-output error by a probe at its allocated rank.
 
 falor's budget mode allocates ranks across layers by the *predicted* final-output
-error of every rank (output-gradient moments, ``fxdeco.lowrank.output_error_by_rank``).
+error of every rank (output-gradient moments, ``fxdeco.methods.falor.lowrank.output_error_by_rank``).
 That prediction is first order: it is good at mild compression and misjudges how
 much a layer matters once its error is large (on the Fashion-MNIST ViT at 7% of
 the parameters it was worse than ptdeco's equal-threshold allocation by 15
@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.fx
 
-from fxdeco.falor_final import Probe, metric_references
-from fxdeco.lowrank import Spectrum
+from fxdeco.methods.falor.final import Probe, metric_references
+from fxdeco.methods.falor.lowrank import Spectrum
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn
 from passes import Site

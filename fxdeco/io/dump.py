@@ -19,7 +19,7 @@ What the drawing shows:
 
 Example:
     >>> import tempfile, pathlib, torch, fxdeco
-    >>> from fxdeco.dump import dump
+    >>> from fxdeco.io.dump import dump
     >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     >>> small = fxdeco.transform(model, [torch.randn(64, 4) @ torch.randn(4, 32)], nsr_threshold=0.01)
     >>> out = dump(small, pathlib.Path(tempfile.mkdtemp()) / "graph.dot")
@@ -43,7 +43,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
-from fxdeco.report import human
+from fxdeco.io.report import human
 from passes import find_sites
 from passes.graph_view import to_networkx
 
@@ -464,7 +464,7 @@ def _legend() -> str:
 def _report_table(gm: torch.fx.GraphModule) -> str:
     if gm.meta.get("fxdeco") is None:
         return ""
-    from fxdeco.report import report  # the table is optional decoration; keep the import local
+    from fxdeco.io.report import report  # the table is optional decoration; keep the import local
     return f"<details><summary>per-layer report</summary>{report(gm).table('html')}</details>"
 
 

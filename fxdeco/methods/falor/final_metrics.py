@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fxdeco.lowrank import NSR_EPSILON
+from fxdeco.methods.falor.lowrank import NSR_EPSILON
 
 
 def channel_variance(reference: torch.Tensor) -> torch.Tensor:

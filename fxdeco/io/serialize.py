@@ -24,7 +24,7 @@ strictly, so the result computes exactly what the saved model computed.
 
 Example:
     >>> import tempfile, torch, fxdeco
-    >>> from fxdeco.serialize import load, save
+    >>> from fxdeco.io.serialize import load, save
     >>> def build():
     ...     torch.manual_seed(0)
     ...     return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -53,7 +53,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
-from fxdeco.lockd.branch import full_rank as factored_full_rank
+from fxdeco.methods.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
 from passes.chains import replace_sites_with_chains
@@ -374,7 +374,7 @@ def read_plan(path: str | os.PathLike) -> dict[str, Any]:
         >>> read_plan(folder)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        fxdeco.serialize.PlanFormatError: ... has schema version 99; this fxdeco reads version 1: save the model \
+        fxdeco.io.serialize.PlanFormatError: ... has schema version 99; this fxdeco reads version 1: save the model \
 again with this version of fxdeco, or upgrade fxdeco
     """
     folder = _directory(path)
@@ -530,7 +530,7 @@ def _check_factors(plan: dict[str, Any], weights: Mapping[str, torch.Tensor]) ->
         >>> _check_factors(plan, {"fc1.0.weight": torch.zeros(16, 64), "fc1.1.weight": torch.zeros(32, 16)})
         Traceback (most recent call last):
         ...
-        fxdeco.serialize.PlanMismatchError: layer 'fc1': plan.json says rank 12 but its factors in \
+        fxdeco.io.serialize.PlanMismatchError: layer 'fc1': plan.json says rank 12 but its factors in \
 weights.safetensors have rank 16 (first factor 16x64); the plan and the weights do not belong together: keep \
 plan.json with the weights file saved next to it, or save the model again
     """
@@ -808,7 +808,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, example_inputs: Any = Non
         >>> load(folder, torch.nn.Sequential(torch.nn.Linear(8, 6)))
         Traceback (most recent call last):
         ...
-        fxdeco.serialize.PlanMismatchError: layer '0': the plan has a linear weight of shape (8, 8), the model's \
+        fxdeco.io.serialize.PlanMismatchError: layer '0': the plan has a linear weight of shape (8, 8), the model's \
 is (6, 8); build the model with the configuration the plan was made for
     """
     if not isinstance(model, nn.Module):

@@ -5,18 +5,18 @@ traceback only with ``--debug``).
 
 ``fxdeco decompose MODEL --calib SOURCE --out DIR`` writes into ``DIR``:
 
-* ``plan.json`` and the weights (:func:`fxdeco.serialize.save`; reload with
+* ``plan.json`` and the weights (:func:`fxdeco.io.serialize.save`; reload with
   ``fxdeco.load(DIR, model)``);
 * ``report.txt`` and ``report.json``: the per-layer table and totals, with the
   model and the calibration data named (random data is labelled as such);
-* ``graph.html`` (before/after) and ``graph.dot`` (:func:`fxdeco.dump.dump`);
+* ``graph.html`` (before/after) and ``graph.dot`` (:func:`fxdeco.io.dump.dump`);
 * ``cli.json``: the model spec and input (kind, per-sample shape, dtype), so
   ``fxdeco dump DIR`` can rebuild the model and draw the graphs again.
 
 ``--calib random`` feeds images unless the model is not an image model:
 ``--input-shape 32`` (or ``3,224,224``: one sample, no batch dimension) sets
 the shape of the noise, and a factory model may declare it
-(:mod:`fxdeco.model_specs`). What was fed (dtype and shape) is printed and
+(:mod:`fxdeco.cli.model_specs`). What was fed (dtype and shape) is printed and
 recorded; the first batch is run through the model before anything slow, so a
 shape that does not fit fails at once.
 
@@ -49,7 +49,7 @@ class CLIError(Exception):
 
 
 # Modules whose errors have messages that say it all; looked up only if already imported (they import torch).
-_USER_ERRORS = (("fxdeco.model_specs", "ModelSpecError"), ("fxdeco.calib_sources", "CalibrationSourceError"))
+_USER_ERRORS = (("fxdeco.cli.model_specs", "ModelSpecError"), ("fxdeco.cli.calib_sources", "CalibrationSourceError"))
 
 
 def _is_user_error(exc: BaseException) -> bool:
@@ -72,7 +72,7 @@ def _is_user_error(exc: BaseException) -> bool:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fxdeco.demo import DemoConfig, format_demo, run_demo
+    from fxdeco.cli.demo import DemoConfig, format_demo, run_demo
 
     cfg = DemoConfig(nsr_threshold=args.nsr_threshold, calib_sentences=args.calib_sentences,
                      eval_sentences=args.eval_sentences, batch_size=args.batch_size, max_length=args.max_length,
@@ -116,7 +116,7 @@ def _report_header(spec_text: str, weights: str, calib_description: str, method:
 
 
 def _write_report(out: pathlib.Path, gm: Any, header: str, meta: dict[str, Any]) -> str:
-    from fxdeco.report import report
+    from fxdeco.io.report import report
 
     rep = report(gm)
     text = header + "\n" + rep.table() + "\n"
@@ -135,7 +135,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _dumps(gm: Any, model: Any, out: pathlib.Path, formats: Sequence[str], example: Any) -> list[pathlib.Path]:
-    from fxdeco.dump import dump
+    from fxdeco.io.dump import dump
 
     return [dump(gm, out / f"graph.{fmt}", fmt, original=model, example_inputs=example) for fmt in formats]
 
@@ -155,9 +155,9 @@ def _decompose_into(out: pathlib.Path, args: argparse.Namespace) -> int:
     import torch
 
     import fxdeco
-    from fxdeco.calib_sources import check_first_batch, input_info, load_calibration
-    from fxdeco.model_specs import build_model, describe_weights, parse_model_spec
-    from fxdeco.serialize import save
+    from fxdeco.cli.calib_sources import check_first_batch, input_info, load_calibration
+    from fxdeco.cli.model_specs import build_model, describe_weights, parse_model_spec
+    from fxdeco.io.serialize import save
 
     spec = parse_model_spec(args.model, args.weights)
     torch.manual_seed(args.seed)  # random weights, when the model has them, are reproducible
@@ -226,9 +226,9 @@ def _read_cli_json(folder: pathlib.Path) -> dict[str, Any]:
 def _dump(args: argparse.Namespace) -> int:
     import torch
 
-    from fxdeco.calib_sources import example_batch
-    from fxdeco.model_specs import build_model, parse_model_spec
-    from fxdeco.serialize import load
+    from fxdeco.cli.calib_sources import example_batch
+    from fxdeco.cli.model_specs import build_model, parse_model_spec
+    from fxdeco.io.serialize import load
 
     folder = _saved_dir(args.dir, CLI_FILE)
     cli = _read_cli_json(folder)

@@ -20,10 +20,10 @@ import torch.fx
 from torch import nn
 
 from fxdeco.batches import call_on_batch, check_input_fn, leading_dim, model_inputs
-from fxdeco.finetune import (TrainingBatches, autocast_context, check_positive, check_steps, model_device,
+from fxdeco.train.finetune import (TrainingBatches, autocast_context, check_positive, check_steps, model_device,
                              to_device, use_amp)
-from fxdeco.lockd.losses import check_finite, entropy_loss, kept_proportion, nsr_loss, proportion_loss
-from fxdeco.lockd.prepare import ROLE, branches, lockd_state, train_mode, unwrap
+from fxdeco.methods.lockd.losses import check_finite, entropy_loss, kept_proportion, nsr_loss, proportion_loss
+from fxdeco.methods.lockd.prepare import ROLE, branches, lockd_state, train_mode, unwrap
 from fxdeco.progress import Progress
 from passes import CostProp
 

@@ -22,7 +22,7 @@ image folder).
 
 Example:
     >>> import torch
-    >>> from fxdeco.model_specs import BuiltModel, ModelSpec
+    >>> from fxdeco.cli.model_specs import BuiltModel, ModelSpec
     >>> built = BuiltModel(ModelSpec("f.py:make", "file", "f.py", "make"), torch.nn.Conv2d(3, 4, 3), channels=3)
     >>> calib = load_calibration("random", built, batches=2, batch_size=4, image_size=32)
     >>> len(calib.batches), tuple(calib.batches[0].shape), calib.random
@@ -48,7 +48,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from fxdeco.model_specs import BuiltModel
+from fxdeco.cli.model_specs import BuiltModel
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +280,12 @@ def load_calibration(source: str, built: BuiltModel, *, batches: int = 8, batch_
 
     Example:
         >>> import torch
-        >>> from fxdeco.model_specs import BuiltModel, ModelSpec
+        >>> from fxdeco.cli.model_specs import BuiltModel, ModelSpec
         >>> built = BuiltModel(ModelSpec("f.py:make", "file", "f.py", "make"), torch.nn.Conv2d(1, 4, 3), channels=1)
         >>> load_calibration("/nonexistent", built)
         Traceback (most recent call last):
         ...
-        fxdeco.calib_sources.CalibrationSourceError: calibration source '/nonexistent' not found: give an image \
+        fxdeco.cli.calib_sources.CalibrationSourceError: calibration source '/nonexistent' not found: give an image \
 folder, fashion-mnist[:DIR], a text file (hf: models) or random
     """
     if batches < 1 or batch_size < 1:
@@ -336,13 +336,13 @@ def check_first_batch(built: BuiltModel, calib: Calibration) -> None:
     matrix or convolution shape error, after the model has been captured.
 
     Example:
-        >>> from fxdeco.model_specs import BuiltModel, ModelSpec
+        >>> from fxdeco.cli.model_specs import BuiltModel, ModelSpec
         >>> built = BuiltModel(ModelSpec("f.py:make", "file", "f.py", "make"), torch.nn.Linear(32, 8))
         >>> check_first_batch(built, load_calibration("random", built, batches=1, batch_size=4, input_shape=(32,)))
         >>> check_first_batch(built, load_calibration("random", built, batches=1, batch_size=4, input_shape=(16,)))
         Traceback (most recent call last):
         ...
-        fxdeco.calib_sources.CalibrationSourceError: the model fails on the first calibration batch, float32 \
+        fxdeco.cli.calib_sources.CalibrationSourceError: the model fails on the first calibration batch, float32 \
 tensors of shape (4, 16) (random data): RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x16 and 32x8); set \
 the shape of one random sample (no batch dimension) with --input-shape, e.g. --input-shape 32 or --input-shape \
 3,224,224
@@ -372,7 +372,7 @@ def example_batch(built: BuiltModel, info: dict[str, Any]) -> Any:
 
     Example:
         >>> import torch
-        >>> from fxdeco.model_specs import BuiltModel, ModelSpec
+        >>> from fxdeco.cli.model_specs import BuiltModel, ModelSpec
         >>> built = BuiltModel(ModelSpec("f.py:make", "file", "f.py", "make"), torch.nn.Conv2d(1, 4, 3), channels=1)
         >>> tuple(example_batch(built, {"kind": "image", "shape": [1, 28, 28]}).shape)
         (2, 1, 28, 28)

@@ -1,7 +1,7 @@
 """Knowledge-distillation fine-tuning of a decomposed model from its original, and the loop pieces it shares.
 
 ``finetune(student, teacher, loader, steps=...)`` works after any method
-(``fxdeco.transform``, ``fxdeco.lockd.finalize``): the student learns the
+(``fxdeco.transform``, ``fxdeco.methods.lockd.finalize``): the student learns the
 teacher's softened output distribution (KL divergence on logits), optionally
 plus a task loss on labels. For models whose output is not a distribution
 (sentence embeddings, features, regression), ``distill_loss="cosine"`` or
@@ -267,7 +267,7 @@ def finetune(
 
     Example:
         >>> import torch
-        >>> from fxdeco.finetune import finetune
+        >>> from fxdeco.train.finetune import finetune
         >>> teacher = torch.nn.Linear(8, 4)
         >>> student = torch.nn.Linear(8, 4)
         >>> data = [torch.randn(32, 8) for _ in range(4)]

@@ -16,8 +16,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxdeco.lockd.branch import LockdBranch
-from fxdeco.lockd.prepare import ROLE, LockdState, branches, lockd_state, unwrap
+from fxdeco.methods.lockd.branch import LockdBranch
+from fxdeco.methods.lockd.prepare import ROLE, LockdState, branches, lockd_state, unwrap
 from fxdeco.plan import LayerDecision, check_fraction
 from passes import Site
 from passes.chains import remove_parallel_chain, replace_sites_with_chains
@@ -108,7 +108,7 @@ def finalize(model: nn.Module, proportion_threshold: float = 1.0) -> torch.fx.Gr
     stays. ``node.meta["fxdeco"]`` of each layer's output node holds its kept
     proportion, NSR (eval-mode, hard gates, from the end of ``train``) and
     params; :func:`fxdeco.report` summarises the model. All parameters of the
-    result require gradients again, ready for :func:`fxdeco.finetune.finetune`.
+    result require gradients again, ready for :func:`fxdeco.train.finetune.finetune`.
 
     Example:
         >>> import torch, fxdeco

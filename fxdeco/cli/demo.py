@@ -29,10 +29,10 @@ import torch
 from tabulate import tabulate
 
 import fxdeco
-from fxdeco.minilm import embed, fidelity, load_minilm, padding_mask, tokenized_batches
+from fxdeco.cli.minilm import embed, fidelity, load_minilm, padding_mask, tokenized_batches
 from fxdeco.progress import progress
-from fxdeco.report import human
-from fxdeco.text_corpus import calibration_and_evaluation
+from fxdeco.io.report import human
+from fxdeco.cli.text_corpus import calibration_and_evaluation
 
 
 @dataclasses.dataclass

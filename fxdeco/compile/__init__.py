@@ -1,0 +1,1 @@
+"""fxdeco as a ``torch.compile`` backend (``backend.py``: ``fxdeco.backend``)."""
