@@ -30,7 +30,7 @@ _EXPORTS = {
     "CalibrationError": "errors", "CaptureError": "errors", "NonFiniteActivationError": "errors",
     "NoSitesError": "errors",
     "PreparedModel": "prepared",
-    "Falor": "methods", "MethodConfig": "methods",
+    "Falor": "methods", "Lockd": "methods", "MethodConfig": "methods",
     "backend": "compile.backend",
     "finetune": "train.finetune",
     "Report": "io.report", "report": "io.report", "dump": "io.dump",
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fxdeco.io.dump import dump
     from fxdeco.io.report import Report, report
     from fxdeco.io.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
-    from fxdeco.methods import Falor, MethodConfig
+    from fxdeco.methods import Falor, Lockd, MethodConfig
     from fxdeco.methods import lockd
     from fxdeco.prepared import PreparedModel
     from fxdeco.train.finetune import finetune

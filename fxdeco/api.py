@@ -18,7 +18,8 @@ from fxdeco.batches import adapt_batch, check_input_fn, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
-from fxdeco.methods import Falor, MethodConfig, method_config
+from fxdeco.methods import Falor, Lockd, MethodConfig, method_config
+from fxdeco.train.finetune import TrainingBatches
 from fxdeco.plan import LayerDecision, matches_any
 from fxdeco.outputs import OutputFn, select_output
 from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
@@ -154,6 +155,9 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **opt
     if prepared.batches == 0:
         raise CalibrationError("no calibration batch was run through the prepared model; call it on your data first")
     config = method_config(method, **options)
+    if config.name not in RUNNERS:
+        raise ValueError(f"{type(config).__name__} does not decompose from calibration statistics: run it with "
+                         f"fxdeco.transform(model, loader, fxdeco.{type(config).__name__}(...))")
     start = time.perf_counter()
     plan, decisions, summary = RUNNERS[config.name](prepared, config)
     _record_calibration_rows(prepared, decisions)
@@ -255,6 +259,31 @@ def _first_batch_checks(prepared: PreparedModel, config: MethodConfig) -> Callab
     return check
 
 
+def _run_lockd(model: nn.Module, loader: Iterable[Any], config: Lockd, *, example_inputs: Any,
+               input_fn: Callable[[Any], Any] | None, leaf_modules: Iterable[type[nn.Module]],
+               autowrap_functions: Iterable[Callable[..., Any]], capture: str, skip: tuple[str, ...]
+               ) -> torch.fx.GraphModule:
+    """lockd from one call: branches beside every layer, ``config.steps`` training batches, the pruned result."""
+    from fxdeco.methods import lockd  # the training machinery, only when asked for
+
+    batches = TrainingBatches(loader, what="calibration loader")
+    first = batches.next()  # the example for capture; a one-shot loader's first batch must not be lost
+    if example_inputs is None:
+        example_inputs = adapt_batch(first, input_fn, 0)
+    gm = lockd.prepare(model, example_inputs, skip=(*skip, *config.skip), init=config.init,
+                       nsr_threshold=config.nsr_threshold, conv_order=config.conv_order, init_logit=config.init_logit,
+                       temperature=config.temperature, leaf_modules=leaf_modules,
+                       autowrap_functions=autowrap_functions, capture=capture)
+    training = loader if not batches.one_shot else itertools.chain([first], loader)
+    lockd.train(gm, training, steps=config.steps, lr=config.lr, logit_lr=config.logit_lr, lmbda=config.lmbda,
+                entropy_weight=config.entropy_weight, input_fn=input_fn, amp=config.amp,
+                eval_batches=config.eval_batches, show_progress=config.show_progress)
+    small = lockd.finalize(gm, proportion_threshold=config.proportion_threshold)
+    small.meta["fxdeco"]["options"] = {k: v for k, v in config.options().items()
+                                       if isinstance(v, (int, float, str, bool, tuple, list))}
+    return small
+
+
 def transform(
     model: nn.Module,
     calib_loader: Iterable[Any],
@@ -307,6 +336,14 @@ def transform(
     if total is not None and total < config.kept_batches and getattr(config, "mode", None) == "final-output":
         raise ValueError(f"num_metric_batches={config.kept_batches} but the calibration loader holds {total} "
                          "batch(es); lower num_metric_batches or give more batches")
+    if isinstance(config, Lockd):
+        unused = [name for name, value in (("stat_mask_fn", stat_mask_fn), ("output_fn", output_fn),
+                                           ("stat_dtype", stat_dtype)) if value is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} apply to falor's statistics, not to lockd's training; drop them")
+        return _run_lockd(model, calib_loader, config, example_inputs=example_inputs, input_fn=input_fn,
+                          leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture,
+                          skip=skip)
     try:
         iterator = iter(calib_loader)
     except TypeError:

@@ -99,3 +99,52 @@ def test_cli_takes_the_library_range(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "fxdeco.cli", "decompose", "m.py:f", "--calib", "random",
                              "--out", str(tmp_path / "o"), "--keep-params", "1.5"], capture_output=True, text=True)
     assert result.returncode == 2 and "keep_params must be a number in (0.0, 1.0], got 1.5" in result.stderr
+
+
+# ----------------------------------------------------------------------------- lockd
+
+
+def _rank4() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 4) @ torch.randn(4, 16) / 4)
+    return model
+
+
+def test_lockd_through_transform_equals_its_three_steps() -> None:
+    from fxdeco import lockd
+
+    data = [torch.randn(64, 16) for _ in range(4)]
+    config = fxdeco.Lockd(steps=120, nsr_threshold=0.05, proportion_threshold=0.5)
+    model = _rank4()
+    torch.manual_seed(5)  # the gates' Gumbel noise
+    one_call = fxdeco.transform(model, data, config)
+    torch.manual_seed(5)
+    gm = lockd.prepare(model, data[0], nsr_threshold=0.05)
+    lockd.train(gm, data, steps=120)
+    by_steps = lockd.finalize(gm, proportion_threshold=0.5)
+    assert one_call.code == by_steps.code
+    for (name, a), (_, b) in zip(one_call.state_dict().items(), by_steps.state_dict().items()):
+        assert torch.equal(a, b), name
+    report = fxdeco.report(one_call)
+    assert report.totals["method"] == "lockd" and report.totals["decomposed"] >= 1
+    assert one_call.meta["fxdeco"]["options"] == config.options()
+
+
+def test_lockd_config_is_the_one_check_and_the_one_default() -> None:
+    from fxdeco import lockd
+
+    with pytest.raises(ValueError, match="lmbda must be a positive number"):
+        fxdeco.Lockd(lmbda=0)
+    with pytest.raises(ValueError, match="conv_order must be one of"):
+        lockd.prepare(_rank4(), conv_order="diagonal")
+    with pytest.raises(TypeError, match=r"unknown option 'stepz' for method 'lockd' \(did you mean 'steps'"):
+        method_config("lockd", stepz=10)
+    import inspect
+    defaults = {n: p.default for n, p in inspect.signature(lockd.train).parameters.items()}
+    assert defaults["lr"] == fxdeco.Lockd().lr and defaults["logit_lr"] == fxdeco.Lockd().logit_lr
+    with pytest.raises(ValueError, match="does not decompose from calibration statistics"):
+        fxdeco.convert(fxdeco.calibrate(fxdeco.prepare(_rank4()), [torch.randn(64, 16)]), fxdeco.Lockd())
+    with pytest.raises(ValueError, match="stat_dtype apply to falor's statistics"):
+        fxdeco.transform(_rank4(), [torch.randn(64, 16)], fxdeco.Lockd(steps=1), stat_dtype=torch.float64)

@@ -15,9 +15,10 @@ from typing import Any
 
 from fxdeco.methods.base import MethodConfig
 from fxdeco.methods.falor.config import Falor
+from fxdeco.methods.lockd.config import Lockd
 
 # method name -> its config class
-METHODS: dict[str, type[MethodConfig]] = {"falor": Falor}
+METHODS: dict[str, type[MethodConfig]] = {"falor": Falor, "lockd": Lockd}
 
 
 def option_names(config_class: type[MethodConfig]) -> list[str]:
@@ -54,4 +55,4 @@ def method_config(method: str | MethodConfig = "falor", **options: Any) -> Metho
     return METHODS[method](**options)
 
 
-__all__ = ["METHODS", "Falor", "MethodConfig", "method_config", "option_names"]
+__all__ = ["METHODS", "Falor", "Lockd", "MethodConfig", "method_config", "option_names"]

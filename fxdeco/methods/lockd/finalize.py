@@ -18,7 +18,8 @@ from torch import nn
 
 from fxdeco.methods.lockd.branch import LockdBranch
 from fxdeco.methods.lockd.prepare import ROLE, LockdState, branches, lockd_state, unwrap
-from fxdeco.plan import LayerDecision, check_fraction
+from fxdeco.methods.lockd.config import Lockd
+from fxdeco.plan import LayerDecision
 from passes import Site
 from passes.chains import remove_parallel_chain, replace_sites_with_chains
 
@@ -99,7 +100,7 @@ def _strip(gm: torch.fx.GraphModule, state: LockdState) -> None:
     gm.recompile()
 
 
-def finalize(model: nn.Module, proportion_threshold: float = 1.0) -> torch.fx.GraphModule:
+def finalize(model: nn.Module, proportion_threshold: float = Lockd.proportion_threshold) -> torch.fx.GraphModule:
     """Return the decomposed GraphModule of a trained prepared graph (which is left as it was).
 
     A layer becomes ``Sequential(first, second)`` with its closed channels
@@ -123,7 +124,7 @@ def finalize(model: nn.Module, proportion_threshold: float = 1.0) -> torch.fx.Gr
     """
     gm = unwrap(model)
     state = lockd_state(gm)
-    threshold = check_fraction("proportion_threshold", proportion_threshold)
+    threshold = Lockd(proportion_threshold=proportion_threshold).proportion_threshold
     found = branches(gm)
     decisions, chains, metas = [], {}, {}
     for site in _first_sites(state.sites):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxdeco.methods.lockd.prepare import branches, check_threshold, lockd_state
+from fxdeco.methods.lockd.config import check_positive
+from fxdeco.methods.lockd.prepare import branches, lockd_state
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,7 +54,7 @@ def nsr_loss(model: nn.Module, nsr_threshold: float | None = None) -> torch.Tens
         >>> lockd.nsr_loss(gm).item()  # an exact SVD branch with open gates
         0.0
     """
-    tau = lockd_state(model).nsr_threshold if nsr_threshold is None else check_threshold("nsr_threshold",
+    tau = lockd_state(model).nsr_threshold if nsr_threshold is None else check_positive("nsr_threshold",
                                                                                           nsr_threshold)
     values = torch.stack(list(nsr_values(model).values()))
     return (torch.relu(values - tau) / tau).mean()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from fxdeco.capture import trace
 from fxdeco.errors import NoSitesError
+from fxdeco.methods.lockd.config import Lockd
 from fxdeco.methods.lockd.branch import GumbelGate, LockdBranch, full_rank, svd_factors
 from fxdeco.plan import matches_any
 from passes import Site, SkippedSite, find_sites, remove_dead_sites
@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 # close to exact. What ptdeco lacks is a learning rate for the logits of their
 # own (``lockd.train``'s ``logit_lr``); with the weights' 1e-3 they never reach 0
 # in a short run.
-DEFAULT_INIT_LOGIT = 3.0
-CONV_ORDERS = ("1x1-first", "kxk-first")
 ROLE = "lockd"
 
 
@@ -54,27 +52,6 @@ class LockdState:
     branch_paths: dict[str, str]  # layer target -> qualified name of its LockdBranch
     macs_per_sample: float | None = None  # of the original model, filled by ``train``'s first batch
     steps_trained: int = 0
-
-
-def check_threshold(name: str, value: Any) -> float:
-    """A positive finite number, or a ValueError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _check_options(init: str, conv_order: str, nsr_threshold: float, init_logit: float, temperature: float,
-                   skip: Iterable[str]) -> None:
-    if init not in ("svd", "random"):
-        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
-    if conv_order not in CONV_ORDERS:
-        raise ValueError(f"conv_order must be one of {CONV_ORDERS}, got {conv_order!r}")
-    check_threshold("nsr_threshold (tau)", nsr_threshold)
-    check_threshold("temperature", temperature)
-    if isinstance(init_logit, bool) or not isinstance(init_logit, (int, float)) or not math.isfinite(init_logit):
-        raise ValueError(f"init_logit must be a finite number, got {init_logit!r}")
-    if isinstance(skip, str):
-        raise TypeError(f"skip must be a list of glob patterns, got the string {skip!r}; write skip=[{skip!r}]")
 
 
 def _layer_weight(gm: torch.fx.GraphModule, site: Site) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -132,12 +109,12 @@ def prepare(
     model: nn.Module,
     example_inputs: Any = None,
     *,
-    skip: Iterable[str] = (),
-    init: str = "svd",
-    nsr_threshold: float = 0.1,
-    conv_order: str = "1x1-first",
-    init_logit: float = DEFAULT_INIT_LOGIT,
-    temperature: float = 0.5,
+    skip: Iterable[str] = Lockd.skip,
+    init: str = Lockd.init,
+    nsr_threshold: float = Lockd.nsr_threshold,
+    conv_order: str = Lockd.conv_order,
+    init_logit: float = Lockd.init_logit,
+    temperature: float = Lockd.temperature,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     capture: str = "auto",
@@ -169,7 +146,8 @@ def prepare(
         >>> sorted(lockd.branches(gm))
         ['0', '2']
     """
-    _check_options(init, conv_order, nsr_threshold, init_logit, temperature, skip)
+    Lockd(init=init, conv_order=conv_order, nsr_threshold=nsr_threshold, init_logit=init_logit,
+          temperature=temperature, skip=skip)  # the options' one check (fxdeco.Lockd)
     if isinstance(model, torch.fx.GraphModule) and "lockd" in model.meta:
         raise ValueError("this GraphModule is already prepared for lockd; train it, then call lockd.finalize(gm)")
     params_original = sum(p.numel() for p in model.parameters())

@@ -20,8 +20,8 @@ import torch.fx
 from torch import nn
 
 from fxdeco.batches import call_on_batch, check_input_fn, leading_dim, model_inputs
-from fxdeco.train.finetune import (TrainingBatches, autocast_context, check_positive, check_steps, model_device,
-                             to_device, use_amp)
+from fxdeco.methods.lockd.config import Lockd
+from fxdeco.train.finetune import TrainingBatches, autocast_context, model_device, to_device, use_amp
 from fxdeco.methods.lockd.losses import check_finite, entropy_loss, kept_proportion, nsr_loss, proportion_loss
 from fxdeco.methods.lockd.prepare import ROLE, branches, lockd_state, train_mode, unwrap
 from fxdeco.progress import Progress
@@ -29,7 +29,6 @@ from passes import CostProp
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOGIT_LR = 2e-2
 
 
 @dataclasses.dataclass
@@ -105,14 +104,14 @@ def train(
     loader: Iterable[Any],
     *,
     steps: int,
-    lr: float = 1e-3,
-    logit_lr: float = DEFAULT_LOGIT_LR,
-    lmbda: float = 1.0,
-    entropy_weight: float = 0.0,
+    lr: float = Lockd.lr,
+    logit_lr: float = Lockd.logit_lr,
+    lmbda: float = Lockd.lmbda,
+    entropy_weight: float = Lockd.entropy_weight,
     input_fn: Callable[[Any], Any] | None = None,
-    amp: bool = False,
-    eval_batches: int = 4,
-    show_progress: bool | None = None,
+    amp: bool = Lockd.amp,
+    eval_batches: int = Lockd.eval_batches,
+    show_progress: bool | None = Lockd.show_progress,
     log_every: int = 100,
     callback: Callable[[int, TrainHistory], bool | None] | None = None,
 ) -> TrainHistory:
@@ -147,13 +146,9 @@ def train(
         True
     """
     state = lockd_state(gm)
-    check_steps(steps)
+    Lockd(steps=steps, lr=lr, logit_lr=logit_lr, lmbda=lmbda, entropy_weight=entropy_weight,
+          eval_batches=eval_batches)  # the options' one check (fxdeco.Lockd)
     check_input_fn(input_fn)
-    check_positive("lr", lr)
-    check_positive("logit_lr", logit_lr)
-    check_positive("lmbda", lmbda)
-    if entropy_weight < 0:
-        raise ValueError(f"entropy_weight must be >= 0, got {entropy_weight!r}")
     device = model_device(unwrap(gm))
     amp = use_amp(amp, device)
     optimizer = _optimizer(gm, lr, logit_lr)

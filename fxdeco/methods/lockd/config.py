@@ -1,0 +1,98 @@
+"""``fxdeco.Lockd``: every option of lockd (branches, training, finalising), its default and its range."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+from fxdeco.methods.base import MethodConfig, check_count, check_number
+
+CONV_ORDERS = ("1x1-first", "kxk-first")
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A positive finite number, or a ValueError naming the option.
+
+    Example:
+        >>> check_positive("lr", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: lr must be a positive number, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lockd(MethodConfig):
+    """lockd (LOCal Knowledge Distillation): a gated factored branch beside every layer, trained to imitate it.
+
+    ``fxdeco.transform(model, loader, fxdeco.Lockd(steps=1000))`` prepares the
+    branches, trains them for ``steps`` batches of ``loader`` and keeps the
+    pruned branches that pay (``fxdeco.lockd.prepare`` / ``train`` /
+    ``finalize`` run the same steps one by one, with these options and
+    defaults). Validated at construction.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> small = fxdeco.transform(model, [torch.randn(64, 16) for _ in range(4)], fxdeco.Lockd(steps=20))
+        >>> fxdeco.report(small).totals["method"]
+        'lockd'
+        >>> fxdeco.Lockd(lmbda=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: lmbda must be a positive number, got 0
+    """
+
+    name: ClassVar[str] = "lockd"
+
+    # branches: the NSR each branch aims for (tau), their start ("svd": an exact factorization of the layer;
+    # "random": PyTorch's initialisation, as ptdeco), a conv's factor order, the gates' starting logit and
+    # Gumbel temperature, and glob patterns of layers that get no branch
+    nsr_threshold: float = 0.1
+    init: str = "svd"
+    conv_order: str = "1x1-first"
+    init_logit: float = 3.0
+    temperature: float = 0.5
+    skip: tuple[str, ...] = ()
+    # training: batches, Adam's learning rates for the branch weights and for the gate logits, the weight of
+    # the proportion (gate-closing) term and of the optional entropy term, bfloat16 autocast on CUDA, and the
+    # last training batches that measure each branch's NSR afterwards
+    steps: int = 1000
+    lr: float = 1e-3
+    logit_lr: float = 2e-2
+    lmbda: float = 1.0
+    entropy_weight: float = 0.0
+    amp: bool = False
+    eval_batches: int = 4
+    # finalising: a branch replaces its layer when it keeps fewer than this fraction of its channels
+    # (and has fewer parameters)
+    proportion_threshold: float = 1.0
+    show_progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.init not in ("svd", "random"):
+            raise ValueError(f"init must be 'svd' or 'random', got {self.init!r}")
+        if self.conv_order not in CONV_ORDERS:
+            raise ValueError(f"conv_order must be one of {CONV_ORDERS}, got {self.conv_order!r}")
+        check_positive("nsr_threshold (tau)", self.nsr_threshold)
+        check_positive("temperature", self.temperature)
+        if isinstance(self.init_logit, bool) or not isinstance(self.init_logit, (int, float)) \
+                or not math.isfinite(self.init_logit):
+            raise ValueError(f"init_logit must be a finite number, got {self.init_logit!r}")
+        if isinstance(self.skip, str):  # a bare string would be read as one pattern per character
+            raise TypeError(f"skip must be a list of glob patterns, got the string {self.skip!r}; "
+                            f"write skip=[{self.skip!r}]")
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        for name in ("lr", "logit_lr", "lmbda"):
+            check_positive(name, getattr(self, name))
+        if isinstance(self.entropy_weight, bool) or not isinstance(self.entropy_weight, (int, float)) \
+                or self.entropy_weight < 0:
+            raise ValueError(f"entropy_weight must be >= 0, got {self.entropy_weight!r}")
+        check_count("eval_batches", self.eval_batches, minimum=0)
+        check_number("proportion_threshold", self.proportion_threshold)
