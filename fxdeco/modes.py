@@ -10,6 +10,25 @@ from torch import nn
 
 
 @contextlib.contextmanager
+def modes_restored(*models: nn.Module) -> Iterator[None]:
+    """Give every module of ``models`` back its own train/eval flag after the block, whatever the block set.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.Dropout().eval())
+        >>> with modes_restored(m):
+        ...     _ = m.train()
+        >>> [x.training for x in m]
+        [True, False]
+    """
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block; restore each module's mode after.
 
@@ -23,11 +42,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         >>> m.training
         True
     """
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with modes_restored(model):
+        model.eval()
         yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-

@@ -6,6 +6,10 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
+# ptdeco's guard in the NSR's denominator, mean_c E[(y' - y)_c²] / (Var[y_c] + NSR_EPSILON): keeps the ratio
+# finite for constant channels. falor's closed-form NSR and lockd's branch losses both use it.
+NSR_EPSILON = 1e-3
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:

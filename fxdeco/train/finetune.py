@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fxdeco.batches import call_on_batch, check_input_fn, model_inputs, no_batches
+from fxdeco.modes import modes_restored
 from fxdeco.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -289,14 +290,13 @@ def finetune(
     device = model_device(student)
     amp = use_amp(amp, device)
     optimizer = torch.optim.Adam(params, lr=lr)
-    modes = [(m, m.training) for m in (*student.modules(), *teacher.modules())]
-    student.train(train_mode)
-    teacher.eval()
     history = FinetuneHistory()
     batches = TrainingBatches(loader, what="fine-tuning loader")
     bar = Progress("KD fine-tuning", steps, show_progress)
     start = time.perf_counter()
-    try:
+    with modes_restored(student, teacher), contextlib.closing(bar):
+        student.train(train_mode)
+        teacher.eval()
         for step in range(steps):
             batch = batches.next()
             if batch is None:
@@ -323,9 +323,5 @@ def finetune(
             if log_every and (step + 1) % log_every == 0:
                 log.info("finetune step %d/%d: loss %.4g (kd %.4g, task %.4g)", step + 1, steps, history.loss[-1],
                          history.kd[-1], history.task[-1])
-    finally:
-        bar.close()
-        for m, training in modes:
-            m.training = training
     history.seconds = time.perf_counter() - start
     return history

@@ -273,7 +273,8 @@ def falor_local(
     """
     config = config if config is not None else Falor(**options)
     if config.mode == "final-output":
-        raise ValueError("falor_local plans local and budget mode; final-output mode runs in fxdeco.methods.falor.final")
+        raise ValueError("falor_local plans local and budget mode; final-output mode runs in "
+                         "fxdeco.methods.falor.final")
     targets = unique_targets(sites)
     skipped = [s for s in targets if matches_any(s.target, config.skip)]
     layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, config.damping, config.center,

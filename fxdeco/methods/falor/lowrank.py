@@ -21,11 +21,9 @@ import dataclasses
 
 import torch
 
+from fxdeco.methods.base import NSR_EPSILON
 from passes import Site, SiteStatistics
 from passes.stats import weight_matrix
-
-# ptdeco's per-channel NSR adds this to each channel's variance.
-NSR_EPSILON = 1e-3
 
 
 @dataclasses.dataclass

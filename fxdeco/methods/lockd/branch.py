@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# ptdeco's NSR denominator guard; keeps the ratio finite for channels that are constant.
-NSR_EPSILON = 1e-3
+from fxdeco.methods.base import NSR_EPSILON
 
 
 def channel_nsr(branch: torch.Tensor, original: torch.Tensor, channel_dim: int) -> torch.Tensor:

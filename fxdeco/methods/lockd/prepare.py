@@ -199,7 +199,7 @@ def lockd_state(model: nn.Module) -> LockdState:
     gm = unwrap(model)
     state = getattr(gm, "meta", {}).get("lockd") if isinstance(gm, torch.fx.GraphModule) else None
     if state is None:
-        raise ValueError(f"{type(gm).__name__} was not prepared for lockd; call gm = fxdeco.methods.lockd.prepare(model) "
+        raise ValueError(f"{type(gm).__name__} was not prepared for lockd; call gm = fxdeco.lockd.prepare(model) "
                          "first (and lockd.finalize on the trained result)")
     return state
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from fxdeco.batches import call_on_batch, check_input_fn, leading_dim, model_inputs
 from fxdeco.methods.lockd.config import Lockd
+from fxdeco.modes import eval_mode
 from fxdeco.train.finetune import TrainingBatches, autocast_context, model_device, to_device, use_amp
 from fxdeco.methods.lockd.losses import check_finite, entropy_loss, kept_proportion, nsr_loss, proportion_loss
 from fxdeco.methods.lockd.prepare import ROLE, branches, lockd_state, train_mode, unwrap
@@ -50,13 +51,8 @@ def record_macs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> float:
     """
     gm = unwrap(model)
     state = lockd_state(gm)
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    try:
+    with eval_mode(gm):
         _run_cost(gm, args, kwargs)
-    finally:
-        for m, training in modes:
-            m.training = training
     total = sum(n.meta["cost"].macs for n in gm.graph.nodes
                 if "cost" in n.meta and n.meta.get("chain_role") != ROLE)
     state.macs_per_sample = total / leading_dim(args, kwargs)
