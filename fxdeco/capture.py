@@ -247,11 +247,23 @@ def _guard_batch_of_one(model: nn.Module, gm: torch.fx.GraphModule, args: tuple,
 
 
 def _same_tensors(got: Any, expected: Any) -> bool:
+    """Whether two outputs hold the same tensors, up to rounding (looser for 16-bit floats, whose kernels may
+    round differently in the graph and in eager mode)."""
     a = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
     b = [t for t in pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
-    return len(a) == len(b) and all(x.shape == y.shape and (not x.is_floating_point() and torch.equal(x, y) or
-                                                            torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5))
-                                    for x, y in zip(a, b))
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.shape != y.shape:
+            return False
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        tolerance = 2e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-4
+        if not torch.allclose(x.float(), y.float(), rtol=tolerance, atol=tolerance / 10):
+            return False
+    return True
 
 
 def _left_out_constant_inputs(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
