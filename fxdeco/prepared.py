@@ -30,8 +30,7 @@ from passes import (CostProp, LeadingDimWeights, Site, SiteStatistics, SkippedSi
                     graph_macs)
 from passes.capture import optional_tensor_inputs
 from passes.sensitivity import SensitivityInterpreter
-from passes.stats import ActivationStatistics
-from passes.stats import NonFiniteActivationError
+from passes.stats import ActivationOverflowError, ActivationStatistics, NonFiniteActivationError
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +255,12 @@ class PreparedModel(nn.Module):
             try:
                 out = interpreter.run(*flat)
             except NonFiniteActivationError as exc:
-                raise NonFiniteActivationError(f"{exc}{self._kept(index)}") from exc
+                remedy = ""
+                if isinstance(exc, ActivationOverflowError):
+                    remedy = "; scale the inputs to an ordinary range"
+                    if exc.dtype != torch.float64:  # float64 products would not overflow
+                        remedy = "; pass stat_dtype=torch.float64 to fxdeco.prepare/transform, or scale the inputs"
+                raise NonFiniteActivationError(f"{exc}{remedy}{self._kept(index)}") from exc
             except Exception as exc:
                 raise CalibrationError(
                     f"calibration batch {index} could not be run through the model, at "

@@ -238,6 +238,14 @@ class NonFiniteActivationError(ValueError):
     """A site produced NaN or Inf during calibration."""
 
 
+class ActivationOverflowError(NonFiniteActivationError):
+    """A site's activations are finite but their products overflow ``dtype`` (a float64 product would not)."""
+
+    def __init__(self, message: str, dtype: torch.dtype) -> None:
+        super().__init__(message)
+        self.dtype = dtype
+
+
 def output_rows(site: Site, y: torch.Tensor) -> torch.Tensor:
     """Reshape a site output to ``(rows, channels)``: channels last."""
     if site.kind == "conv2d":
@@ -459,13 +467,10 @@ class StatsInterpreter(torch.fx.Interpreter):
         try:
             contribution = stats.contribution(rows, samples=samples, weights=weights, product_dtype=self.product_dtype)
         except StatisticsOverflowError as exc:
-            remedy = ("pass stat_dtype=torch.float64 to fxdeco.prepare/transform, or " if exc.dtype != torch.float64
-                      else "")
-            raise NonFiniteActivationError(
+            raise ActivationOverflowError(
                 f"the statistics of site {site.target!r} (node {site.node}) overflowed on calibration batch "
                 f"{self.batch_index}: its activations are finite but reach {exc.largest:.3g}, whose squares exceed "
-                f"{exc.dtype}'s range; {remedy}scale the inputs to an ordinary range"
-            ) from None
+                f"{exc.dtype}'s range", exc.dtype) from None
         except NonFiniteRowsError:
             raise NonFiniteActivationError(
                 f"site {site.target!r} (node {site.node}) produced NaN/Inf on calibration batch {self.batch_index}; "
