@@ -139,7 +139,7 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **opt
     ``method`` is a method config (``fxdeco.Falor(keep_params=0.5)``), or a
     method's name with its options as keywords (``method="falor",
     keep_params=0.5``; see :class:`fxdeco.Falor` for falor's options).
-    Per-layer results are in ``node.meta["fxdeco"]`` and summarised by
+    Per-layer records are on the graph's nodes (``fxdeco.metadata.factored_nodes``) and summarised by
     :func:`fxdeco.report`.
 
     Example:

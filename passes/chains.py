@@ -20,7 +20,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.rewrite import _drop_unused_attrs, _install, _remove_orphans
+from passes.rewrite import FACTORED, _drop_unused_attrs, _install, _remove_orphans
 from passes.sites import Site, site_input
 
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
@@ -97,7 +97,7 @@ def replace_sites_with_chains(gm: torch.fx.GraphModule, sites: Sequence[Site],
     The ``nn.Sequential`` is installed at the layer's name (replacing the layer's
     module when it holds nothing else), each call of the layer becomes calls of
     its children in order, and the layer's weight/bias attributes are dropped.
-    ``meta[target]`` goes into the last node's ``meta["fxdeco"]``.
+    ``meta[target]`` goes into the last node's ``meta[FACTORED]`` (``passes.rewrite``).
 
     Example:
         >>> from passes.sites import find_sites
@@ -138,7 +138,7 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, path: str, length: int,
             for key in _COPIED_META:
                 if key in node.meta:
                     out.meta[key] = node.meta[key]
-    out.meta["fxdeco"] = dict(info)
+    out.meta[FACTORED] = dict(info)
     node.replace_all_uses_with(out)
     inputs = list(node.all_input_nodes)
     graph.erase_node(node)

@@ -27,6 +27,12 @@ from torch import nn
 from passes.sites import Site, fetch_attr, site_input
 
 
+# node.meta keys this pass writes: the record of a factored layer on its last node (target, kind, weight shape,
+# rank, full rank, params before/after, plus the method's metadata), and the role of the first factor's node
+FACTORED = "factored"
+FACTOR_ROLE = "factor_role"
+
+
 @dataclasses.dataclass
 class Factorization:
     """Two factors replacing a site's weight: ``W ≈ second @ first``.
@@ -35,7 +41,7 @@ class Factorization:
     Conv2d; ``second`` is ``(out, rank)`` (or ``(out, rank, 1, 1)``). ``bias``,
     when given, replaces the layer's bias on the second factor (a method may
     fold the mean of the discarded output directions into it); otherwise the
-    layer's own bias is kept. ``meta`` is copied into ``node.meta["fxdeco"]``.
+    layer's own bias is kept. ``meta`` is copied into the second factor's ``node.meta[FACTORED]``.
     """
 
     first: torch.Tensor
@@ -194,8 +200,8 @@ def _rewrite_node(graph: torch.fx.Graph, node: torch.fx.Node, site: Site, path: 
         + (site.out_features if site.bias or fact.bias is not None else 0),
         **fact.meta,
     }
-    out.meta["fxdeco"] = info
-    hidden.meta["fxdeco_role"] = "first factor"
+    out.meta[FACTORED] = info
+    hidden.meta[FACTOR_ROLE] = "first"
     node.replace_all_uses_with(out)
     inputs = list(node.all_input_nodes)
     graph.erase_node(node)

@@ -102,7 +102,7 @@ def assert_same_state(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> No
 def assert_all_rewritten(new: torch.fx.GraphModule, sites: list[passes.Site]) -> None:
     """Every planned site became two nodes; the only sites left are the new factors."""
     planned = {s.target for s in sites}
-    assert len([n for n in new.graph.nodes if "fxdeco" in n.meta]) == len(sites)
+    assert len([n for n in new.graph.nodes if "factored" in n.meta]) == len(sites)
     factors = {s.target.rpartition(".")[0].removesuffix("_lowrank") for s in passes.find_sites(new)[0]}
     assert factors == planned
 

@@ -204,10 +204,10 @@ def test_dot_parses_with_pydot(decomposed, tmp_path: Path) -> None:
 def test_decomposed_layers_are_boxed_with_rank_and_kept_share(decomposed, tmp_path: Path) -> None:
     _, gm = decomposed
     dot = parse_dot(dump(gm, tmp_path / "g.dot").read_text())
-    seconds = [n for n in gm.graph.nodes if "fxdeco" in n.meta]
+    seconds = [n for n in gm.graph.nodes if "factored" in n.meta]
     assert seconds, "the fixture must decompose something"
     for second in seconds:
-        info = second.meta["fxdeco"]
+        info = second.meta["factored"]
         first = second.args[0]
         kept = f"{info['params_after'] / info['params_before']:.0%}"
         box = [(attrs, nodes) for attrs, nodes in dot.clusters.values() if set(nodes) == {first.name, second.name}]
@@ -227,7 +227,7 @@ def test_a_layer_called_twice_gets_two_boxes(tmp_path: Path) -> None:
 
     data = [torch.randn(64, 4) @ torch.randn(4, 32) for _ in range(2)]
     gm = fxdeco.transform(Twice(), data, nsr_threshold=0.05, show_progress=False)
-    pairs = [{n.args[0].name, n.name} for n in gm.graph.nodes if "fxdeco" in n.meta]
+    pairs = [{n.args[0].name, n.name} for n in gm.graph.nodes if "factored" in n.meta]
     assert len(pairs) == 2
     dot = parse_dot(dump(gm, tmp_path / "g.dot").read_text())
     boxes = [set(nodes) for attrs, nodes in dot.clusters.values() if "fc decomposed" in attrs["label"]]
@@ -304,7 +304,7 @@ def test_svg_is_drawn_by_graphviz(decomposed, tmp_path: Path) -> None:
     path = dump(gm, tmp_path / "g.svg")
     text = path.read_text()
     assert path.suffix == ".svg" and "<svg" in text and "</svg>" in text
-    second = next(n for n in gm.graph.nodes if "fxdeco" in n.meta)
+    second = next(n for n in gm.graph.nodes if "factored" in n.meta)
     assert f"<title>{second.name}</title>" in text  # Graphviz titles each drawn node with its id
 
 
@@ -331,7 +331,7 @@ def test_html_shows_before_and_after_drawings(decomposed, tmp_path: Path) -> Non
     before, after = _panels(text)
     assert "<svg" in before and "<svg" in after and "http://" not in text.split("<svg")[0]
     site = next(n for n in fxdeco.trace(model).graph.nodes if n.op == "call_module" and n.target == "fc1")
-    factor = next(n for n in gm.graph.nodes if "fxdeco" in n.meta)
+    factor = next(n for n in gm.graph.nodes if "factored" in n.meta)
     assert f"<title>{site.name}</title>" in before
     assert f"<title>{factor.name}</title>" in after and f"<title>{factor.name}</title>" not in before
 

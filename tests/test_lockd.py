@@ -169,7 +169,7 @@ def test_finalize_honours_the_proportion_threshold() -> None:
     at_40 = rows(lockd.finalize(gm, proportion_threshold=0.4))
     assert at_40["0"]["rank"] == 8 and at_40["2"]["rank"] == 12
     small = lockd.finalize(gm, proportion_threshold=0.3)
-    meta = [n.meta["fxdeco"] for n in small.graph.nodes if "fxdeco" in n.meta]
+    meta = [n.meta["factored"] for n in small.graph.nodes if "factored" in n.meta]
     assert {m["target"]: m["kept_proportion"] for m in meta} == {"0": 0.25, "2": 0.375}
     assert all(p.requires_grad for p in small.parameters())
 
@@ -268,8 +268,8 @@ def _round_trip(small: torch.fx.GraphModule, fresh: nn.Module, x: torch.Tensor) 
     assert again.state_dict().keys() == small.state_dict().keys()
     assert all(torch.equal(again.state_dict()[k], v) for k, v in small.state_dict().items())
     assert str(fxdeco.report(again)) == str(fxdeco.report(small))
-    factored = lambda gm: [n.meta["fxdeco"] for n in gm.graph.nodes  # noqa: E731
-                           if n.meta.get("fxdeco", {}).get("rank") is not None]
+    factored = lambda gm: [n.meta["factored"] for n in gm.graph.nodes  # noqa: E731
+                           if n.meta.get("factored", {}).get("rank") is not None]
     assert factored(again) == factored(small)
     return again
 

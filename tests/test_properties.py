@@ -152,10 +152,10 @@ def factored_nodes(gm: torch.fx.GraphModule) -> dict[str, tuple[torch.fx.Node, t
     """``{layer target: (first-factor node, second-factor node)}`` of a rewritten graph."""
     found = {}
     for n in gm.graph.nodes:
-        if "fxdeco" in n.meta:
+        if "factored" in n.meta:
             first = n.args[0]
-            assert first.meta.get("fxdeco_role") == "first factor"
-            found[n.meta["fxdeco"]["target"]] = (first, n)
+            assert first.meta.get("factor_role") == "first"
+            found[n.meta["factored"]["target"]] = (first, n)
     return found
 
 
@@ -201,7 +201,7 @@ def _check_direct(spec: Spec, data: st.DataObject) -> bool:
         assert tuple(a_mod.weight.shape) == first_shape(site, rank)
         assert tuple(b_mod.weight.shape)[:2] == (site.out_features, rank)
         # Parameter accounting: meta and decision count weights and bias; the bias moves to the second factor.
-        meta = found[site.target][1].meta["fxdeco"]
+        meta = found[site.target][1].meta["factored"]
         assert meta["rank"] == rank and meta["full_rank"] == site.full_rank
         assert meta["params_before"] == d.params_before == sum(p.numel() for p in dense.parameters())
         assert meta["params_after"] == d.params_after == \
@@ -347,7 +347,7 @@ def _check_convert(spec: Spec, threshold: float, data_rank: int, capture: str) -
         assert d.rank * (math.prod(d.weight_shape[1:]) + d.weight_shape[0]) < math.prod(d.weight_shape)
         first_node, second_node = found[d.target]
         a_mod, b_mod = new.get_submodule(first_node.target), new.get_submodule(second_node.target)
-        meta = second_node.meta["fxdeco"]
+        meta = second_node.meta["factored"]
         assert meta["rank"] == d.rank and meta["nsr"] == pytest.approx(d.nsr)
         dense_layer = model.get_submodule(d.target) if hasattr(model, "get_submodule") else None
         if dense_layer is not None:

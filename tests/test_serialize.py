@@ -108,8 +108,8 @@ def test_symbolic_round_trip_is_bit_exact_and_leaves_the_model_alone(cnn_saved, 
     assert again.state_dict().keys() == small.state_dict().keys()
     assert all(torch.equal(again.state_dict()[k], v) for k, v in small.state_dict().items())
     assert str(fxdeco.report(again)) == str(fxdeco.report(small))
-    assert [n.meta.get("fxdeco") for n in again.graph.nodes if "fxdeco" in n.meta] == \
-        [n.meta["fxdeco"] for n in small.graph.nodes if "fxdeco" in n.meta]
+    assert [n.meta.get("factored") for n in again.graph.nodes if "factored" in n.meta] == \
+        [n.meta["factored"] for n in small.graph.nodes if "factored" in n.meta]
     after = fresh.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert [n for n, _ in fresh.named_modules()] == names_before

@@ -78,6 +78,7 @@ from fxdeco.api import convert, prepare
 from fxdeco.methods import MethodConfig, method_config
 from fxdeco.batches import model_inputs, no_batches
 from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
+from fxdeco.metadata import factored_nodes, layer_record
 from fxdeco.prepared import PreparedModel
 from passes import Factorization, factorize_sites, find_sites
 from passes.lift import lift_parameters
@@ -125,9 +126,9 @@ def _family_key(lifted: torch.fx.GraphModule) -> tuple:
 def _plan_of(decomposed: torch.fx.GraphModule) -> dict[str, Factorization]:
     """Read the factors back out of a decomposed graph, to apply them to a sibling graph."""
     plan: dict[str, Factorization] = {}
-    for node in decomposed.graph.nodes:
-        info = node.meta.get("fxdeco")
-        if node.op != "call_module" or info is None or info["target"] in plan:
+    for node in factored_nodes(decomposed):
+        info = layer_record(node)
+        if info["target"] in plan:
             continue
         pair = decomposed.get_submodule(node.target.rpartition(".")[0])
         bias = pair[1].bias

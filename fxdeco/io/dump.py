@@ -43,6 +43,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
+from fxdeco.metadata import factored_nodes, is_first_factor, layer_record
 from fxdeco.io.report import human
 from passes import find_sites
 from passes.graph_view import to_networkx
@@ -153,14 +154,14 @@ def _annotate_after(gm: torch.fx.GraphModule, graph: nx.DiGraph, boxes: dict[str
     if info is None:
         return
     # a layer called twice has two pairs; lockd also marks the layers it keeps dense (rank None): not boxes
-    for node in [n for n in gm.graph.nodes if n.meta.get("fxdeco", {}).get("rank") is not None]:
-        meta = node.meta["fxdeco"]
+    for node in factored_nodes(gm):
+        meta = layer_record(node)
         layer = meta["target"]
         nsr = f", nsr {meta['nsr']:.3g}" if isinstance(meta.get("nsr"), float) else ""
         title = (f"{layer} decomposed\nrank {meta['rank']}/{meta['full_rank']}, keeps "
                  f"{_fraction(meta['params_after'], meta['params_before'])} of params{nsr}")
         # The first factor feeds the second; both go in one box inside the layer's block.
-        members = [node.name] + [n.name for n in node.all_input_nodes if n.meta.get("fxdeco_role") == "first factor"]
+        members = [node.name] + [n.name for n in node.all_input_nodes if is_first_factor(n)]
         box = graph.nodes[node.name]["scope"] + (f"{layer}@{node.name}",)
         boxes[box[-1]] = {"label": title, "style": "filled,rounded", "fillcolor": DECOMPOSED_BOX,
                           "color": "#2e8b57", "penwidth": "2"}

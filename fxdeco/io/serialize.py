@@ -53,6 +53,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
+from fxdeco.metadata import factored_nodes, layer_record
 from fxdeco.methods.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
@@ -68,7 +69,7 @@ CONV_ORDERS = ("kxk-first", "1x1-first")
 WEIGHT_FILES = {"safetensors": "weights.safetensors", "torch": "weights.pt"}
 # Entries of gm.meta["fxdeco"] that are rebuilt from their own plan sections.
 _OWN_SECTIONS = ("decisions", "skipped", "removed", "method", "capture", "constant_inputs", "options")
-# Keys the rewrite pass computes itself for node.meta["fxdeco"]; the rest is the method's metadata.
+# Keys the rewrite pass computes itself for a layer's record (fxdeco.metadata); the rest is the method's metadata.
 _REWRITE_KEYS = ("target", "kind", "weight_shape", "rank", "full_rank", "params_before", "params_after")
 
 
@@ -129,10 +130,8 @@ def _dumps(value: Any, indent: str = "") -> str:
 def _decomposed_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     """Layer name -> the node the rewrite left for it (the second factor; one per layer)."""
     found: dict[str, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        info = node.meta.get("fxdeco")
-        if node.op == "call_module" and isinstance(info, dict) and "target" in info:
-            found.setdefault(info["target"], node)
+    for node in factored_nodes(gm):
+        found.setdefault(layer_record(node)["target"], node)
     return found
 
 
@@ -140,7 +139,7 @@ def _site_record(gm: torch.fx.GraphModule, node: torch.fx.Node, decision: LayerD
     """Everything :func:`load` needs to rebuild one factored layer, read off the installed modules."""
     module = node.target[: -len(".1")]
     first, second = gm.get_submodule(f"{module}.0"), gm.get_submodule(f"{module}.1")
-    info = node.meta["fxdeco"]
+    info = layer_record(node)
     record: dict[str, Any] = {
         "target": decision.target,
         "module": module,

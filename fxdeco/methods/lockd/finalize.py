@@ -18,6 +18,7 @@ from torch import nn
 
 from fxdeco.methods.lockd.branch import LockdBranch
 from fxdeco.methods.lockd.prepare import ROLE, LockdState, branches, lockd_state, unwrap
+from fxdeco.metadata import mark_layer
 from fxdeco.methods.lockd.config import Lockd
 from fxdeco.plan import LayerDecision
 from passes import Site
@@ -106,7 +107,7 @@ def finalize(model: nn.Module, proportion_threshold: float = Lockd.proportion_th
     A layer becomes ``Sequential(first, second)`` with its closed channels
     removed when fewer than ``proportion_threshold`` of the channels stay open
     and that has fewer parameters than the layer; otherwise the original layer
-    stays. ``node.meta["fxdeco"]`` of each layer's output node holds its kept
+    stays. The record of each layer's output node (``fxdeco.metadata.layer_record``) holds its kept
     proportion, NSR (eval-mode, hard gates, from the end of ``train``) and
     params; :func:`fxdeco.report` summarises the model. All parameters of the
     result require gradients again, ready for :func:`fxdeco.train.finetune.finetune`.
@@ -157,7 +158,7 @@ def _kept_meta(gm: torch.fx.GraphModule, sites: list[Site], chains: dict, metas:
     nodes = {n.name: n for n in gm.graph.nodes}
     for s in sites:
         if s.target not in chains and s.node in nodes:
-            nodes[s.node].meta["fxdeco"] = dict(metas[s.target])
+            mark_layer(nodes[s.node], metas[s.target])
 
 
 def _model_meta(gm: torch.fx.GraphModule, state: LockdState, decisions: list[LayerDecision],
