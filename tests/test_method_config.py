@@ -148,3 +148,13 @@ def test_lockd_config_is_the_one_check_and_the_one_default() -> None:
         fxdeco.convert(fxdeco.calibrate(fxdeco.prepare(_rank4()), [torch.randn(64, 16)]), fxdeco.Lockd())
     with pytest.raises(ValueError, match="stat_dtype apply to falor's statistics"):
         fxdeco.transform(_rank4(), [torch.randn(64, 16)], fxdeco.Lockd(steps=1), stat_dtype=torch.float64)
+
+
+def test_backend_takes_a_config_and_refuses_lockd() -> None:
+    model = _model().eval()
+    deco = fxdeco.backend(fxdeco.Falor(keep_params=0.6), calib_loader=_calib(), inner="eager")
+    deco.calibrate(torch.compile(model, backend=deco))
+    decomposed = deco.graphs[0].decomposed
+    assert fxdeco.report(decomposed).totals["params_after"] <= 0.6 * sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="cannot run as a torch.compile backend"):
+        fxdeco.backend(fxdeco.Lockd())

@@ -74,7 +74,7 @@ import torch
 import torch._dynamo
 import torch.fx
 
-from fxdeco.api import convert, prepare
+from fxdeco.api import RUNNERS, convert, prepare
 from fxdeco.methods import MethodConfig, method_config
 from fxdeco.batches import model_inputs, no_batches
 from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
@@ -283,6 +283,10 @@ class DecompositionBackend:
     def __init__(self, method: str | MethodConfig, calib_loader: Iterable[Any] | None, inner: str | InnerBackend,
                  calib_steps: int, input_fn: Callable[[Any], Any] | None, options: dict[str, Any]) -> None:
         self.config = method_config(method, **options)  # checked now: a typo fails before compiling
+        if self.config.name not in RUNNERS:
+            raise ValueError(f"{type(self.config).__name__} does not decompose from calibration statistics, so it "
+                             "cannot run as a torch.compile backend; use fxdeco.transform(model, loader, "
+                             f"fxdeco.{type(self.config).__name__}(...))")
         if isinstance(calib_steps, bool) or not isinstance(calib_steps, int) or calib_steps < 1:
             raise ValueError(f"calib_steps must be a positive integer, got {calib_steps!r}")
         if input_fn is not None and not callable(input_fn):
