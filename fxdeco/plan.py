@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import math
 from typing import Any, Iterable
 
 from passes import Site, SiteStatistics
@@ -85,15 +84,6 @@ def unique_targets(sites: Iterable[Site]) -> list[Site]:
     for s in sites:
         seen.setdefault(s.target, s)
     return list(seen.values())
-
-
-def check_fraction(name: str, value: float, *, low: float = 0.0, high: float = 1.0) -> float:
-    """Validate ``low < value <= high`` (and not NaN) for an option, or raise ValueError."""
-    # bool is an int subclass: ``nsr_threshold=True`` is a mistake, not 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
-            or not (low < value <= high):
-        raise ValueError(f"{name} must be a number in ({low}, {high}], got {value!r}")
-    return float(value)
 
 
 # rank_multiple="auto": benchmarks/rank_multiple.py measured factored Linears of 128 to 1536 channels on this

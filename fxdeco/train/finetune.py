@@ -15,7 +15,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import warnings
 from typing import Any, Callable, Iterable
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from fxdeco.batches import call_on_batch, check_input_fn, model_inputs, no_batches
+from fxdeco.checks import check_positive, check_steps
 from fxdeco.modes import modes_restored
 from fxdeco.progress import Progress
 
@@ -129,18 +129,6 @@ def use_amp(amp: bool, device: torch.device) -> bool:
 def autocast_context(enabled: bool) -> contextlib.AbstractContextManager:
     """bfloat16 autocast on CUDA when ``enabled`` (see :func:`use_amp`), else a no-op."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
-def check_steps(steps: Any) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return steps
-
-
-def check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -6,7 +6,8 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from fxdeco.methods.base import MethodConfig, check_count, check_number
+from fxdeco.checks import check_count, check_number
+from fxdeco.methods.base import MethodConfig
 
 # Options only one of falor's modes reads. Set beside another mode's options they would be silently ignored.
 MODE_OPTIONS = {
@@ -115,6 +116,13 @@ class Falor(MethodConfig):
         if self.nsr_final_threshold is not None or self.kl_final_threshold is not None:
             return "final-output"
         return "budget" if self.keep_params is not None or self.keep_macs is not None else "local"
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """Budget mode's ``("params", keep_params)`` or ``("macs", keep_macs)``; None in the other modes."""
+        if self.keep_params is not None:
+            return "params", self.keep_params
+        return ("macs", self.keep_macs) if self.keep_macs is not None else None
 
     @property
     def needs_sensitivity(self) -> bool:

@@ -113,9 +113,9 @@ def check_budget_reachable(prepared: Any, config: Falor) -> None:
     batch), so ``fxdeco.transform`` calls this after the first batch instead
     of finding out after all of them.
     """
-    if config.mode != "budget":
+    if config.budget is None:
         return
-    measure, keep = ("params", config.keep_params) if config.keep_params is not None else ("macs", config.keep_macs)
+    measure, keep = config.budget
     statistics, total = prepared.statistics, _model_total(prepared.gm, measure)
     floor = total
     for site in unique_targets(prepared.sites):
@@ -280,7 +280,7 @@ def falor_local(
     layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, config.damping, config.center,
                       config.show_progress)
     if config.mode == "budget":
-        measure, keep = ("params", config.keep_params) if config.keep_params is not None else ("macs", config.keep_macs)
+        measure, keep = config.budget
         use_output = _uses_output_error(layers, config.budget_criterion)
         log.info("falor budget: allocating by %s",
                  "predicted final-output error" if use_output else "summed layer NSR")

@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from fxdeco.methods.base import MethodConfig, check_count, check_number
+from fxdeco.checks import check_count, check_number, check_positive, check_steps
+from fxdeco.methods.base import MethodConfig
 
 CONV_ORDERS = ("1x1-first", "kxk-first")
-
-
-def check_positive(name: str, value: Any) -> float:
-    """A positive finite number, or a ValueError naming the option.
-
-    Example:
-        >>> check_positive("lr", 0)
-        Traceback (most recent call last):
-        ...
-        ValueError: lr must be a positive number, got 0
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +74,7 @@ class Lockd(MethodConfig):
             raise TypeError(f"skip must be a list of glob patterns, got the string {self.skip!r}; "
                             f"write skip=[{self.skip!r}]")
         object.__setattr__(self, "skip", tuple(self.skip))
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        check_steps(self.steps)
         for name in ("lr", "logit_lr", "lmbda"):
             check_positive(name, getattr(self, name))
         if isinstance(self.entropy_weight, bool) or not isinstance(self.entropy_weight, (int, float)) \

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxdeco.methods.lockd.config import check_positive
+from fxdeco.checks import check_positive
 from fxdeco.methods.lockd.prepare import branches, lockd_state
 
 

@@ -1,0 +1,61 @@
+"""Checks of option values, shared by the method configs (``fxdeco.Falor``, ``fxdeco.Lockd``) and the training
+loops: each raises a ValueError that names the option, the allowed range and the value given."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def check_number(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, low_open: bool = True) -> float:
+    """``low < value <= high`` (``low <= value`` with ``low_open=False``) and not NaN, else a ValueError naming it.
+
+    Example:
+        >>> check_number("keep_params", 0.5)
+        0.5
+        >>> check_number("keep_params", 1.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: keep_params must be a number in (0.0, 1.0], got 1.5
+    """
+    # bool is an int subclass: ``nsr_threshold=True`` is a mistake, not 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or not ((low < value if low_open else low <= value) and value <= high):
+        raise ValueError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value: Any, *, minimum: int = 1) -> int:
+    """An integer (a float with an integer value is accepted) of at least ``minimum``, else a ValueError.
+
+    Example:
+        >>> check_count("min_rank", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: min_rank must be a positive integer, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return int(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A positive finite number, or a ValueError naming the option.
+
+    Example:
+        >>> check_positive("lr", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: lr must be a positive number, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_steps(steps: Any) -> int:
+    """A positive ``int`` count of training steps (a float is refused), or a ValueError."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
