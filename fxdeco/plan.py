@@ -7,7 +7,6 @@ import fnmatch
 from typing import Any, Iterable
 
 from passes import Site, SiteStatistics
-from passes.rewrite import factored_params
 
 
 @dataclasses.dataclass
@@ -63,8 +62,8 @@ def decision(site: Site, stats: SiteStatistics, rank: int | None, nsr: float | N
     ``adds_bias``: the factored layer carries a bias even if the original had none.
     """
     bias = site.out_features if site.bias else 0
-    dense_params = site.in_features * site.out_features + bias
-    factored = factored_params(site, rank) + (site.out_features if adds_bias else bias) if rank is not None else 0
+    dense_params = site.dense_params
+    factored = site.factor_params(rank) + (site.out_features if adds_bias else bias) if rank is not None else 0
     macs = dense_macs(site, stats)
     return LayerDecision(
         site.target, site.kind, site.weight_shape, site.full_rank, rank, nsr,
@@ -105,3 +104,36 @@ def site_multiple(site: Site, rank_multiple: int | str) -> int:
     if rank_multiple == "auto":
         return AUTO_MULTIPLE if min(site.out_features, site.in_features) >= AUTO_MIN_WIDTH else 1
     return int(rank_multiple)
+
+
+def round_rank(rank: int, multiple: int, full_rank: int) -> int:
+    """Round ``rank`` up to a multiple of ``multiple``, at most ``full_rank``.
+
+    Example:
+        >>> round_rank(13, 8, 64), round_rank(61, 8, 64), round_rank(3, 8, 5)
+        (16, 64, 5)
+    """
+    return min(full_rank, -(-rank // multiple) * multiple)
+
+
+def rank_refusal(site: Site, rank: int, proportion_threshold: float) -> str | None:
+    """Why ``site`` may not be factorized at ``rank`` (it saves no parameters, or keeps too large a share of
+    the full rank), or None when it may."""
+    if not site.saves_params(rank):
+        return f"rank {rank} would not reduce parameters"
+    if rank / site.full_rank > proportion_threshold:
+        return f"rank {rank}/{site.full_rank} above proportion_threshold"
+    return None
+
+
+def candidate_ranks(site: Site, min_rank: int, rank_multiple: int | str, proportion_threshold: float) -> list[int]:
+    """The ranks a method may give ``site``, ascending: from ``min_rank``, rounded to the site's rank multiple,
+    each saving parameters and within ``proportion_threshold`` of the full rank.
+
+    Example:
+        >>> candidate_ranks(Site("fc", "linear", "fc", "fc.weight", None, (64, 64)), 4, 8, 1.0)
+        [8, 16, 24]
+    """
+    multiple = site_multiple(site, rank_multiple)
+    ranks = sorted({round_rank(k, multiple, site.full_rank) for k in range(max(min_rank, 1), site.full_rank + 1)})
+    return [k for k in ranks if rank_refusal(site, k, proportion_threshold) is None]

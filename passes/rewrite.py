@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections import defaultdict
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx
@@ -54,11 +54,6 @@ class Factorization:
         return self.first.shape[0]
 
 
-def factored_params(site: Site, rank: int) -> int:
-    """Parameters of the two factors (bias excluded): ``r * (in + out)``."""
-    return rank * (site.in_features + site.out_features)
-
-
 def _check(site: Site, fact: Factorization) -> None:
     out, r = site.out_features, fact.rank
     first_ok = tuple(fact.first.shape) == (r, *site.weight_shape[1:]) if site.kind == "conv2d" else \
@@ -72,28 +67,67 @@ def _check(site: Site, fact: Factorization) -> None:
         )
 
 
+# How a layer of each kind splits into two, by factor order. "kxk-first" (the rewrite's order) keeps the
+# layer's geometry on the first factor and a 1x1 second; lockd may train "1x1-first" convolutions instead.
+FactorBuilder = Callable[[Site, int, bool, dict[str, Any]], tuple[nn.Module, nn.Module]]
+
+
+def _linear_factors(site: Site, rank: int, bias: bool, like: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    return (nn.Linear(site.in_features, rank, bias=False, **like),
+            nn.Linear(rank, site.out_features, bias=bias, **like))
+
+
+def _conv_kxk_first(site: Site, rank: int, bias: bool, like: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    cin, kh, kw = site.weight_shape[1:]
+    return (nn.Conv2d(cin, rank, (kh, kw), stride=site.stride, padding=site.padding, dilation=site.dilation,
+                      bias=False, **like),
+            nn.Conv2d(rank, site.out_features, 1, bias=bias, **like))
+
+
+def _conv_1x1_first(site: Site, rank: int, bias: bool, like: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    cin, kh, kw = site.weight_shape[1:]
+    return (nn.Conv2d(cin, rank, 1, bias=False, **like),
+            nn.Conv2d(rank, site.out_features, (kh, kw), stride=site.stride, padding=site.padding,
+                      dilation=site.dilation, bias=bias, **like))
+
+
+FACTOR_BUILDERS: dict[tuple[str, str], FactorBuilder] = {
+    ("linear", "kxk-first"): _linear_factors,
+    ("linear", "1x1-first"): _linear_factors,  # a Linear has one order
+    ("conv2d", "kxk-first"): _conv_kxk_first,
+    ("conv2d", "1x1-first"): _conv_1x1_first,
+}
+
+
+def factor_layers(site: Site, rank: int, *, order: str = "kxk-first", bias: bool = True,
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Sequential:
+    """``Sequential(first, second)``: the empty two-layer form of ``site`` at ``rank``, the bias on the second.
+
+    Example:
+        >>> site = Site("c", "conv2d", "c", "c.weight", None, (16, 8, 3, 3), padding=1)
+        >>> [tuple(m.weight.shape) for m in factor_layers(site, 4, order="1x1-first")]
+        [(4, 8, 1, 1), (16, 4, 3, 3)]
+    """
+    try:
+        build = FACTOR_BUILDERS[(site.kind, order)]
+    except KeyError:
+        raise ValueError(f"no factor order {order!r} for a {site.kind} layer; known: "
+                         f"{sorted({o for k, o in FACTOR_BUILDERS if k == site.kind})}") from None
+    return nn.Sequential(*build(site, rank, bias, {"dtype": dtype, "device": device}))
+
+
 def factored_module(site: Site, fact: Factorization, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Sequential:
-    """Build the two-layer replacement with the original's dtype and device."""
-    like = dict(dtype=weight.dtype, device=weight.device)
-    r = fact.rank
+    """Build the two-layer replacement, holding ``fact``'s factors, with the original's dtype and device."""
     if fact.bias is not None:
         bias = fact.bias.reshape(site.out_features)
-    if site.kind == "linear":
-        first = nn.Linear(site.in_features, r, bias=False, **like)
-        second = nn.Linear(r, site.out_features, bias=bias is not None, **like)
-        second_weight = fact.second.reshape(site.out_features, r)
-    else:
-        in_channels, kh, kw = site.weight_shape[1:]
-        first = nn.Conv2d(in_channels, r, (kh, kw), stride=site.stride, padding=site.padding,
-                          dilation=site.dilation, bias=False, **like)
-        second = nn.Conv2d(r, site.out_features, 1, bias=bias is not None, **like)
-        second_weight = fact.second.reshape(site.out_features, r, 1, 1)
+    module = factor_layers(site, fact.rank, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    first, second = module
     with torch.no_grad():
         first.weight.copy_(fact.first.reshape(first.weight.shape))
-        second.weight.copy_(second_weight)
+        second.weight.copy_(fact.second.reshape(second.weight.shape))
         if bias is not None:
             second.bias.copy_(bias)
-    return nn.Sequential(first, second)
+    return module
 
 
 def _install(gm: torch.fx.GraphModule, site: Site, module: nn.Module) -> str:
@@ -195,8 +229,8 @@ def _rewrite_node(graph: torch.fx.Graph, node: torch.fx.Node, site: Site, path: 
         "weight_shape": site.weight_shape,
         "rank": fact.rank,
         "full_rank": site.full_rank,
-        "params_before": site.in_features * site.out_features + (site.out_features if site.bias else 0),
-        "params_after": factored_params(site, fact.rank)
+        "params_before": site.dense_params,
+        "params_after": site.factor_params(fact.rank)
         + (site.out_features if site.bias or fact.bias is not None else 0),
         **fact.meta,
     }

@@ -108,6 +108,25 @@ class Site:
     def full_rank(self) -> int:
         return min(self.out_features, self.in_features)
 
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the layer as it is: ``out * in`` plus the bias."""
+        return self.out_features * self.in_features + (self.out_features if self.bias else 0)
+
+    def factor_params(self, rank: int) -> int:
+        """Parameters of the two factors at ``rank`` (bias excluded): ``rank * (in + out)``."""
+        return rank * (self.in_features + self.out_features)
+
+    def saves_params(self, rank: int) -> bool:
+        """Whether factors of ``rank`` hold fewer weights than the dense matrix.
+
+        Example:
+            >>> site = Site("fc", "linear", "fc", "fc.weight", None, (64, 64))
+            >>> site.saves_params(31), site.saves_params(32)
+            (True, False)
+        """
+        return self.factor_params(rank) < self.out_features * self.in_features
+
 
 @dataclasses.dataclass(frozen=True)
 class SkippedSite:

@@ -58,6 +58,7 @@ from fxdeco.methods.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
 from passes.chains import replace_sites_with_chains
+from passes.rewrite import factor_layers
 from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
@@ -714,11 +715,8 @@ def _one_by_one_first(gm: torch.fx.GraphModule, site: Site, record: dict[str, An
         raise PlanMismatchError(f"layer {site.target!r}: 1x1-first factors of shapes {first_shape} and "
                                 f"{second_shape} do not fit its weight {site.weight_shape}")
     weight = fetch_attr(gm, site.weight)
-    like = dict(dtype=weight.dtype, device=weight.device)
-    return nn.Sequential(
-        nn.Conv2d(cin, rank, 1, bias=False, **like),
-        nn.Conv2d(rank, site.out_features, kernel, stride=site.stride, padding=site.padding, dilation=site.dilation,
-                  bias=bool(record["second_bias"]), **like))
+    return factor_layers(site, rank, order="1x1-first", bias=bool(record["second_bias"]), dtype=weight.dtype,
+                         device=weight.device)
 
 
 def _chains(gm: torch.fx.GraphModule, sites: list[Site], records: dict[str, dict[str, Any]]) -> torch.fx.GraphModule:
@@ -737,7 +735,7 @@ def _chains(gm: torch.fx.GraphModule, sites: list[Site], records: dict[str, dict
         metas[target] = {
             "target": target, "kind": site.kind, "weight_shape": site.weight_shape, "rank": chain[0].out_channels,
             "full_rank": record.get("full_rank", site.full_rank),
-            "params_before": site.in_features * site.out_features + (site.out_features if site.bias else 0),
+            "params_before": site.dense_params,
             "params_after": sum(p.numel() for p in chain.parameters()), **meta}
     return replace_sites_with_chains(gm, sites, chains, metas)
 

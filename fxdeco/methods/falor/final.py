@@ -39,7 +39,7 @@ from fxdeco.methods.falor.lowrank import (NSR_EPSILON, Spectrum, centred_bias, n
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
 from fxdeco.methods.falor.config import Falor
-from fxdeco.plan import LayerDecision, decision, matches_any, site_multiple, unique_targets
+from fxdeco.plan import LayerDecision, candidate_ranks, decision, matches_any, site_multiple, unique_targets
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
 from passes.cost import graph_macs
@@ -116,14 +116,6 @@ class Probe:
         if math.isnan(violation):
             violation = math.inf
         return _Measured(nsr_mean, kl_mean, violation)
-
-
-def _candidates(site: Site, min_rank: int, multiple: int, proportion_threshold: float) -> list[int]:
-    """Ranks worth probing, ascending: multiples of ``multiple`` that save parameters."""
-    full = site.full_rank
-    ranks = sorted({min(full, -(-k // multiple) * multiple) for k in range(max(min_rank, 1), full + 1)})
-    return [k for k in ranks if k * (site.in_features + site.out_features) < site.in_features * site.out_features
-            and k / full <= proportion_threshold]
 
 
 def _search(probe: Probe, candidates: list[int], predicted: torch.Tensor, scale: float, max_probes: int,
@@ -307,7 +299,7 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
         g = sensitivity.get(site.target)  # None when the layer does not reach the output: its own NSR curve then
         predicted = output_error_by_rank(spec, g) if g is not None else nsr_by_rank(spec)
         multiple = site_multiple(site, rank_multiple)
-        candidates = _candidates(site, min_rank, multiple, proportion_threshold)
+        candidates = candidate_ranks(site, min_rank, multiple, proportion_threshold)
         tolerance = max(multiple, math.ceil(rank_tolerance * site.full_rank))
         # The measured/predicted ratio differs by a layer's role (query, value, fc1...) far more than by its depth:
         # seed from the last layer of the same role in another block, else from the last layer probed.

@@ -28,11 +28,10 @@ from fxdeco.errors import warn_user
 from fxdeco.methods.falor.config import Falor
 from fxdeco.methods.falor.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
                             spectrum)
-from fxdeco.plan import (LayerDecision, decision, dense_macs, factored_macs, matches_any,
-                         site_multiple, unique_targets)
+from fxdeco.plan import (LayerDecision, candidate_ranks, decision, dense_macs, factored_macs, matches_any,
+                         rank_refusal, round_rank, site_multiple, unique_targets)
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
-from passes.rewrite import factored_params
 from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,6 @@ def smallest_rank(nsr: torch.Tensor, threshold: float, min_rank: int, full_rank:
     """Smallest ``k`` in ``[min_rank, full_rank]`` with ``nsr[k] <= threshold`` (full rank otherwise)."""
     candidates = torch.nonzero(nsr[min_rank: full_rank + 1] <= threshold)
     return min_rank + int(candidates[0]) if len(candidates) else full_rank
-
-
-def round_rank(rank: int, multiple: int, full_rank: int) -> int:
-    """Round ``rank`` up to a multiple of ``multiple``, at most ``full_rank``.
-
-    Example:
-        >>> round_rank(13, 8, 64), round_rank(61, 8, 64), round_rank(3, 8, 5)
-        (16, 64, 5)
-    """
-    return min(full_rank, -(-rank // multiple) * multiple)
 
 
 @dataclasses.dataclass
@@ -85,14 +74,6 @@ class _Layer:
         return candidate_ranks(self.site, min_rank, multiple, proportion_threshold)
 
 
-def candidate_ranks(s: Site, min_rank: int, multiple: int | str, proportion_threshold: float) -> list[int]:
-    """The ranks a budget may give layer ``s``: multiples of ``multiple`` that save parameters."""
-    multiple = site_multiple(s, multiple)
-    ranks = sorted({round_rank(k, multiple, s.full_rank) for k in range(max(min_rank, 1), s.full_rank + 1)})
-    return [k for k in ranks if k * (s.in_features + s.out_features) < s.in_features * s.out_features
-            and k / s.full_rank <= proportion_threshold]
-
-
 def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure: str, center: bool) -> list[float]:
     """Params (or MACs per sample) of layer ``s`` dense, then factored at each candidate rank.
 
@@ -100,8 +81,7 @@ def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure:
     """
     if measure == "params":
         bias = s.out_features if s.bias else 0
-        return [s.in_features * s.out_features + bias] + [
-            factored_params(s, k) + (s.out_features if center else bias) for k in candidates]
+        return [s.dense_params] + [s.factor_params(k) + (s.out_features if center else bias) for k in candidates]
     return [dense_macs(s, stats)] + [factored_macs(s, stats, k) for k in candidates]
 
 
@@ -150,12 +130,7 @@ def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, 
         s = layer.site
         rank = round_rank(smallest_rank(layer.nsr, nsr_threshold, min(min_rank, s.full_rank), s.full_rank),
                           site_multiple(s, multiple), s.full_rank)
-        if rank * (s.in_features + s.out_features) >= s.in_features * s.out_features:
-            chosen[s.target] = f"rank {rank} would not reduce parameters"
-        elif rank / s.full_rank > proportion_threshold:
-            chosen[s.target] = f"rank {rank}/{s.full_rank} above proportion_threshold"
-        else:
-            chosen[s.target] = rank
+        chosen[s.target] = rank_refusal(s, rank, proportion_threshold) or rank
     return chosen
 
 

@@ -47,10 +47,6 @@ def pruned_chain(branch: LockdBranch) -> nn.Sequential:
     return chain
 
 
-def _dense_params(site: Site) -> int:
-    return site.in_features * site.out_features + (site.out_features if site.bias else 0)
-
-
 def _macs(branch: LockdBranch, site: Site, channels: int | None) -> float | None:
     """MACs per sample of the layer (``channels=None``) or of its branch with ``channels`` kept, over all calls."""
     out_positions = [tap.positions for tap in branch.taps]
@@ -65,7 +61,7 @@ def _macs(branch: LockdBranch, site: Site, channels: int | None) -> float | None
 def _decide(branch: LockdBranch, site: Site, threshold: float) -> tuple[LayerDecision, dict]:
     kept = len(branch.kept_channels())
     proportion = kept / branch.rank
-    before, after = _dense_params(site), branch.factored_params(kept)
+    before, after = site.dense_params, branch.factored_params(kept)
     nsrs = [tap.nsr_eval_mean for tap in branch.taps]
     nsr = sum(nsrs) / len(nsrs) if all(v is not None for v in nsrs) else None
     if proportion >= threshold:

@@ -25,6 +25,7 @@ from fxdeco.methods.lockd.branch import GumbelGate, LockdBranch, full_rank, svd_
 from fxdeco.plan import matches_any
 from passes import Site, SkippedSite, find_sites, remove_dead_sites
 from passes.chains import insert_parallel_chain
+from passes.rewrite import factor_layers
 from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
@@ -62,25 +63,13 @@ def _layer_weight(gm: torch.fx.GraphModule, site: Site) -> tuple[torch.Tensor, t
     return weight, bias
 
 
-def _factor_layers(site: Site, rank: int, conv_order: str, bias: bool) -> tuple[nn.Module, nn.Module]:
-    if site.kind == "linear":
-        return nn.Linear(site.in_features, rank, bias=False), nn.Linear(rank, site.out_features, bias=bias)
-    cin, kh, kw = site.weight_shape[1:]
-    geometry = dict(stride=site.stride, padding=site.padding, dilation=site.dilation)
-    if conv_order == "1x1-first":
-        return nn.Conv2d(cin, rank, 1, bias=False), nn.Conv2d(rank, site.out_features, (kh, kw), bias=bias,
-                                                              **geometry)
-    return nn.Conv2d(cin, rank, (kh, kw), bias=False, **geometry), nn.Conv2d(rank, site.out_features, 1, bias=bias)
-
-
 def build_branch(gm: torch.fx.GraphModule, site: Site, calls: int, *, init: str, conv_order: str,
                  init_logit: float, temperature: float) -> LockdBranch:
     """The branch of one layer, on its weight's device and dtype, at full rank."""
     weight, bias = _layer_weight(gm, site)
     rank = full_rank(site.weight_shape, site.kind, conv_order)
-    first, second = _factor_layers(site, rank, conv_order, bias is not None)
-    first.to(weight.device, weight.dtype)
-    second.to(weight.device, weight.dtype)
+    # built in the default dtype, then moved: the random initialisation does not depend on the layer's dtype
+    first, second = factor_layers(site, rank, order=conv_order, bias=bias is not None).to(weight.device, weight.dtype)
     if init == "svd":
         a, b = svd_factors(weight.reshape(site.weight_shape), site.kind, conv_order)
         with torch.no_grad():
