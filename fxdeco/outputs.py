@@ -1,8 +1,16 @@
-"""Which tensor of a model's output the final-output criteria compare.
+"""Which tensor of a model's output fxdeco compares: the one place that picks it.
 
-Final-output modes (falor's ``nsr_final_threshold``, the sensitivity pass of
-budget mode) compare one tensor: the model's output when it is a tensor, or the
-tensor ``output_fn`` selects from a tuple, dict or Hugging Face ``ModelOutput``.
+Two rules, for two situations:
+
+* :func:`select_output` (final-output criteria: falor's ``nsr_final_threshold``,
+  the sensitivity pass of budget mode): the model's output when it is a
+  tensor, or the tensor ``output_fn`` selects from a tuple, dict or Hugging Face
+  ``ModelOutput``. It refuses to guess, because a wrong guess silently changes
+  which ranks pass.
+* :func:`default_logits` (distillation in ``finetune``, graphs handed over by
+  ``torch.compile``): the logits by convention (the tensor, ``.logits`` or
+  ``["logits"]``, else the first floating-point tensor), where a user asked
+  for the default and a Dynamo graph returns a flat tuple of outputs.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 OutputFn = Callable[[Any], torch.Tensor]
 
@@ -45,3 +54,23 @@ e.g. output_fn=lambda out: out[0]
     example = {tuple: "out[0]", list: "out[0]", dict: "out['logits']"}.get(type(output), "out.logits")
     raise TypeError(f"the model returns a {type(output).__name__}, not a tensor; pass output_fn= to select the "
                     f"tensor to compare, e.g. output_fn=lambda out: {example}")
+
+
+def default_logits(output: Any) -> torch.Tensor:
+    """The logits of a model output by convention: the tensor itself, ``.logits``, ``["logits"]``, or else the
+    first floating-point tensor in it.
+
+    Example:
+        >>> default_logits((torch.ones(2), torch.zeros(1))), default_logits({"logits": torch.zeros(1)})
+        (tensor([1., 1.]), tensor([0.]))
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; pass output_fn=... "
+                    "that returns the logits tensor")

@@ -79,10 +79,10 @@ from fxdeco.methods import MethodConfig, method_config
 from fxdeco.batches import model_inputs, no_batches
 from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
 from fxdeco.metadata import factored_nodes, layer_record
+from fxdeco.outputs import default_logits
 from fxdeco.prepared import PreparedModel
 from passes import Factorization, factorize_sites, find_sites
 from passes.lift import lift_parameters
-from passes.sensitivity import first_tensor
 from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _is_dynamic(example_inputs: Sequence[Any]) -> bool:
 
 def _prepare(lifted: torch.fx.GraphModule, sensitivity: bool) -> PreparedModel:
     # A Dynamo graph returns a tuple; its first float tensor is the model's output when the model returns one.
-    return prepare(lifted, sensitivity=sensitivity, output_fn=first_tensor)
+    return prepare(lifted, sensitivity=sensitivity, output_fn=default_logits)
 
 
 def _family_key(lifted: torch.fx.GraphModule) -> tuple:

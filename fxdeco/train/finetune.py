@@ -25,6 +25,7 @@ from torch import nn
 from fxdeco.batches import call_on_batch, check_input_fn, model_inputs, no_batches
 from fxdeco.checks import check_positive, check_steps
 from fxdeco.modes import modes_restored
+from fxdeco.outputs import default_logits
 from fxdeco.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -203,18 +204,6 @@ class FinetuneHistory:
     seconds: float = 0.0
 
 
-def _default_output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(out).__name__}; "
-                    "pass output_fn=... that returns the logits tensor")
-
-
 def finetune(
     student: nn.Module,
     teacher: nn.Module,
@@ -274,7 +263,7 @@ def finetune(
     if not params:
         raise ValueError("the student has no parameter that requires gradients; nothing to fine-tune")
     distill = distill_function(distill_loss, temperature)
-    get_logits = output_fn or _default_output
+    get_logits = output_fn or default_logits
     device = model_device(student)
     amp = use_amp(amp, device)
     optimizer = torch.optim.Adam(params, lr=lr)
