@@ -120,7 +120,7 @@ def run_fxdeco(model: nn.Module, tau: float, lmbda: float, logit_lr: float, trai
     history = lockd.train(gm, train, steps=STEPS, lmbda=lmbda, logit_lr=logit_lr, show_progress=False, log_every=50)
     small = lockd.finalize(gm)
     seconds = time.perf_counter() - start
-    decided = small.meta["fxdeco"]["decisions"]
+    decided = small.meta["fxdeco"].decisions
     settings = f"tau={tau:g}, lambda={lmbda:g}, logit lr={logit_lr:g}"
     first = row("fxdeco lockd", settings, "after finalize", small, model, evaluation, reference, seconds,
                 final_loss=history.loss[-1], gates_open=history.kept[-1],

@@ -162,8 +162,8 @@ def run_fxdeco(name: str, model: nn.Module, calib: list[torch.Tensor], test: tup
         small = fxdeco.transform(model, loader, keep_params=keep, skip=skip, budget_criterion=criterion,
                                  budget_rounds=rounds, rank_multiple=1, show_progress=False)  # ptdeco's granularity
         seconds = time.perf_counter() - start
-    meta = small.meta["fxdeco"]
-    refinement = 1 + meta["budget_rounds"] + meta["probe_forward_equivalents"] if "probes" in meta else 0.0
+    summary = small.meta["fxdeco"].summary
+    refinement = 1 + summary["budget_rounds"] + summary["probe_forward_equivalents"] if "probes" in summary else 0.0
     layers = {r["name"]: {"rank": r["rank"], "full_rank": r["full_rank"]} for r in fxdeco.report(small).rows}
     return {"model": name, "threshold": threshold, "tool": "fxdeco", "mode": mode,
             "params": n_params(small), "params_kept": n_params(small) / n_params(model),
@@ -193,15 +193,15 @@ def run_fxdeco_final(name: str, model: nn.Module, calib: list[torch.Tensor], tes
                                  show_progress=False)
         seconds = time.perf_counter() - start
     meta = small.meta["fxdeco"]
-    decisions = meta["decisions"]
+    decisions, summary = meta.decisions, meta.summary
     layers = {d.target: {"rank": d.rank, "full_rank": d.full_rank, "nsr_final": d.nsr_final} for d in decisions}
     measured = [d.nsr_final for d in decisions if d.decomposed]
-    passes = (loader.read + cost_runs.call_count + sensitivity_runs.call_count + 2 * meta["metric_batches"]
-              + meta["probe_forward_equivalents"])
+    passes = (loader.read + cost_runs.call_count + sensitivity_runs.call_count + 2 * summary["metric_batches"]
+              + summary["probe_forward_equivalents"])
     return {"model": name, "threshold": threshold, "tool": "fxdeco", "mode": mode,
             "params": n_params(small), "params_kept": n_params(small) / n_params(model),
             "macs": macs_per_image(small, calib[0]), "accuracy": fm.accuracy(small, *test),
-            "seconds": seconds, "forward_passes": round(passes, 1), "probes": meta["probes"],
+            "seconds": seconds, "forward_passes": round(passes, 1), "probes": summary["probes"],
             "max_nsr_final": max(measured, default=0.0),
             "verified": all(v <= threshold for v in measured), "layers": layers}
 

@@ -109,7 +109,7 @@ def run_fxdeco(model: nn.Module, calib: list[dict[str, torch.Tensor]], evaluatio
     small = fxdeco.transform(model, calib, stat_mask_fn=padding_mask, show_progress=False, **options)
     seconds = time.perf_counter() - start
     meta = small.meta["fxdeco"]
-    measured = [d.nsr_final for d in meta["decisions"] if d.nsr_final is not None]
+    measured = [d.nsr_final for d in meta.decisions if d.nsr_final is not None]
     return {"model": "minilm", "threshold": threshold, "tool": "fxdeco", "mode": mode,
             "params": n_params(small), "params_kept": n_params(small) / n_params(model),
             **_quality(small, evaluation, reference), "seconds": seconds, "probes": meta.get("probes"),

@@ -19,6 +19,7 @@ from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
 from fxdeco.methods import Falor, Lockd, MethodConfig, method_config
+from fxdeco.metadata import ModelRecord, capture_record, model_record, set_model_record
 from fxdeco.train.finetune import TrainingBatches
 from fxdeco.plan import LayerDecision, matches_any
 from fxdeco.outputs import OutputFn, select_output
@@ -165,21 +166,13 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **opt
     new.delete_all_unused_submodules()
     saved_params = sum(d.params_before - d.params_after for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
-    new.meta["fxdeco"] = {
-        "method": config.name,
-        "options": {k: v for k, v in config.options().items() if isinstance(v, (int, float, str, bool, tuple, list))},
-        "capture": prepared.gm.meta.get("fxdeco_capture", "graph"),
-        "constant_inputs": dict(prepared.gm.meta.get("fxdeco_constant_inputs", {})),
-        "decisions": decisions,
-        "skipped": list(prepared.skipped),
-        "removed": list(prepared.removed),
-        "params_before": prepared.params_original,
-        "params_after": sum(p.numel() for p in new.parameters()),
-        "macs_before": prepared.macs_per_sample,
-        "macs_after": prepared.macs_per_sample - saved_macs,
-        "calibration_batches": prepared.batches,
-        **summary,
-    }
+    captured = capture_record(prepared.gm)
+    set_model_record(new, ModelRecord(
+        method=config.name, options=config.recorded_options(), capture=captured.kind, decisions=decisions,
+        skipped=list(prepared.skipped), removed=list(prepared.removed), params_before=prepared.params_original,
+        params_after=sum(p.numel() for p in new.parameters()), macs_before=prepared.macs_per_sample,
+        macs_after=prepared.macs_per_sample - saved_macs, constant_inputs=dict(captured.constant_inputs),
+        calibration_batches=prepared.batches, summary=dict(summary)))
     log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", config.name,
              sum(d.decomposed for d in decisions), len(decisions), time.perf_counter() - start, saved_params)
     return new
@@ -279,8 +272,7 @@ def _run_lockd(model: nn.Module, loader: Iterable[Any], config: Lockd, *, exampl
                 entropy_weight=config.entropy_weight, input_fn=input_fn, amp=config.amp,
                 eval_batches=config.eval_batches, show_progress=config.show_progress)
     small = lockd.finalize(gm, proportion_threshold=config.proportion_threshold)
-    small.meta["fxdeco"]["options"] = {k: v for k, v in config.options().items()
-                                       if isinstance(v, (int, float, str, bool, tuple, list))}
+    model_record(small).options = config.recorded_options()
     return small
 
 

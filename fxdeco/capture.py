@@ -16,6 +16,7 @@ from torch import nn
 
 from fxdeco.batches import as_call, leading_dim
 from fxdeco.errors import warn_user
+from fxdeco.metadata import CaptureRecord, set_capture_record
 from fxdeco.modes import eval_mode
 from passes import CaptureError, export_capture, symbolic_capture, training_mode_nodes
 from passes.capture import optional_tensor_inputs, require_inputs, reword_constant_checks
@@ -102,7 +103,7 @@ def trace(
     follow ``if mask is not None`` both ways, so inputs with a constant default
     (None, a bool, a number, a string) that ``example_inputs`` leaves out are
     traced as that default (``constant_inputs`` names them and their values
-    explicitly; recorded in ``gm.meta["fxdeco_constant_inputs"]``), and inputs
+    explicitly; recorded in ``fxdeco.metadata.capture_record(gm)``), and inputs
     that default to None but were traced as tensors are required on every
     call. Either graph fails at once, with the remedy, when called the other
     way.
@@ -110,7 +111,8 @@ def trace(
     Example:
         >>> import torch, fxdeco
         >>> gm = fxdeco.trace(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()))
-        >>> gm.meta["fxdeco_capture"]
+        >>> from fxdeco.metadata import capture_record
+        >>> capture_record(gm).kind
         'symbolic'
     """
     if isinstance(model, torch.fx.GraphModule):
@@ -134,8 +136,7 @@ def trace(
                 raise RuntimeError(f"forward changes {', '.join(changed)} in place, which symbolic tracing records "
                                    "as a constant")
             _guard_optional_inputs(gm, knew_batch=example_inputs is not None or constant_inputs is not None)
-            gm.meta["fxdeco_capture"] = "symbolic"
-            gm.meta["fxdeco_constant_inputs"] = constants
+            set_capture_record(gm, CaptureRecord("symbolic", constants))
             _warn_training_behaviour(gm, model)
             return gm
         except Exception as exc:  # tracing errors come in every type
@@ -163,7 +164,7 @@ def trace(
             "Remedies: mark the failing module/function as leaf_modules=(...)/autowrap_functions=(...) for "
             "symbolic tracing, or make the forward exportable (see torch.export's error above)."
         ) from exc
-    gm.meta["fxdeco_capture"] = "export"
+    set_capture_record(gm, CaptureRecord("export"))
     _warn_training_behaviour(gm, model)
     _guard_batch_of_one(model, gm, args, kwargs)
     return gm

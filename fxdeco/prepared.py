@@ -24,6 +24,7 @@ from torch import nn
 from fxdeco.batches import as_call, leading_dim
 from fxdeco.errors import CalibrationError
 from fxdeco.interrupts import interrupts_deferred
+from fxdeco.metadata import OriginalTotals, original_totals, set_original_totals
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
 from passes import (CostProp, LeadingDimWeights, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs,
@@ -137,7 +138,7 @@ class PreparedModel(nn.Module):
         self.removed = removed
         self.params_original = params_original
         # what convert's methods need to know of the original model (budgets are fractions of it)
-        gm.meta["fxdeco_totals"] = {"params": params_original, "macs": None}
+        set_original_totals(gm, OriginalTotals(params_original))
         self.row_weights = row_weights
         self.stat_mask_fn = stat_mask_fn
         self._warned_unmatched_mask = False
@@ -287,7 +288,7 @@ class PreparedModel(nn.Module):
                 sensitivity.commit()
                 self.sensitivity_samples += sensitivity.samples
             if macs is not None:
-                self.macs_per_sample = self.gm.meta["fxdeco_totals"]["macs"] = macs
+                self.macs_per_sample = original_totals(self.gm).macs = macs
             if len(self.kept_inputs) < self.keep_batches:
                 self.kept_inputs.append([v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat])
             self.batches += 1

@@ -12,7 +12,7 @@ from passes.cost import CostProp, NodeCost, graph_macs
 from passes.inputs import flatten_inputs
 from passes.lift import lift_parameters
 from passes.replay import GraphWalk
-from passes.rewrite import Factorization, factorize_sites
+from passes.rewrite import FactoredLayer, Factorization, factorize_sites
 from passes.sensitivity import SensitivityInterpreter
 from passes.sites import Site, SkippedSite, find_sites, remove_dead_sites
 from passes.stats import LeadingDimWeights, SiteStatistics, StatsInterpreter
@@ -20,6 +20,7 @@ from passes.stats import LeadingDimWeights, SiteStatistics, StatsInterpreter
 __all__ = [
     "CaptureError",
     "CostProp",
+    "FactoredLayer",
     "Factorization",
     "GraphTracer",
     "GraphWalk",

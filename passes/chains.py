@@ -14,13 +14,13 @@ They know nothing of decomposition policy; callers own the modules.
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
-from passes.rewrite import FACTORED, _drop_unused_attrs, _install, _remove_orphans
+from passes.rewrite import FACTORED, FactoredLayer, _drop_unused_attrs, _install, _remove_orphans
 from passes.sites import Site, site_input
 
 _COPIED_META = ("stack_trace", "nn_module_stack", "source_fn_stack")
@@ -91,13 +91,13 @@ def _erase_chain(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
 
 def replace_sites_with_chains(gm: torch.fx.GraphModule, sites: Sequence[Site],
                               chains: Mapping[str, nn.Sequential],
-                              meta: Mapping[str, dict[str, Any]] | None = None) -> torch.fx.GraphModule:
+                              meta: Mapping[str, FactoredLayer] | None = None) -> torch.fx.GraphModule:
     """Return a copy of ``gm`` in which each site whose ``target`` is in ``chains`` calls that chain.
 
     The ``nn.Sequential`` is installed at the layer's name (replacing the layer's
     module when it holds nothing else), each call of the layer becomes calls of
     its children in order, and the layer's weight/bias attributes are dropped.
-    ``meta[target]`` goes into the last node's ``meta[FACTORED]`` (``passes.rewrite``).
+    ``meta[target]``, the layer's record, goes into the last node's ``meta[FACTORED]`` (``passes.rewrite``).
 
     Example:
         >>> from passes.sites import find_sites
@@ -122,14 +122,14 @@ def replace_sites_with_chains(gm: torch.fx.GraphModule, sites: Sequence[Site],
             installed[site.target] = _install(new, site, chains[site.target])
             dropped |= {site.weight} | ({site.bias} if site.bias else set())
         path = installed[site.target]
-        _rewrite(new.graph, nodes[site.node], path, len(chains[site.target]), (meta or {}).get(site.target, {}))
+        _rewrite(new.graph, nodes[site.node], path, len(chains[site.target]), (meta or {}).get(site.target))
     _drop_unused_attrs(new, dropped)
     new.graph.lint()
     new.recompile()
     return new
 
 
-def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, path: str, length: int, info: dict[str, Any]) -> None:
+def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, path: str, length: int, info: FactoredLayer | None) -> None:
     x = site_input(node)
     out = x
     with graph.inserting_before(node):
@@ -138,7 +138,8 @@ def _rewrite(graph: torch.fx.Graph, node: torch.fx.Node, path: str, length: int,
             for key in _COPIED_META:
                 if key in node.meta:
                     out.meta[key] = node.meta[key]
-    out.meta[FACTORED] = dict(info)
+    if info is not None:
+        out.meta[FACTORED] = info
     node.replace_all_uses_with(out)
     inputs = list(node.all_input_nodes)
     graph.erase_node(node)

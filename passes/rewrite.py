@@ -27,10 +27,37 @@ from torch import nn
 from passes.sites import Site, fetch_attr, site_input
 
 
-# node.meta keys this pass writes: the record of a factored layer on its last node (target, kind, weight shape,
-# rank, full rank, params before/after, plus the method's metadata), and the role of the first factor's node
+# node.meta keys this pass writes: the record of a factored layer on its last node (a FactoredLayer), and the
+# role of the first factor's node
 FACTORED = "factored"
 FACTOR_ROLE = "factor_role"
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredLayer:
+    """The record of one layer on its last node (``node.meta[FACTORED]``).
+
+    ``rank`` None records a layer a method considered and kept dense (lockd
+    notes those); ``method_meta`` is what the method attached to its
+    :class:`Factorization` (layer NSR, kept proportion, ...).
+
+    Example:
+        >>> FactoredLayer("fc", "linear", (8, 8), 2, 8, 72, 40).decomposed
+        True
+    """
+
+    target: str
+    kind: str
+    weight_shape: tuple[int, ...]
+    rank: int | None
+    full_rank: int
+    params_before: int
+    params_after: int
+    method_meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def decomposed(self) -> bool:
+        return self.rank is not None
 
 
 @dataclasses.dataclass
@@ -41,7 +68,7 @@ class Factorization:
     Conv2d; ``second`` is ``(out, rank)`` (or ``(out, rank, 1, 1)``). ``bias``,
     when given, replaces the layer's bias on the second factor (a method may
     fold the mean of the discarded output directions into it); otherwise the
-    layer's own bias is kept. ``meta`` is copied into the second factor's ``node.meta[FACTORED]``.
+    layer's own bias is kept. ``meta`` becomes the ``method_meta`` of the layer's :class:`FactoredLayer`.
     """
 
     first: torch.Tensor
@@ -223,18 +250,10 @@ def _rewrite_node(graph: torch.fx.Graph, node: torch.fx.Node, site: Site, path: 
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in node.meta:
             hidden.meta[key] = out.meta[key] = node.meta[key]
-    info = {
-        "target": site.target,
-        "kind": site.kind,
-        "weight_shape": site.weight_shape,
-        "rank": fact.rank,
-        "full_rank": site.full_rank,
-        "params_before": site.dense_params,
-        "params_after": site.factor_params(fact.rank)
-        + (site.out_features if site.bias or fact.bias is not None else 0),
-        **fact.meta,
-    }
-    out.meta[FACTORED] = info
+    out.meta[FACTORED] = FactoredLayer(
+        site.target, site.kind, site.weight_shape, fact.rank, site.full_rank, site.dense_params,
+        site.factor_params(fact.rank) + (site.out_features if site.bias or fact.bias is not None else 0),
+        dict(fact.meta))
     hidden.meta[FACTOR_ROLE] = "first"
     node.replace_all_uses_with(out)
     inputs = list(node.all_input_nodes)

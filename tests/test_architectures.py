@@ -187,7 +187,7 @@ def captured(request: pytest.FixtureRequest) -> Captured:
 
 
 def test_sites_found(captured: Captured) -> None:
-    assert captured.gm.meta["fxdeco_capture"] == "symbolic"
+    assert captured.gm.meta["fxdeco_capture"].kind == "symbolic"
     assert len(captured.sites) >= 1
     reasons = [k.reason for k in captured.skipped]
     for expected in captured.arch.skips:
@@ -338,7 +338,7 @@ def test_minilm_export_full_rank(minilm: nn.Module) -> None:
     snapshot = state_snapshot(model)
     example = text_batch(2, 12, padded=4)
     gm = fxdeco.trace(model, example_inputs=example)
-    assert gm.meta["fxdeco_capture"] == "export"  # BertModel is not symbolically traceable
+    assert gm.meta["fxdeco_capture"].kind == "export"  # BertModel is not symbolically traceable
     assert passes.remove_dead_sites(gm) == ["bert.pooler.dense"]
     sites, skipped = passes.find_sites(gm)
     assert len(sites) == 6 * 6  # query, key, value, attention output, intermediate, output per layer
@@ -378,9 +378,9 @@ def test_falor_tiny_threshold_timm_resnet18() -> None:
     calib = [torch.randn(4, 3, 32, 32) for _ in range(3)]
     small = fxdeco.transform(model, calib, nsr_threshold=TINY_NSR, stat_dtype=torch.float64)
     info = small.meta["fxdeco"]
-    assert info["capture"] == "symbolic"
-    assert sum(d.decomposed for d in info["decisions"]) >= 5
-    assert info["params_after"] < info["params_before"]
+    assert info.capture == "symbolic"
+    assert sum(d.decomposed for d in info.decisions) >= 5
+    assert info.params_after < info.params_before
     with torch.no_grad():
         for x in calib:
             assert rel_err(small(x), model(x)) < 1e-5
@@ -393,9 +393,9 @@ def test_falor_tiny_threshold_minilm(minilm: nn.Module) -> None:
     calib = [text_batch(2, 16, padded=3) for _ in range(3)]  # 96 tokens: outputs span < 384 dimensions
     small = fxdeco.transform(model, calib, nsr_threshold=TINY_NSR, stat_dtype=torch.float64)
     info = small.meta["fxdeco"]
-    assert info["capture"] == "export"
-    assert info["removed"] == ["bert.pooler.dense"]
-    assert sum(d.decomposed for d in info["decisions"]) == 36
+    assert info.capture == "export"
+    assert info.removed == ["bert.pooler.dense"]
+    assert sum(d.decomposed for d in info.decisions) == 36
     with torch.no_grad():
         for batch in calib:
             assert rel_err(small(**batch), model(**batch)) < 1e-5

@@ -98,7 +98,7 @@ def test_falor_on_cuda_matches_cpu(options: dict) -> None:
     err_cpu = float((out_cpu - ref).square().mean() / ref.var())
     assert err_gpu < 0.1 and abs(err_gpu - err_cpu) < 0.02 + 0.5 * err_cpu, (err_gpu, err_cpu)
     if "nsr_final_threshold" in options:
-        measured = [d.nsr_final for d in gpu.meta["fxdeco"]["decisions"] if d.decomposed]
+        measured = [d.nsr_final for d in gpu.meta["fxdeco"].decisions if d.decomposed]
         assert measured and max(measured) <= options["nsr_final_threshold"]
 
 

@@ -67,15 +67,15 @@ def case(request):
         _decomposed[name, capture] = fxdeco.transform(factory().eval(), [batch() for _ in range(3)],
                                                       capture=capture, nsr_threshold=0.3).eval()
     small = _decomposed[name, capture]
-    assert small.meta["fxdeco"]["capture"] == capture
-    assert all(d.decomposed for d in small.meta["fxdeco"]["decisions"])
+    assert small.meta["fxdeco"].capture == capture
+    assert all(d.decomposed for d in small.meta["fxdeco"].decisions)
     dynamic = ({i: torch.export.Dim(n) for i, n in dims.items()},)
     return small, example, other, dynamic, matmuls
 
 
 def expected_layers(small: torch.fx.GraphModule, kind: str) -> int:
     """Layer calls after decomposition: two per decomposed layer, one per dense one."""
-    return sum(2 if d.decomposed else 1 for d in small.meta["fxdeco"]["decisions"] if d.kind == kind)
+    return sum(2 if d.decomposed else 1 for d in small.meta["fxdeco"].decisions if d.kind == kind)
 
 
 def test_torch_export(case) -> None:

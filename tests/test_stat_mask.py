@@ -82,7 +82,7 @@ def calibration() -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.T
 def prepare(model: nn.Module, flavour: str, example: dict[str, torch.Tensor], **kwargs) -> fxdeco.PreparedModel:
     if flavour == "export":
         prepared = fxdeco.prepare(model, example, capture="export", **kwargs)
-        assert prepared.gm.meta["fxdeco_capture"] == "export"
+        assert prepared.gm.meta["fxdeco_capture"].kind == "export"
         return prepared
     return fxdeco.prepare(model, **kwargs)
 
@@ -155,32 +155,6 @@ def test_transform_accepts_stat_mask_fn_and_keeps_mac_accounting() -> None:
     assert fxdeco.report(small).totals["macs_before"] == fxdeco.report(plain).totals["macs_before"]
     with torch.no_grad():
         assert small(**batches[0]).shape == (4, 3)
-
-
-def test_a_zero_one_mask_is_exactly_the_kept_rows() -> None:
-    rows = torch.randn(10, 4)
-    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0])
-    a, b = SiteStatistics.empty(4), SiteStatistics.empty(4)
-    a.update(rows, samples=2, weights=mask)
-    b.update(rows[mask.bool()], samples=2)
-    assert torch.equal(a.sum_outer, b.sum_outer) and torch.equal(a.sum, b.sum)
-    assert (a.rows, a.samples, a.weight) == (10, 2, 6.0) and (b.rows, b.weight) == (6, 6.0)
-
-
-def test_weights_other_than_one_weight_the_moments() -> None:
-    rows = torch.randn(5, 3, dtype=torch.float64)
-    weighted, repeated, doubled = SiteStatistics.empty(3), SiteStatistics.empty(3), SiteStatistics.empty(3)
-    weighted.update(rows, weights=torch.tensor([2.0, 1.0, 0.0, 3.0, 1.0]))
-    repeated.update(torch.cat([rows[[0, 0, 1]], rows[[3, 3, 3, 4]]]))  # integer weights = repeated rows
-    assert weighted.weight == repeated.weight == 7.0
-    torch.testing.assert_close(weighted.second_moment(), repeated.second_moment(), rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(weighted.variance(), repeated.variance(), rtol=1e-14, atol=1e-14)
-    doubled.update(rows, weights=torch.full((5,), 0.5))  # a uniform weight changes nothing
-    plain = SiteStatistics.empty(3)
-    plain.update(rows)
-    torch.testing.assert_close(doubled.second_moment(), plain.second_moment(), rtol=1e-14, atol=1e-14)
-    merged = weighted + plain
-    assert (merged.rows, merged.weight) == (10, 12.0)
 
 
 class _ConvNet(nn.Module):

@@ -78,7 +78,7 @@ from fxdeco.api import RUNNERS, convert, prepare
 from fxdeco.methods import MethodConfig, method_config
 from fxdeco.batches import model_inputs, no_batches
 from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
-from fxdeco.metadata import factored_nodes, layer_record
+from fxdeco.metadata import factored_layers, model_record
 from fxdeco.outputs import default_logits
 from fxdeco.prepared import PreparedModel
 from passes import Factorization, factorize_sites, find_sites
@@ -126,14 +126,13 @@ def _family_key(lifted: torch.fx.GraphModule) -> tuple:
 def _plan_of(decomposed: torch.fx.GraphModule) -> dict[str, Factorization]:
     """Read the factors back out of a decomposed graph, to apply them to a sibling graph."""
     plan: dict[str, Factorization] = {}
-    for node in factored_nodes(decomposed):
-        info = layer_record(node)
-        if info["target"] in plan:
+    for node, info in factored_layers(decomposed):
+        if info.target in plan:
             continue
         pair = decomposed.get_submodule(node.target.rpartition(".")[0])
         bias = pair[1].bias
-        plan[info["target"]] = Factorization(pair[0].weight.detach(), pair[1].weight.detach(), dict(info),
-                                             None if bias is None else bias.detach())
+        plan[info.target] = Factorization(pair[0].weight.detach(), pair[1].weight.detach(), dict(info.method_meta),
+                                          None if bias is None else bias.detach())
     return plan
 
 
@@ -236,9 +235,9 @@ class GraphDecomposer:
         decomposed = convert(self.prepared, self.owner.config)
         self.family.plan, self.family.meta, self.family.leader = _plan_of(decomposed), decomposed.meta, self.index
         self._switch(decomposed, self._last_inputs, "decomposed")
-        fx = decomposed.meta["fxdeco"]
+        record = model_record(decomposed)
         log.info("graph %d decomposed after %d calibration calls: %d -> %d parameters", self.index,
-                 self.calibration_calls, fx["params_before"], fx["params_after"])
+                 self.calibration_calls, record.params_before, record.params_after)
 
     def adopt(self, example_inputs: list[Any]) -> None:
         """Apply the factors an earlier compilation of this graph chose."""

@@ -43,7 +43,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
-from fxdeco.metadata import factored_nodes, is_first_factor, layer_record
+from fxdeco.metadata import ModelRecord, factored_layers, find_model_record, is_first_factor
 from fxdeco.io.report import human
 from passes import find_sites
 from passes.graph_view import to_networkx
@@ -143,23 +143,22 @@ def _mark(graph: nx.DiGraph, node: str, role: str, note: str) -> None:
         attrs["tooltip"] += "\n" + note
 
 
-def _annotate_skipped(graph: nx.DiGraph, info: dict[str, Any]) -> None:
-    for skipped in info["skipped"]:
+def _annotate_skipped(graph: nx.DiGraph, info: ModelRecord) -> None:
+    for skipped in info.skipped:
         _mark(graph, skipped.node, "skipped", f"not decomposed: {skipped.reason}")
 
 
 def _annotate_after(gm: torch.fx.GraphModule, graph: nx.DiGraph, boxes: dict[str, dict[str, str]]) -> None:
     """Box each pair of factor layers and label it with rank and kept proportion; mark dense and skipped layers."""
-    info = gm.meta.get("fxdeco")
+    info = find_model_record(gm)
     if info is None:
         return
     # a layer called twice has two pairs; lockd also marks the layers it keeps dense (rank None): not boxes
-    for node in factored_nodes(gm):
-        meta = layer_record(node)
-        layer = meta["target"]
-        nsr = f", nsr {meta['nsr']:.3g}" if isinstance(meta.get("nsr"), float) else ""
-        title = (f"{layer} decomposed\nrank {meta['rank']}/{meta['full_rank']}, keeps "
-                 f"{_fraction(meta['params_after'], meta['params_before'])} of params{nsr}")
+    for node, record in factored_layers(gm):
+        layer, nsr = record.target, record.method_meta.get("nsr")
+        nsr = f", nsr {nsr:.3g}" if isinstance(nsr, float) else ""
+        title = (f"{layer} decomposed\nrank {record.rank}/{record.full_rank}, keeps "
+                 f"{_fraction(record.params_after, record.params_before)} of params{nsr}")
         # The first factor feeds the second; both go in one box inside the layer's block.
         members = [node.name] + [n.name for n in node.all_input_nodes if is_first_factor(n)]
         box = graph.nodes[node.name]["scope"] + (f"{layer}@{node.name}",)
@@ -169,7 +168,7 @@ def _annotate_after(gm: torch.fx.GraphModule, graph: nx.DiGraph, boxes: dict[str
             attrs = graph.nodes[member]
             attrs["scope"], attrs["role"] = box, "factor"
             attrs["tooltip"] += "\n" + title.replace("\n", ": ")
-    dense = [d for d in info["decisions"] if not d.decomposed]
+    dense = [d for d in info.decisions if not d.decomposed]
     if dense:
         nodes = _site_nodes(gm)
         for d in dense:
@@ -179,12 +178,12 @@ def _annotate_after(gm: torch.fx.GraphModule, graph: nx.DiGraph, boxes: dict[str
     _annotate_skipped(graph, info)
 
 
-def _annotate_before(original: torch.fx.GraphModule, graph: nx.DiGraph, info: dict[str, Any] | None) -> None:
+def _annotate_before(original: torch.fx.GraphModule, graph: nx.DiGraph, info: ModelRecord | None) -> None:
     """On the original graph, say what became of each layer."""
     if info is None:
         return
     nodes = _site_nodes(original)
-    for d in info["decisions"]:
+    for d in info.decisions:
         for node in nodes.get(d.target, []):
             if d.decomposed:
                 _mark(graph, node, "planned", f"→ rank {d.rank}/{d.full_rank}, "
@@ -255,7 +254,7 @@ def panel(gm: torch.fx.GraphModule, title: str, *, show_params: bool = False, ma
     if before_of is None:
         _annotate_after(gm, graph, boxes)
     else:
-        _annotate_before(gm, graph, before_of.meta.get("fxdeco"))
+        _annotate_before(gm, graph, find_model_record(before_of))
     notes = []
     if not show_params and (params := _hide_params(graph)):
         notes.append(f"{params} parameter reads")
@@ -275,18 +274,18 @@ def summary(gm: torch.fx.GraphModule) -> str:
         >>> summary(torch.fx.symbolic_trace(torch.nn.Linear(3, 2)))
         ''
     """
-    info = gm.meta.get("fxdeco")
+    info = find_model_record(gm)
     if info is None:
         return ""
-    decisions = info["decisions"]
-    text = (f"{info['method']}: {sum(d.decomposed for d in decisions)} of {len(decisions)} layers decomposed, "
-            f"params {human(info['params_before'])} → {human(info['params_after'])} "
-            f"({_fraction(info['params_after'], info['params_before'])})")
-    if info.get("macs_before"):
-        text += (f", MACs/sample {human(info['macs_before'])} → {human(info['macs_after'])} "
-                 f"({_fraction(info['macs_after'], info['macs_before'])})")
-    if info["skipped"]:
-        text += f", {len(info['skipped'])} layers not decomposable"
+    decisions = info.decisions
+    text = (f"{info.method}: {sum(d.decomposed for d in decisions)} of {len(decisions)} layers decomposed, "
+            f"params {human(info.params_before)} → {human(info.params_after)} "
+            f"({_fraction(info.params_after, info.params_before)})")
+    if info.macs_before:
+        text += (f", MACs/sample {human(info.macs_before)} → {human(info.macs_after)} "
+                 f"({_fraction(info.macs_after, info.macs_before)})")
+    if info.skipped:
+        text += f", {len(info.skipped)} layers not decomposable"
     return text
 
 
@@ -463,7 +462,7 @@ def _legend() -> str:
 
 
 def _report_table(gm: torch.fx.GraphModule) -> str:
-    if gm.meta.get("fxdeco") is None:
+    if find_model_record(gm) is None:
         return ""
     from fxdeco.io.report import report  # the table is optional decoration; keep the import local
     return f"<details><summary>per-layer report</summary>{report(gm).table('html')}</details>"
@@ -533,7 +532,8 @@ def dump(
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name such as {path / ('graph.' + fmt)}")
     gm = _as_graph(gm, example_inputs, "auto")
-    capture = gm.meta.get("fxdeco", {}).get("capture", "auto")
+    record = find_model_record(gm)
+    capture = record.capture if record is not None else "auto"
     panels = []
     if original is not None:
         before = _as_graph(original, example_inputs, capture if capture in ("symbolic", "export") else "auto")

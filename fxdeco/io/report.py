@@ -8,8 +8,8 @@ from typing import Any
 import torch.fx
 from tabulate import tabulate
 
+from fxdeco.metadata import model_record
 from fxdeco.plan import LayerDecision
-from passes import SkippedSite
 
 
 def human(n: float | None) -> str:
@@ -80,23 +80,20 @@ def report(gm: torch.fx.GraphModule) -> Report:
         >>> fxdeco.report(small).totals["params_before"]
         72
     """
-    info = gm.meta.get("fxdeco")
-    if info is None:
-        raise ValueError("this GraphModule was not produced by fxdeco.transform/convert; nothing to report")
-    decisions: list[LayerDecision] = info["decisions"]
-    skipped: list[SkippedSite] = info["skipped"]
+    info = model_record(gm, purpose="report()")
+    decisions, skipped = info.decisions, info.skipped
     rows = [_decision_row(d) for d in decisions]
     # a layer called at several nodes is skipped at each of them: one row
     rows += [_other_row(target, f"skipped: {reason}") for target, reason in dict.fromkeys((k.target, k.reason)
                                                                                            for k in skipped)]
-    rows += [_other_row(name, "removed: output never used") for name in info["removed"]]
+    rows += [_other_row(name, "removed: output never used") for name in info.removed]
     totals = {
-        "method": info["method"],
+        "method": info.method,
         "decomposed": sum(d.decomposed for d in decisions),
         "layers": len(decisions),
-        "params_before": info["params_before"],
-        "params_after": info["params_after"],
-        "macs_before": info["macs_before"],
-        "macs_after": info["macs_after"],
+        "params_before": info.params_before,
+        "params_after": info.params_after,
+        "macs_before": info.macs_before,
+        "macs_after": info.macs_after,
     }
     return Report(rows, totals)

@@ -53,7 +53,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
-from fxdeco.metadata import factored_nodes, layer_record
+from fxdeco.metadata import FactorInfo, ModelRecord, factor_info, factored_layers, model_record, set_model_record
 from fxdeco.methods.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
@@ -68,10 +68,6 @@ SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 CONV_ORDERS = ("kxk-first", "1x1-first")
 WEIGHT_FILES = {"safetensors": "weights.safetensors", "torch": "weights.pt"}
-# Entries of gm.meta["fxdeco"] that are rebuilt from their own plan sections.
-_OWN_SECTIONS = ("decisions", "skipped", "removed", "method", "capture", "constant_inputs", "options")
-# Keys the rewrite pass computes itself for a layer's record (fxdeco.metadata); the rest is the method's metadata.
-_REWRITE_KEYS = ("target", "kind", "weight_shape", "rank", "full_rank", "params_before", "params_after")
 
 
 class PlanError(ValueError):
@@ -131,8 +127,8 @@ def _dumps(value: Any, indent: str = "") -> str:
 def _decomposed_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     """Layer name -> the node the rewrite left for it (the second factor; one per layer)."""
     found: dict[str, torch.fx.Node] = {}
-    for node in factored_nodes(gm):
-        found.setdefault(layer_record(node)["target"], node)
+    for node, info in factored_layers(gm):
+        found.setdefault(info.target, node)
     return found
 
 
@@ -140,7 +136,7 @@ def _site_record(gm: torch.fx.GraphModule, node: torch.fx.Node, decision: LayerD
     """Everything :func:`load` needs to rebuild one factored layer, read off the installed modules."""
     module = node.target[: -len(".1")]
     first, second = gm.get_submodule(f"{module}.0"), gm.get_submodule(f"{module}.1")
-    info = layer_record(node)
+    info = factor_info(node)
     record: dict[str, Any] = {
         "target": decision.target,
         "module": module,
@@ -151,8 +147,8 @@ def _site_record(gm: torch.fx.GraphModule, node: torch.fx.Node, decision: LayerD
         "first_shape": list(first.weight.shape),
         "second_shape": list(second.weight.shape),
         "second_bias": second.bias is not None,
-        "layer_bias": info["params_before"] > math.prod(decision.weight_shape),
-        "metadata": _jsonable({k: v for k, v in info.items() if k not in _REWRITE_KEYS}),
+        "layer_bias": info.params_before > math.prod(decision.weight_shape),
+        "metadata": _jsonable(info.method_meta),
     }
     if decision.kind == "conv2d":
         record["conv_order"] = conv_order(first, second)
@@ -224,15 +220,15 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
         >>> plan["schema"], [(s["target"], s["rank"], s["first_shape"]) for s in plan["sites"]]
         ('fxdeco.plan', [('0', 2, [2, 8])])
     """
-    info = _fxdeco_meta(gm)
-    decisions: list[LayerDecision] = info["decisions"]
+    info = model_record(_decomposed(gm), purpose="save()")
+    decisions = info.decisions
     nodes = _decomposed_nodes(gm)
     dense = {s.target: s for s in find_sites(gm)[0]}
     sites, geometry = [], {}
     for d in decisions:
         if d.decomposed:
             if d.target not in nodes:
-                raise ValueError(f"layer {d.target!r} is decomposed according to gm.meta['fxdeco'] but the graph has "
+                raise ValueError(f"layer {d.target!r} is decomposed according to the model's record but the graph has "
                                  "no factored node for it; was the graph edited after fxdeco.convert?")
             sites.append(_site_record(gm, nodes[d.target], d))
             if d.kind == "conv2d":
@@ -244,31 +240,27 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
     return {
         "schema": SCHEMA,
         "version": SCHEMA_VERSION,
-        "method": info.get("method"),
-        "capture": info.get("capture", gm.meta.get("fxdeco_capture", "graph")),
+        "method": info.method,
+        "capture": info.capture,
         # inputs traced as their constant default (fxdeco.trace): load() must trace the same case
-        "constant_inputs": _jsonable(info.get("constant_inputs", {})),
-        "options": _jsonable(info.get("options", {})),
+        "constant_inputs": _jsonable(info.constant_inputs),
+        "options": _jsonable(info.options),
         "inputs": _inputs(gm),
         "training": gm.training,
         "sites": sites,
         "decisions": [_jsonable(d.as_dict()) for d in decisions],
         "conv_geometry": geometry,
-        "skipped": [{"target": k.target, "node": k.node, "reason": k.reason} for k in info.get("skipped", [])],
-        "removed": list(info.get("removed", [])),
-        "totals": _jsonable({k: v for k, v in info.items() if k not in _OWN_SECTIONS}),
+        "skipped": [{"target": k.target, "node": k.node, "reason": k.reason} for k in info.skipped],
+        "removed": list(info.removed),
+        "totals": _jsonable(info.totals()),
         "weights": {"file": WEIGHT_FILES[weights_format], "format": weights_format},
     }
 
 
-def _fxdeco_meta(gm: Any) -> dict[str, Any]:
+def _decomposed(gm: Any) -> torch.fx.GraphModule:
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"save() expects the GraphModule returned by fxdeco.transform/convert, got {type(gm).__name__}")
-    info = gm.meta.get("fxdeco")
-    if not isinstance(info, dict) or "decisions" not in info:
-        raise ValueError("this GraphModule was not produced by fxdeco.transform/convert (gm.meta['fxdeco'] is "
-                         "missing); only a decomposed model can be saved as a plan")
-    return info
+    return gm
 
 
 def _weights_to_save(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -340,7 +332,7 @@ def save(gm: torch.fx.GraphModule, path: str | os.PathLike) -> pathlib.Path:
         >>> sorted(p.name for p in folder.iterdir())
         ['plan.json', 'weights.safetensors']
     """
-    _fxdeco_meta(gm)
+    model_record(_decomposed(gm), purpose="save()")  # only a decomposed model has a plan to save
     folder = _directory(path)
     folder.mkdir(parents=True, exist_ok=True)
     st = _safetensors()
@@ -732,11 +724,9 @@ def _chains(gm: torch.fx.GraphModule, sites: list[Site], records: dict[str, dict
         chain = _one_by_one_first(gm, site, record)
         chains[target] = chain
         meta = record["metadata"] if isinstance(record["metadata"], dict) else {}
-        metas[target] = {
-            "target": target, "kind": site.kind, "weight_shape": site.weight_shape, "rank": chain[0].out_channels,
-            "full_rank": record.get("full_rank", site.full_rank),
-            "params_before": site.dense_params,
-            "params_after": sum(p.numel() for p in chain.parameters()), **meta}
+        metas[target] = FactorInfo(target, site.kind, site.weight_shape, chain[0].out_channels,
+                                   record.get("full_rank", site.full_rank), site.dense_params,
+                                   sum(p.numel() for p in chain.parameters()), dict(meta))
     return replace_sites_with_chains(gm, sites, chains, metas)
 
 
@@ -771,17 +761,18 @@ def _check_weights(gm: torch.fx.GraphModule, weights: dict[str, torch.Tensor]) -
 
 
 def _restore_meta(gm: torch.fx.GraphModule, plan: dict[str, Any]) -> None:
-    """Rebuild gm.meta['fxdeco'] as fxdeco.convert left it, so ``fxdeco.report`` works on the loaded model."""
+    """Rebuild the model's record as fxdeco.convert left it, so ``fxdeco.report`` works on the loaded model."""
     try:
         decisions = [LayerDecision(**{**d, "weight_shape": _shape(d["weight_shape"])}) for d in plan["decisions"]]
         skipped = [SkippedSite(k["node"], k["target"], k["reason"]) for k in plan["skipped"]]
     except (TypeError, KeyError) as exc:
         raise PlanFormatError(f"{PLAN_FILE}: a decision or skipped layer is malformed ({exc}); save the model "
                               "again") from exc
-    gm.meta["fxdeco"] = {**plan["totals"], "method": plan.get("method"), "capture": plan["capture"],
-                         "constant_inputs": dict(plan.get("constant_inputs") or {}),
-                         "options": plan["options"], "decisions": decisions, "skipped": skipped,
-                         "removed": list(plan["removed"])}
+    counts, summary = ModelRecord.split_totals(plan["totals"])
+    set_model_record(gm, ModelRecord(
+        method=plan.get("method"), options=plan["options"], capture=plan["capture"], decisions=decisions,
+        skipped=skipped, removed=list(plan["removed"]), constant_inputs=dict(plan.get("constant_inputs") or {}),
+        summary=summary, **counts))
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, example_inputs: Any = None) -> torch.fx.GraphModule:

@@ -30,3 +30,8 @@ class MethodConfig:
         """The options set to something else than their default, as ``transform(..., **options)`` takes them."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if getattr(self, f.name) != f.default}
+
+    def recorded_options(self) -> dict[str, Any]:
+        """:meth:`options` that are plain data (callables and tensors left out): what a decomposed model and its
+        plan.json record."""
+        return {k: v for k, v in self.options().items() if isinstance(v, (int, float, str, bool, tuple, list))}

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from fxdeco.checks import check_count, check_number
 from fxdeco.methods.base import MethodConfig
+
+if TYPE_CHECKING:
+    from passes import Site
 
 # Options only one of falor's modes reads. Set beside another mode's options they would be silently ignored.
 MODE_OPTIONS = {
@@ -133,6 +136,19 @@ class Falor(MethodConfig):
     def kept_batches(self) -> int:
         """Final-output mode measures on its metric batches; budget mode's measured round on the first one."""
         return self.num_metric_batches
+
+    # ---- the rank rules of every mode, read off the options above ----
+
+    def candidate_ranks(self, site: Site) -> list[int]:
+        """The ranks falor may give ``site``, ascending: from ``min_rank``, rounded to ``rank_multiple``, each
+        saving parameters and at most ``proportion_threshold`` of the full rank."""
+        from fxdeco.plan import candidate_ranks  # the plan module needs torch; the CLI reads this module without
+        return candidate_ranks(site, self.min_rank, self.rank_multiple, self.proportion_threshold)
+
+    def rank_refusal(self, site: Site, rank: int) -> str | None:
+        """Why ``site`` may not be factorized at ``rank`` (see ``fxdeco.plan.rank_refusal``), or None."""
+        from fxdeco.plan import rank_refusal
+        return rank_refusal(site, rank, self.proportion_threshold)
 
     def _refuse_other_modes(self) -> None:
         given = set(self.options())

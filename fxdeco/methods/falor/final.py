@@ -39,7 +39,7 @@ from fxdeco.methods.falor.lowrank import (NSR_EPSILON, Spectrum, centred_bias, n
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
 from fxdeco.methods.falor.config import Falor
-from fxdeco.plan import LayerDecision, candidate_ranks, decision, matches_any, site_multiple, unique_targets
+from fxdeco.plan import LayerDecision, decision, matches_any, site_multiple, unique_targets
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
 from passes.cost import graph_macs
@@ -257,25 +257,20 @@ def falor_final(
     all_sites = list(sites)  # every call of every layer; targets: one site per layer
     targets = unique_targets(all_sites)
     work = [s for s in targets if not matches_any(s.target, config.skip)]
-    nsr_final_threshold = math.inf if config.nsr_final_threshold is None else config.nsr_final_threshold
     with eval_mode(gm):
         references = metric_references(gm, metric_inputs, output_fn)
         sensitivity = _sensitivities(gm, all_sites, metric_inputs, references, output_fn, seed=0)
         with torch.no_grad():
             plan, decisions, summary = _verify_all(gm, all_sites, targets, work, statistics, sensitivity,
-                                                   metric_inputs, references, output_fn, nsr_final_threshold,
-                                                   config.kl_final_threshold, config.rank_multiple, config.min_rank,
-                                                   config.proportion_threshold, config.damping, config.center,
-                                                   config.max_probes, config.rank_tolerance, config.show_progress)
+                                                   metric_inputs, references, output_fn, config)
     return plan, decisions, summary
 
 
 def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[Site], work: list[Site],
                 statistics: dict[str, SiteStatistics], sensitivity: dict[str, torch.Tensor],
                 metric_inputs: Sequence[Sequence[Any]], references: list[torch.Tensor], output_fn: OutputFn | None,
-                nsr_threshold: float, kl_threshold: float | None, rank_multiple: int | str, min_rank: int,
-                proportion_threshold: float, damping: float, center: bool, max_probes: int, rank_tolerance: float,
-                show_progress: bool | None) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
+                config: Falor) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
+    nsr_threshold = math.inf if config.nsr_final_threshold is None else config.nsr_final_threshold
     walks = [GraphWalk(gm, flat) for flat in metric_inputs]
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     nodes_of: dict[str, list[str]] = {}
@@ -287,25 +282,24 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
     ratio_by_role: dict[str, float] = {}
     probes = 0
     for site in progress(sorted(work, key=lambda s: min(order[n] for n in nodes_of[s.target])),
-                         desc="falor: verifying ranks", enabled=show_progress):
+                         desc="falor: verifying ranks", enabled=config.show_progress):
         stats = statistics[site.target]
         first = min(nodes_of[site.target], key=order.__getitem__)
         for walk in walks:
             walk.advance_to(first)
-        spec = spectrum(stats, damping, center)
+        spec = spectrum(stats, config.damping, config.center)
         bias = fetch_attr(gm, site.bias) if site.bias else None
         probe = Probe(site, nodes_of[site.target], spec, bias, walks, references, output_fn, nsr_threshold,
-                       kl_threshold)
+                      config.kl_final_threshold)
         g = sensitivity.get(site.target)  # None when the layer does not reach the output: its own NSR curve then
         predicted = output_error_by_rank(spec, g) if g is not None else nsr_by_rank(spec)
-        multiple = site_multiple(site, rank_multiple)
-        candidates = candidate_ranks(site, min_rank, multiple, proportion_threshold)
-        tolerance = max(multiple, math.ceil(rank_tolerance * site.full_rank))
+        candidates = config.candidate_ranks(site)
+        tolerance = max(site_multiple(site, config.rank_multiple), math.ceil(config.rank_tolerance * site.full_rank))
         # The measured/predicted ratio differs by a layer's role (query, value, fc1...) far more than by its depth:
         # seed from the last layer of the same role in another block, else from the last layer probed.
         role = re.sub(r"\d+", "#", site.target)
         seed_scale = ratio_by_role.get(role, ratios[-1] if ratios else 1.0)
-        rank, measured, seen = _search(probe, candidates, predicted, seed_scale, max_probes, tolerance)
+        rank, measured, seen = _search(probe, candidates, predicted, seed_scale, config.max_probes, tolerance)
         ratios += seen
         if seen:
             ratio_by_role[role] = seen[0]

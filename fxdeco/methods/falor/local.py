@@ -28,8 +28,9 @@ from fxdeco.errors import warn_user
 from fxdeco.methods.falor.config import Falor
 from fxdeco.methods.falor.lowrank import (Spectrum, centred_bias, nsr_by_rank, output_error_by_rank, projection_factors,
                             spectrum)
-from fxdeco.plan import (LayerDecision, candidate_ranks, decision, dense_macs, factored_macs, matches_any,
-                         rank_refusal, round_rank, site_multiple, unique_targets)
+from fxdeco.plan import (LayerDecision, decision, dense_macs, factored_macs, matches_any, round_rank,
+                         site_multiple, unique_targets)
+from fxdeco.metadata import original_totals
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
 from passes.sites import fetch_attr
@@ -69,9 +70,6 @@ class _Layer:
             self._output_error = output_error_by_rank(self.spec, g)
         return self._output_error if g is not None else None
 
-    def candidate_ranks(self, min_rank: int, multiple: int | str, proportion_threshold: float) -> list[int]:
-        """Ranks worth considering: multiples of ``multiple`` that save parameters."""
-        return candidate_ranks(self.site, min_rank, multiple, proportion_threshold)
 
 
 def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure: str, center: bool) -> list[float]:
@@ -101,7 +99,7 @@ def check_budget_reachable(prepared: Any, config: Falor) -> None:
     for site in unique_targets(prepared.sites):
         if matches_any(site.target, config.skip) or site.target not in statistics:
             continue
-        candidates = candidate_ranks(site, config.min_rank, config.rank_multiple, config.proportion_threshold)
+        candidates = config.candidate_ranks(site)
         costs = option_costs(site, statistics[site.target], candidates, measure, config.center)
         floor -= costs[0] - min(costs)
     if floor > keep * total * (1 + 1e-12):
@@ -113,24 +111,23 @@ def check_budget_reachable(prepared: Any, config: Falor) -> None:
 
 
 def _analyse(gm: torch.fx.GraphModule, sites: Iterable[Site], statistics: dict[str, SiteStatistics],
-             damping: float, center: bool, show_progress: bool | None) -> list[_Layer]:
+             config: Falor) -> list[_Layer]:
     layers = []
-    for site in progress(sites, desc="falor: spectra", enabled=show_progress):
+    for site in progress(sites, desc="falor: spectra", enabled=config.show_progress):
         stats = statistics[site.target]
-        spec = spectrum(stats, damping, center)
+        spec = spectrum(stats, config.damping, config.center)
         layers.append(_Layer(site, stats, spec, nsr_by_rank(spec)))
     return layers
 
 
-def _threshold_ranks(layers: list[_Layer], nsr_threshold: float, min_rank: int, multiple: int | str,
-                     proportion_threshold: float) -> dict[str, int | str]:
+def _threshold_ranks(layers: list[_Layer], config: Falor) -> dict[str, int | str]:
     """Per layer: the chosen rank, or the reason it stays dense."""
     chosen: dict[str, int | str] = {}
     for layer in layers:
         s = layer.site
-        rank = round_rank(smallest_rank(layer.nsr, nsr_threshold, min(min_rank, s.full_rank), s.full_rank),
-                          site_multiple(s, multiple), s.full_rank)
-        chosen[s.target] = rank_refusal(s, rank, proportion_threshold) or rank
+        rank = round_rank(smallest_rank(layer.nsr, config.nsr_threshold, min(config.min_rank, s.full_rank),
+                                        s.full_rank), site_multiple(s, config.rank_multiple), s.full_rank)
+        chosen[s.target] = config.rank_refusal(s, rank) or rank
     return chosen
 
 
@@ -148,20 +145,20 @@ def _uses_output_error(layers: list[_Layer], criterion: str) -> bool:
     return use_output
 
 
-def _budget_ranks(layers: list[_Layer], keep: float, measure: str, model_total: float, min_rank: int,
-                  multiple: int | str, proportion_threshold: float, center: bool, use_output: bool,
+def _budget_ranks(layers: list[_Layer], config: Falor, model_total: float, use_output: bool,
                   scales: Mapping[str, float] | None = None) -> dict[str, int | str]:
     """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs).
 
     ``scales`` multiply layers' predicted final-output error curves (measured / predicted,
     ``fxdeco.methods.falor.budget_measure``); a layer without one gets the median scale, so all curves share a unit.
     """
+    measure, keep = config.budget
     options, ranks = [], []
     default_scale = statistics_lib.median(scales.values()) if scales else 1.0
     for layer in layers:
         s = layer.site
-        candidates = layer.candidate_ranks(min_rank, multiple, proportion_threshold)
-        costs = option_costs(s, layer.stats, candidates, measure, center)
+        candidates = config.candidate_ranks(s)
+        costs = option_costs(s, layer.stats, candidates, measure, config.center)
         curve = layer.output_error() * (scales or {}).get(s.target, default_scale) if use_output else layer.nsr
         errors = [0.0] + [float(curve[k]) for k in candidates]
         options.append(LayerOptions(s.target, torch.tensor(costs, dtype=torch.float64),
@@ -196,12 +193,12 @@ def _refine(layers: list[_Layer], chosen: dict[str, int | str], allocate_ranks: 
 
 def _model_total(gm: torch.fx.GraphModule, measure: str) -> float:
     """The original model's params/MACs per sample, recorded by ``fxdeco.prepare``."""
-    totals = gm.meta.get("fxdeco_totals", {})
+    totals = original_totals(gm)
     if measure == "params":
-        return float(totals.get("params", sum(p.numel() for p in gm.parameters())))
-    if totals.get("macs") is None:
+        return float(totals.params)
+    if totals.macs is None:
         raise ValueError("keep_macs needs the model's MACs: calibrate through fxdeco.prepare(...) first")
-    return float(totals["macs"])
+    return float(totals.macs)
 
 
 def falor_local(
@@ -252,22 +249,18 @@ def falor_local(
                          "fxdeco.methods.falor.final")
     targets = unique_targets(sites)
     skipped = [s for s in targets if matches_any(s.target, config.skip)]
-    layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, config.damping, config.center,
-                      config.show_progress)
+    layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, config)
     if config.mode == "budget":
         measure, keep = config.budget
         use_output = _uses_output_error(layers, config.budget_criterion)
         log.info("falor budget: allocating by %s",
                  "predicted final-output error" if use_output else "summed layer NSR")
-        allocate_ranks = functools.partial(_budget_ranks, layers, float(keep), measure, _model_total(gm, measure),
-                                           config.min_rank, config.rank_multiple, config.proportion_threshold,
-                                           config.center, use_output)
+        allocate_ranks = functools.partial(_budget_ranks, layers, config, _model_total(gm, measure), use_output)
         chosen = allocate_ranks()
         if use_output and measure_final_nsr is not None and config.budget_rounds > 0:
             chosen = _refine(layers, chosen, allocate_ranks, measure_final_nsr, config.budget_rounds)
     else:
-        chosen = _threshold_ranks(layers, config.nsr_threshold, config.min_rank, config.rank_multiple,
-                                  config.proportion_threshold)
+        chosen = _threshold_ranks(layers, config)
 
     plan: dict[str, Factorization] = {}
     by_target = {layer.site.target: layer for layer in layers}

@@ -18,7 +18,7 @@ from torch import nn
 
 from fxdeco.methods.lockd.branch import LockdBranch
 from fxdeco.methods.lockd.prepare import ROLE, LockdState, branches, lockd_state, unwrap
-from fxdeco.metadata import mark_layer
+from fxdeco.metadata import FactorInfo, ModelRecord, mark_factored, set_model_record
 from fxdeco.methods.lockd.config import Lockd
 from fxdeco.plan import LayerDecision
 from passes import Site
@@ -58,7 +58,7 @@ def _macs(branch: LockdBranch, site: Site, channels: int | None) -> float | None
     return sum(first + p * channels * branch.second.weight[:, 0].numel() for p in out_positions)
 
 
-def _decide(branch: LockdBranch, site: Site, threshold: float) -> tuple[LayerDecision, dict]:
+def _decide(branch: LockdBranch, site: Site, threshold: float) -> tuple[LayerDecision, FactorInfo]:
     kept = len(branch.kept_channels())
     proportion = kept / branch.rank
     before, after = site.dense_params, branch.factored_params(kept)
@@ -76,11 +76,11 @@ def _decide(branch: LockdBranch, site: Site, threshold: float) -> tuple[LayerDec
         site.target, site.kind, site.weight_shape, branch.rank, kept if decomposed else None,
         nsr if decomposed else None, before, after if decomposed else before,
         dense_macs, branch_macs if decomposed else dense_macs, reason)
-    meta = {"target": site.target, "kind": site.kind, "weight_shape": site.weight_shape, "method": "lockd",
-            "rank": kept if decomposed else None, "full_rank": branch.rank, "kept_proportion": proportion,
-            "nsr": nsr, "params_before": before, "params_after": decision.params_after,
-            "conv_order": branch.conv_order if site.kind == "conv2d" else None, "reason": reason}
-    return decision, meta
+    info = FactorInfo(site.target, site.kind, site.weight_shape, kept if decomposed else None, branch.rank, before,
+                      decision.params_after,
+                      {"method": "lockd", "kept_proportion": proportion, "nsr": nsr, "reason": reason,
+                       "conv_order": branch.conv_order if site.kind == "conv2d" else None})
+    return decision, info
 
 
 def _strip(gm: torch.fx.GraphModule, state: LockdState) -> None:
@@ -103,7 +103,7 @@ def finalize(model: nn.Module, proportion_threshold: float = Lockd.proportion_th
     A layer becomes ``Sequential(first, second)`` with its closed channels
     removed when fewer than ``proportion_threshold`` of the channels stay open
     and that has fewer parameters than the layer; otherwise the original layer
-    stays. The record of each layer's output node (``fxdeco.metadata.layer_record``) holds its kept
+    stays. The record of each layer's output node (``fxdeco.metadata.factor_info``) holds its kept
     proportion, NSR (eval-mode, hard gates, from the end of ``train``) and
     params; :func:`fxdeco.report` summarises the model. All parameters of the
     result require gradients again, ready for :func:`fxdeco.train.finetune.finetune`.
@@ -137,7 +137,7 @@ def finalize(model: nn.Module, proportion_threshold: float = Lockd.proportion_th
     for p in new.parameters():
         p.requires_grad_(True)
     new.meta.pop("lockd", None)
-    new.meta["fxdeco"] = _model_meta(new, state, decisions, threshold)
+    set_model_record(new, _model_record(new, state, decisions, threshold))
     saved = sum(d.params_before - d.params_after for d in decisions)
     log.info("lockd decomposed %d of %d layers (%d parameters saved)", len(chains), len(decisions), saved)
     return new
@@ -154,24 +154,19 @@ def _kept_meta(gm: torch.fx.GraphModule, sites: list[Site], chains: dict, metas:
     nodes = {n.name: n for n in gm.graph.nodes}
     for s in sites:
         if s.target not in chains and s.node in nodes:
-            mark_layer(nodes[s.node], metas[s.target])
+            mark_factored(nodes[s.node], metas[s.target])
 
 
-def _model_meta(gm: torch.fx.GraphModule, state: LockdState, decisions: list[LayerDecision],
-                threshold: float) -> dict:
+def _model_record(gm: torch.fx.GraphModule, state: LockdState, decisions: list[LayerDecision],
+                  threshold: float) -> ModelRecord:
     macs_known = state.macs_per_sample is not None and all(d.macs_before is not None for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions) if macs_known else None
-    return {
-        "method": "lockd",
-        "options": {"nsr_threshold": state.nsr_threshold, "proportion_threshold": threshold, "init": state.init,
-                    "conv_order": state.conv_order},
-        "capture": state.capture,
-        "decisions": decisions,
-        "skipped": list(state.skipped),
-        "removed": list(state.removed),
-        "params_before": state.params_original,
-        "params_after": sum(p.numel() for p in gm.parameters()),
-        "macs_before": state.macs_per_sample if macs_known else None,
-        "macs_after": state.macs_per_sample - saved_macs if macs_known else None,
-        "training_steps": state.steps_trained,
-    }
+    return ModelRecord(
+        method="lockd",
+        options={"nsr_threshold": state.nsr_threshold, "proportion_threshold": threshold, "init": state.init,
+                 "conv_order": state.conv_order},
+        capture=state.capture, decisions=decisions, skipped=list(state.skipped), removed=list(state.removed),
+        params_before=state.params_original, params_after=sum(p.numel() for p in gm.parameters()),
+        macs_before=state.macs_per_sample if macs_known else None,
+        macs_after=state.macs_per_sample - saved_macs if macs_known else None,
+        summary={"training_steps": state.steps_trained})

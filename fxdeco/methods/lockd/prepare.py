@@ -20,6 +20,7 @@ from torch import nn
 
 from fxdeco.capture import trace
 from fxdeco.errors import NoSitesError
+from fxdeco.metadata import capture_record
 from fxdeco.methods.lockd.config import Lockd
 from fxdeco.methods.lockd.branch import GumbelGate, LockdBranch, full_rank, svd_factors
 from fxdeco.plan import matches_any
@@ -170,7 +171,7 @@ def prepare(
     gm.recompile()
     gm.eval()
     gm.meta["lockd"] = LockdState(float(nsr_threshold), init, conv_order, sites, skipped, removed, params_original,
-                                  gm.meta.get("fxdeco_capture", "graph"), paths)
+                                  capture_record(gm).kind, paths)
     log.info("lockd: %d branches (%s init, %s convs), %d layers skipped, %d dead", len(paths), init, conv_order,
              len(skipped), len(removed))
     return gm

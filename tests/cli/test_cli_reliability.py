@@ -18,7 +18,7 @@ from fxdeco.cli.calib_sources import CalibrationSourceError, example_batch, inpu
 from fxdeco.cli import main
 from fxdeco.cli.model_specs import ModelSpecError, build_model, parse_model_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/cli/ is two levels down
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MLP = """

@@ -95,8 +95,8 @@ def cnn_saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.fx.GraphM
 
 def test_symbolic_round_trip_is_bit_exact_and_leaves_the_model_alone(cnn_saved, tmp_path: pathlib.Path) -> None:
     small, folder = cnn_saved
-    assert small.meta["fxdeco"]["capture"] == "symbolic"
-    assert {d.target for d in small.meta["fxdeco"]["decisions"] if d.decomposed} >= {"c1", "c2", "fc"}
+    assert small.meta["fxdeco"].capture == "symbolic"
+    assert {d.target for d in small.meta["fxdeco"].decisions if d.decomposed} >= {"c1", "c2", "fc"}
     fresh = built(ConvNet, 123)  # other initial weights: everything must come from the weights file
     before = state(fresh)
     names_before = [n for n, _ in fresh.named_modules()]
@@ -123,8 +123,8 @@ def test_symbolic_round_trip_is_bit_exact_and_leaves_the_model_alone(cnn_saved, 
 ], ids=["block", "cnn"])
 def test_export_capture_round_trip_is_bit_exact(cls, batch, other, cnn_saved, tmp_path: pathlib.Path) -> None:
     small = fxdeco.transform(built(cls, 0), [batch() for _ in range(3)], capture="export", nsr_threshold=0.3).eval()
-    assert small.meta["fxdeco"]["capture"] == "export"
-    assert sum(d.decomposed for d in small.meta["fxdeco"]["decisions"]) >= 3
+    assert small.meta["fxdeco"].capture == "export"
+    assert sum(d.decomposed for d in small.meta["fxdeco"].decisions) >= 3
     folder = save(small, tmp_path / "saved")
     fresh = built(cls, 7)
     before = state(fresh)
@@ -134,7 +134,7 @@ def test_export_capture_round_trip_is_bit_exact(cls, batch, other, cnn_saved, tm
     again = load(folder, fresh, example_inputs=batch()[:3])
 
     assert torch.equal(again(other), small(other))
-    assert again.meta["fxdeco"]["capture"] == "export"
+    assert again.meta["fxdeco"].capture == "export"
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
     if cls is ConvNet:  # an aten graph records the conv geometry in its own way; the plan must not show it
         plan = json.loads((folder / "plan.json").read_text())
@@ -153,7 +153,7 @@ def test_tied_weights_round_trip(tmp_path: pathlib.Path) -> None:
 
     with pytest.warns(UserWarning, match="tied"):
         small = fxdeco.transform(built(Tied, 0), [torch.randn(32, 2) @ torch.randn(2, 16)], nsr_threshold=0.05)
-    assert [d.target for d in small.meta["fxdeco"]["decisions"] if d.decomposed] == ["c"]
+    assert [d.target for d in small.meta["fxdeco"].decisions if d.decomposed] == ["c"]
     again = load(save(small, tmp_path), built(Tied, 1))
     x = torch.randn(4, 16)
     assert torch.equal(again(x), small(x))

@@ -15,7 +15,6 @@ from torch import nn
 import fxdeco
 from fxdeco.compile.backend import GraphDecomposer, PassThrough, backend
 from fxdeco.errors import CalibrationError
-from passes.lift import lift_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,7 +80,7 @@ def images(batch: int) -> torch.Tensor:
 
 
 def decided_ranks(gm: torch.fx.GraphModule) -> dict[str, int | None]:
-    return {d.target: d.rank for d in gm.meta["fxdeco"]["decisions"]}
+    return {d.target: d.rank for d in gm.meta["fxdeco"].decisions}
 
 
 def compile_with(model: nn.Module, **kwargs) -> tuple[torch.nn.Module, object]:
@@ -298,26 +297,6 @@ def test_get_attr_and_call_module_flavours():
         run(low_rank(16, 32))
     assert deco.graphs[0].status == "decomposed"
     assert set(decided_ranks(deco.graphs[0].decomposed)) == {"w_lowrank", "fc"}
-
-
-def test_lift_names_parameters_after_the_model():
-    seen = {}
-
-    def spy(gm, example_inputs):
-        seen["lifted"], seen["kept"] = lift_parameters(gm, example_inputs)
-        seen["inputs"] = [example_inputs[i] for i in seen["kept"]]
-        return gm.forward
-
-    model = SmallCNN().eval()
-    x = images(2)
-    with torch.no_grad():
-        torch.compile(model, backend=spy)(x)
-    lifted = seen["lifted"]
-    placeholders = [n.target for n in lifted.graph.nodes if n.op == "placeholder"]
-    assert len(placeholders) == len(seen["kept"]) == 3  # x and the two BatchNorm running statistics
-    assert sum("running" in p for p in placeholders) == 2
-    assert {n for n, _ in lifted.named_parameters()} == {n for n, _ in model.named_parameters()}
-    assert torch.equal(lifted(*seen["inputs"])[0], model(x))
 
 
 def test_weights_changed_after_compile_are_refused():

@@ -14,7 +14,6 @@ from torch import nn
 
 import fxdeco
 from fxdeco.io.dump import dump
-from passes.graph_view import to_networkx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HAS_DOT = shutil.which("dot") is not None
@@ -209,11 +208,11 @@ def test_decomposed_layers_are_boxed_with_rank_and_kept_share(decomposed, tmp_pa
     for second in seconds:
         info = second.meta["factored"]
         first = second.args[0]
-        kept = f"{info['params_after'] / info['params_before']:.0%}"
+        kept = f"{info.params_after / info.params_before:.0%}"
         box = [(attrs, nodes) for attrs, nodes in dot.clusters.values() if set(nodes) == {first.name, second.name}]
-        assert len(box) == 1, f"{info['target']}: its two factor layers share one box"
+        assert len(box) == 1, f"{info.target}: its two factor layers share one box"
         label = box[0][0]["label"]
-        assert info["target"] in label and f"rank {info['rank']}/{info['full_rank']}" in label and kept in label
+        assert info.target in label and f"rank {info.rank}/{info.full_rank}" in label and kept in label
 
 
 def test_a_layer_called_twice_gets_two_boxes(tmp_path: Path) -> None:
@@ -259,11 +258,11 @@ def test_an_input_used_everywhere_is_drawn_beside_each_user(tmp_path: Path) -> N
 def test_skipped_and_dense_layers_say_so(decomposed, tmp_path: Path) -> None:
     _, gm = decomposed
     labels = {name: attrs for name, attrs in parse_dot(dump(gm, tmp_path / "g.dot").read_text()).nodes}
-    skipped = gm.meta["fxdeco"]["skipped"]
+    skipped = gm.meta["fxdeco"].skipped
     assert len(skipped) == 2  # the two depthwise convolutions
     for k in skipped:
         assert k.reason in labels[k.node]["label"], "a skipped layer shows why"
-    dense = [d.target for d in gm.meta["fxdeco"]["decisions"] if not d.decomposed]
+    dense = [d.target for d in gm.meta["fxdeco"].decisions if not d.decomposed]
     for n in gm.graph.nodes:
         if n.op == "call_module" and n.target in dense:
             assert "kept dense" in labels[n.name]["label"]
@@ -288,7 +287,7 @@ def test_before_and_after_in_one_dot(decomposed, tmp_path: Path) -> None:
     names = [name for name, _ in dot.nodes]
     want = sorted([f"0:{n}" for n in expected_view(before)[0]] + [f"1:{n}" for n in expected_view(after)[0]])
     assert sorted(names) == want
-    planned = {d.target: d for d in gm.meta["fxdeco"]["decisions"] if d.decomposed}
+    planned = {d.target: d for d in gm.meta["fxdeco"].decisions if d.decomposed}
     labels = dict(dot.nodes)
     for n in before.graph.nodes:
         if n.op == "call_module" and n.target in planned:
@@ -369,7 +368,7 @@ def test_export_graph_is_drawn_with_blocks_and_layer_names(tmp_path: Path) -> No
     drawn = {name for name, _ in dot.nodes}
     assert nodes | params >= drawn >= {n for n in nodes | params if not n.startswith("_guards")}
     labels = dict(dot.nodes)
-    dense = [d.target for d in gm.meta["fxdeco"]["decisions"] if not d.decomposed]
+    dense = [d.target for d in gm.meta["fxdeco"].decisions if not d.decomposed]
     assert dense, "the fixture must keep some layer dense"
     for target in dense:  # the aten op of a dense layer is named after its layer and marked
         node = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("nn_module_stack")
@@ -377,22 +376,6 @@ def test_export_graph_is_drawn_with_blocks_and_layer_names(tmp_path: Path) -> No
         assert labels[node.name]["label"].splitlines() == [target.rpartition(".")[2], "conv2d" if "fc" not in target
                                                           else "linear", "kept dense"]
     assert any(attrs.get("label") == "blocks.1 · Block" for attrs, _ in dot.clusters.values())
-
-
-def test_scopes_agree_between_graph_flavours() -> None:
-    model = Net().eval()
-    symbolic = to_networkx(fxdeco.trace(model))
-    exported = to_networkx(fxdeco.trace(model, torch.randn(2, 3, 8, 8), capture="export"))
-    assert symbolic.graph["scopes"] == exported.graph["scopes"] == {"blocks.0": "Block", "blocks.1": "Block"}
-
-
-def test_scope_from_module_path_without_stack() -> None:
-    gm = fxdeco.trace(Net())
-    for n in gm.graph.nodes:
-        n.meta.pop("nn_module_stack", None)
-    graph = to_networkx(gm)
-    assert graph.nodes["blocks_1_conv"]["scope"] == ("blocks.1",)
-    assert graph.nodes["stem"]["scope"] == ()
 
 
 def test_bad_format_and_directory_path(decomposed, tmp_path: Path) -> None:

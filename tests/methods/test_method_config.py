@@ -37,7 +37,7 @@ def test_config_and_keywords_give_the_same_graph(options: dict[str, Any]) -> Non
     assert by_config.code == by_keywords.code
     for (name, a), (_, b) in zip(by_config.state_dict().items(), by_keywords.state_dict().items()):
         assert torch.equal(a, b), name
-    assert by_config.meta["fxdeco"]["options"] == by_keywords.meta["fxdeco"]["options"] == options
+    assert by_config.meta["fxdeco"].options == by_keywords.meta["fxdeco"].options == options
 
 
 @pytest.mark.parametrize("options, match", [
@@ -129,7 +129,7 @@ def test_lockd_through_transform_equals_its_three_steps() -> None:
         assert torch.equal(a, b), name
     report = fxdeco.report(one_call)
     assert report.totals["method"] == "lockd" and report.totals["decomposed"] >= 1
-    assert one_call.meta["fxdeco"]["options"] == config.options()
+    assert one_call.meta["fxdeco"].options == config.options()
 
 
 def test_lockd_config_is_the_one_check_and_the_one_default() -> None:
