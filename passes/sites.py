@@ -321,7 +321,7 @@ def _hidden_layers(gm: torch.fx.GraphModule, found: list[Site | SkippedSite]) ->
     ``*.weight`` tensor (the tracer copies it without its owner's class).
     """
     reported = {c.target for c in found}
-    remedy = "capture the model with torch.export (fxdeco: capture='export') to decompose it"
+    remedy = "capture the model with torch.export, which traces into every module, to decompose it"
     hidden: dict[str, SkippedSite] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in reported:
