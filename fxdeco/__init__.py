@@ -28,7 +28,7 @@ _EXPORTS = {
     "calibrate": "api", "convert": "api", "prepare": "api", "transform": "api",
     "trace": "capture",
     "CalibrationError": "errors", "CaptureError": "errors", "NonFiniteActivationError": "errors",
-    "NoSitesError": "errors",
+    "NoSitesError": "errors", "BudgetError": "methods.falor.budget",
     "PreparedModel": "prepared",
     "Falor": "methods", "Lockd": "methods", "MethodConfig": "methods",
     "backend": "compile.backend",
@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fxdeco.io.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
     from fxdeco.methods import Falor, Lockd, MethodConfig
     from fxdeco.methods import lockd
+    from fxdeco.methods.falor.budget import BudgetError
     from fxdeco.prepared import PreparedModel
     from fxdeco.train.finetune import finetune
 

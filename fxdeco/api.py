@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -120,10 +121,9 @@ def prepare(
     for k in skipped:
         if k.reason.startswith(("weight tied", "weight also used")):  # shared weights: say so, once per layer
             warnings.warn(f"layer {k.target!r} is not decomposed: {k.reason}", stacklevel=2)
-    hidden = [k.target for k in skipped if "does not trace into" in k.reason]
-    if hidden:  # passes/ names the remedy in torch's terms; here is fxdeco's switch for it
-        log.info("%d layers run inside modules tracing does not enter (e.g. %r); fxdeco.transform(..., "
-                 "capture='export') decomposes them", len(hidden), hidden[0])
+    # passes/ names the remedy for layers inside untraced modules in torch's terms; add fxdeco's switch for it
+    skipped = [dataclasses.replace(k, reason=f"{k.reason} (capture='export')") if "does not trace into" in k.reason
+               else k for k in skipped]
     skip = _skip_patterns(skip)
     skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
     sites = [s for s in sites if not matches_any(s.target, skip)]

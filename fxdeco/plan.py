@@ -31,6 +31,9 @@ class LayerDecision:
     # output rows the statistics saw (padding excluded); fewer than ``full_rank`` means the spectrum was cut by
     # the amount of data, not by the layer (see :meth:`too_little_data`)
     calib_rows: float | None = None
+    # seconds per call of the calibration batch, dense and at ``rank``, when falor timed the layer (fxdeco.latency)
+    seconds_dense: float | None = None
+    seconds_factored: float | None = None
 
     @property
     def decomposed(self) -> bool:

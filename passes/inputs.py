@@ -53,6 +53,29 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]
     return flat
 
 
+def unflatten_inputs(gm: torch.fx.GraphModule, flat: list[Any]) -> tuple[tuple, dict[str, Any]]:
+    """The call ``(args, kwargs)`` whose :func:`flatten_inputs` is ``flat``: how to call ``gm`` itself (not an
+    Interpreter) on placeholder values, e.g. to time it.
+
+    Example:
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Linear(3, 2))
+        >>> args, kwargs = unflatten_inputs(gm, [torch.ones(1, 3)])
+        >>> gm(*args, **kwargs).shape
+        torch.Size([1, 2])
+    """
+    in_spec = getattr(gm, "_in_spec", None)
+    if in_spec is not None:
+        args, kwargs = pytree.tree_unflatten(list(flat), in_spec)
+        return tuple(args), dict(kwargs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(n.target.startswith("*") for n in placeholders):
+        raise TypeError("graphs with *args/**kwargs placeholders cannot be called from their flat inputs")
+    if len(flat) != len(placeholders):
+        raise TypeError(f"{len(flat)} values for the graph's {len(placeholders)} inputs")
+    return tuple(flat), {}
+
+
 def _call_shape(spec: pytree.TreeSpec) -> str:
     """``2 positional inputs and keywords ['mask']`` for an ``(args, kwargs)`` spec: readable, unlike the
     TreeSpec repr (the raw spec is appended when the positional inputs are themselves nested)."""

@@ -100,7 +100,7 @@ def _out_dir(path: str) -> pathlib.Path:
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    for name in ("keep_params", "keep_macs", "nsr_threshold", "rank_multiple"):
+    for name in ("keep_params", "keep_macs", "keep_latency", "nsr_threshold", "rank_multiple", "acceptance"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.skip:
@@ -187,6 +187,11 @@ def _decompose_into(out: pathlib.Path, args: argparse.Namespace) -> int:
     (out / CLI_FILE).write_text(json.dumps(cli, indent=1, default=_json_default) + "\n", encoding="utf-8")
     written = _dumps(gm, built.model, out, args.dump_format, calib.example())
     print(text, end="")
+    summary = gm.meta["fxdeco"].summary
+    if summary.get("latency_measured_s"):
+        print(f"measured speed-up on this machine: {summary['latency_original_s'] / summary['latency_measured_s']:.2f}x "
+              f"({summary['latency_original_s'] * 1e3:.3g} ms -> {summary['latency_measured_s'] * 1e3:.3g} ms per "
+              "calibration batch)")
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     log.info("graph dumps: %s", ", ".join(map(str, written)))
     return 0
@@ -333,6 +338,9 @@ def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
                         help="keep this fraction of the model's parameters (budget mode)")
     budget.add_argument("--keep-macs", type=_falor_option("keep_macs"), metavar="F",
                         help="keep this fraction of the model's MACs per sample (budget mode)")
+    budget.add_argument("--keep-latency", type=_falor_option("keep_latency"), metavar="F",
+                        help="keep this fraction of the model's latency, measured on this machine at the calibration "
+                             "batch's shapes (budget mode; layers are timed once and cached in ~/.cache/fxdeco)")
     budget.add_argument("--nsr-threshold", type=_falor_option("nsr_threshold"), metavar="F",
                         help="per-layer output noise-to-signal bound (default mode; falor's default 0.02)")
     p.add_argument("--calib", required=True, metavar="SOURCE",
@@ -350,6 +358,9 @@ def _add_decompose(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="FILE", help="state_dict file (.pt/.pth or .safetensors) to load first")
     p.add_argument("--rank-multiple", type=_falor_option("rank_multiple", int), metavar="K",
                    help="round ranks up to a multiple of K")
+    p.add_argument("--acceptance", choices=["auto", "params", "faster"], default=None,
+                   help="factorize a layer only where it saves parameters (params) or is measured faster (faster); "
+                        "default auto: faster with --keep-latency, else params")
     p.add_argument("--skip", action="append", metavar="GLOB", help="keep layers matching GLOB dense (repeatable)")
     p.add_argument("--capture", choices=["auto", "symbolic", "export"], default="auto",
                    help="how to capture the model (default auto: symbolic tracing, then torch.export)")

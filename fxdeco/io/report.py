@@ -34,20 +34,25 @@ class Report:
     totals: dict[str, Any]
 
     def table(self, fmt: str = "simple") -> str:
-        headers = ["layer", "kind", "weight", "rank", "params", "MACs", "nsr", "note"]
+        timed = any(r.get("ms_dense") is not None for r in self.rows)  # falor measured latency: show it
+        headers = ["layer", "kind", "weight", "rank", "params", "MACs", *(["ms"] if timed else []), "nsr", "note"]
         body = [
             [r["name"], r["kind"], "x".join(map(str, r["weight_shape"])) if r["weight_shape"] else "-",
              f"{r['rank']}/{r['full_rank']}" if r["rank"] else (f"-/{r['full_rank']}" if r["full_rank"] else "-"),
              f"{human(r['params_before'])} -> {human(r['params_after'])}" if r["params_before"] is not None else "-",
              f"{human(r['macs_before'])} -> {human(r['macs_after'])}" if r["macs_before"] is not None else "-",
+             *([_ms_cell(r.get("ms_dense"), r.get("ms_factored"))] if timed else []),
              f"{r['nsr']:.4f}" if r["nsr"] is not None else "-", r["note"]]
             for r in self.rows
         ]
         t = self.totals
+        latency = (f"{t['ms_original']:.3g} -> {t['ms_measured']:.3g} ({t['ms_measured'] / t['ms_original']:.1%}, "
+                   f"predicted {t['ms_predicted']:.3g})") if t.get("ms_measured") is not None else ""
         body.append(["TOTAL (model)", "", "", f"{t['decomposed']} decomposed",
                      f"{human(t['params_before'])} -> {human(t['params_after'])} ({t['params_after'] / t['params_before']:.1%})",
                      f"{human(t['macs_before'])} -> {human(t['macs_after'])}"
-                     + (f" ({t['macs_after'] / t['macs_before']:.1%})" if t["macs_before"] else ""), "", ""])
+                     + (f" ({t['macs_after'] / t['macs_before']:.1%})" if t["macs_before"] else ""),
+                     *([latency] if timed else []), "", ""])
         return tabulate(body, headers=headers, tablefmt=fmt)
 
     def __str__(self) -> str:
@@ -58,7 +63,7 @@ def _decision_row(d: LayerDecision) -> dict[str, Any]:
     return {"name": d.target, "kind": d.kind, "weight_shape": d.weight_shape, "rank": d.rank,
             "full_rank": d.full_rank, "params_before": d.params_before, "params_after": d.params_after,
             "macs_before": d.macs_before, "macs_after": d.macs_after, "nsr": d.nsr,
-            "calib_rows": d.calib_rows,
+            "calib_rows": d.calib_rows, "ms_dense": _ms(d.seconds_dense), "ms_factored": _ms(d.seconds_factored),
             "note": ("decomposed" if d.decomposed else f"kept: {d.reason}")
             + (f" (TOO LITTLE DATA: {d.calib_rows:.0f} calibration rows < full rank {d.full_rank})"
                if d.too_little_data else "")}
@@ -67,7 +72,18 @@ def _decision_row(d: LayerDecision) -> dict[str, Any]:
 def _other_row(name: str, note: str) -> dict[str, Any]:
     return {"name": name, "kind": "-", "weight_shape": None, "rank": None, "full_rank": None,
             "params_before": None, "params_after": None, "macs_before": None, "macs_after": None,
-            "nsr": None, "calib_rows": None, "note": note}
+            "nsr": None, "calib_rows": None, "ms_dense": None, "ms_factored": None, "note": note}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _ms_cell(dense: float | None, factored: float | None) -> str:
+    """``"4.1 -> 1.2"`` (milliseconds per call, dense -> factored), or the dense time of a layer kept dense."""
+    if dense is None:
+        return "-"
+    return f"{dense:.3g} -> {factored:.3g}" if factored is not None else f"{dense:.3g}"
 
 
 def report(gm: torch.fx.GraphModule) -> Report:
@@ -95,5 +111,7 @@ def report(gm: torch.fx.GraphModule) -> Report:
         "params_after": info.params_after,
         "macs_before": info.macs_before,
         "macs_after": info.macs_after,
+        # measured end to end on the calibration batch, when falor timed the model (milliseconds per call)
+        **{f"ms_{k}": _ms(info.summary.get(f"latency_{k}_s")) for k in ("original", "predicted", "measured")},
     }
     return Report(rows, totals)

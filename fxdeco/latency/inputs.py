@@ -60,11 +60,13 @@ class _SiteInputRecorder(torch.fx.Interpreter):
                                f"{n.format_node()}: {type(exc).__name__}: {exc}") from exc
 
 
-def site_inputs(gm: torch.fx.GraphModule, sites: Iterable[Site], example: Any) -> dict[str, SiteInput]:
+def site_inputs(gm: torch.fx.GraphModule, sites: Iterable[Site], example: Any, *,
+                flat_inputs: list[Any] | None = None) -> dict[str, SiteInput]:
     """The input of every site node (by ``Site.node``) when ``gm`` runs on ``example``.
 
     ``example`` is a batch as calibration takes it: a tensor (the positional
-    input), a tuple/list (the positional inputs) or a dict (the keyword inputs).
+    input), a tuple/list (the positional inputs) or a dict (the keyword inputs);
+    or ``flat_inputs``, the placeholder values (``passes.inputs.flatten_inputs``), with ``example`` None.
 
     Example:
         >>> from torch import nn
@@ -75,10 +77,12 @@ def site_inputs(gm: torch.fx.GraphModule, sites: Iterable[Site], example: Any) -
         {'_0': (5, 3, 8, 8), '_2': (5, 144)}
     """
     sites = list(sites)
-    args, kwargs = as_call(example)
+    if flat_inputs is None:
+        args, kwargs = as_call(example)
+        flat_inputs = flatten_inputs(gm, args, kwargs)
     recorder = _SiteInputRecorder(gm, [s.node for s in sites])
     with torch.inference_mode(), modes_restored(gm):
         for module in gm.modules():  # eval mode; not gm.eval(), which torch.export's graphs refuse
             module.training = False
-        recorder.run(*flatten_inputs(gm, args, kwargs))
+        recorder.run(*flat_inputs)
     return recorder.found

@@ -187,11 +187,13 @@ def probe_sites(
     table: LatencyTable | PathArg = True,
     options: TimingOptions = TimingOptions(),
     show_progress: bool | None = None,
+    flat_inputs: list[Any] | None = None,
 ) -> dict[str, SiteLatency]:
     """Measured latency of every site of ``gm``, by target: dense, and factored at ``ranks_for(site)``.
 
     ``example_args`` is one batch as calibration takes it (a tensor, a tuple of
-    positional inputs, or a dict of keyword inputs); its shapes, and the
+    positional inputs, or a dict of keyword inputs; or None with ``flat_inputs``, the
+    placeholder values as ``passes.inputs.flatten_inputs`` gives them); its shapes, and the
     weights' dtype and device, are the ones timed, at the current
     ``torch.get_num_threads()``. ``ranks_for`` defaults to
     :func:`default_ranks`. ``table`` is a :class:`LatencyTable` or where to
@@ -215,7 +217,7 @@ def probe_sites(
     sites = list(sites)
     table = as_table(table)
     ranks_for = ranks_for or default_ranks
-    inputs = site_inputs(gm, sites, example_args)
+    inputs = site_inputs(gm, sites, example_args, flat_inputs=flat_inputs)
     by_target: dict[str, list[Site]] = defaultdict(list)
     for s in sites:
         if s.node not in inputs:

@@ -145,6 +145,10 @@ def test_debug_shows_the_traceback(capsys, tmp_path: Path) -> None:
     ["decompose", "torchvision:resnet18", "--calib", "random", "--out", "o", "--keep-params", "0.5",
      "--nsr-threshold", "0.1"],
     ["decompose", "torchvision:resnet18", "--calib", "random", "--out", "o", "--method", "svd"],
+    ["decompose", "torchvision:resnet18", "--calib", "random", "--out", "o", "--keep-latency", "0"],
+    ["decompose", "torchvision:resnet18", "--calib", "random", "--out", "o", "--keep-latency", "0.5",
+     "--keep-macs", "0.5"],
+    ["decompose", "torchvision:resnet18", "--calib", "random", "--out", "o", "--acceptance", "fast"],
     ["dump", "d", "--format", "png"],
     ["frobnicate"],
 ])
@@ -206,6 +210,16 @@ def test_file_factory_and_weights_file(factory_file: Path, tmp_path: Path) -> No
         build_model(parse_model_spec(f"{factory_file}:make", str(tmp_path / "bad.pt")))
     with pytest.raises(ModelSpecError, match="has no function 'build'"):
         build_model(parse_model_spec(f"{factory_file}:build"))
+
+
+def test_keep_latency_prints_the_measured_speed_up(factory_file: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("FXDECO_CACHE_DIR", str(tmp_path / "cache"))  # the timings go there, not into ~/.cache
+    assert main(["decompose", f"{factory_file}:make", "--calib", "random", "--image-size", "28", "--batches", "2", "--batch-size", "8",
+                 "--keep-latency", "0.95", "--dump-format", "dot", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "measured speed-up on this machine:" in printed and " ms ->" in printed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["totals"]["ms_measured"] > 0 and (tmp_path / "cache" / "latency.json").is_file()
 
 
 # ----------------------------------------------------------------------------- calibration sources

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 # Options only one of falor's modes reads. Set beside another mode's options they would be silently ignored.
 MODE_OPTIONS = {
     "local": ("nsr_threshold",),
-    "budget": ("keep_params", "keep_macs", "budget_criterion", "budget_rounds"),
+    "budget": ("keep_params", "keep_macs", "keep_latency", "budget_criterion", "budget_rounds", "latency_rounds"),
     "final-output": ("nsr_final_threshold", "kl_final_threshold", "num_metric_batches", "max_probes", "rank_tolerance"),
 }
 
@@ -26,9 +26,9 @@ class Falor(MethodConfig):
 
     * local (default): each layer gets the smallest rank whose layer-output NSR
       is at most ``nsr_threshold``, in closed form;
-    * budget (``keep_params`` or ``keep_macs``): ranks allocated across all
-      layers so the model keeps that fraction of its parameters (MACs per
-      sample), minimising the predicted final-output error;
+    * budget (``keep_params``, ``keep_macs`` or ``keep_latency``): ranks allocated
+      across all layers so the model keeps that fraction of its parameters, MACs
+      per sample, or measured latency, minimising the predicted final-output error;
     * final-output (``nsr_final_threshold`` and/or ``kl_final_threshold``): each
       layer's rank is measured at the model's output (ptdeco's criterion).
 
@@ -54,6 +54,11 @@ class Falor(MethodConfig):
     # budget mode: the fraction of the original parameters (or MACs per sample) to keep
     keep_params: float | None = None
     keep_macs: float | None = None
+    # budget mode: the fraction of the original's latency to keep, measured here (this device, dtype, thread count,
+    # the calibration batch's shapes): each layer timed dense and factored (fxdeco.latency), the decomposed model
+    # timed end to end and, when the prediction was off, allocated again (``latency_rounds`` times)
+    keep_latency: float | None = None
+    latency_rounds: int = 1
     # budget mode: allocate by predicted final-output error ("output", needs gradient moments), summed layer
     # NSR ("nsr"), or "auto" (output when the moments were collected)
     budget_criterion: str = "auto"
@@ -77,24 +82,39 @@ class Falor(MethodConfig):
     damping: float = 0.0
     skip: tuple[str, ...] = ()
     center: bool = True
+    # all modes: which layers may be factorized: "params" (at any rank that saves parameters), "faster" (only
+    # where the factored layer is measured faster than the dense one, its rank snapped up to a faster width
+    # nearby), "auto" ("faster" with keep_latency, else "params": timing costs seconds and varies between runs)
+    acceptance: str = "auto"
+    # latency measurement: "eager" or "inductor" (each layer torch.compile'd), and the table of timings
+    # (True: $FXDECO_CACHE_DIR or ~/.cache/fxdeco/latency.json; a file path; False: not kept)
+    latency_backend: str = "eager"
+    latency_cache: bool | str = True
     # a progress bar (None: on a terminal; elsewhere periodic lines)
     show_progress: bool | None = None
 
     def __post_init__(self) -> None:
         check_number("nsr_threshold", self.nsr_threshold, high=math.inf)
         check_number("proportion_threshold", self.proportion_threshold)
-        if self.keep_params is not None and self.keep_macs is not None:
-            raise ValueError("give keep_params or keep_macs, not both")
-        for name in ("keep_params", "keep_macs"):
+        budgets = [n for n in ("keep_params", "keep_macs", "keep_latency") if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ValueError(f"give one budget (keep_params, keep_macs or keep_latency), not {' and '.join(budgets)}")
+        for name in ("keep_params", "keep_macs", "keep_latency"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name))
         for name in ("nsr_final_threshold", "kl_final_threshold"):
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name), high=math.inf)
-        if (self.nsr_final_threshold is not None or self.kl_final_threshold is not None) and \
-                (self.keep_params is not None or self.keep_macs is not None):
+        if (self.nsr_final_threshold is not None or self.kl_final_threshold is not None) and budgets:
             raise ValueError("give final-output thresholds (nsr_final_threshold / kl_final_threshold) or a budget "
-                             "(keep_params / keep_macs), not both")
+                             f"({budgets[0]}), not both")
+        check_count("latency_rounds", self.latency_rounds, minimum=0)
+        if self.acceptance not in ("auto", "params", "faster"):
+            raise ValueError(f"acceptance must be 'auto', 'params' or 'faster', got {self.acceptance!r}")
+        if self.latency_backend not in ("eager", "inductor"):
+            raise ValueError(f"latency_backend must be 'eager' or 'inductor', got {self.latency_backend!r}")
+        if not isinstance(self.latency_cache, (bool, str)) and not hasattr(self.latency_cache, "__fspath__"):
+            raise TypeError(f"latency_cache must be True, False or a file path, got {self.latency_cache!r}")
         check_count("num_metric_batches", self.num_metric_batches)
         check_count("max_probes", self.max_probes)
         check_number("rank_tolerance", self.rank_tolerance, high=1.0, low_open=False)
@@ -118,14 +138,27 @@ class Falor(MethodConfig):
         """``"local"``, ``"budget"`` or ``"final-output"``: final-output thresholds, else a budget, else local."""
         if self.nsr_final_threshold is not None or self.kl_final_threshold is not None:
             return "final-output"
-        return "budget" if self.keep_params is not None or self.keep_macs is not None else "local"
+        return "budget" if self.budget is not None else "local"
 
     @property
     def budget(self) -> tuple[str, float] | None:
-        """Budget mode's ``("params", keep_params)`` or ``("macs", keep_macs)``; None in the other modes."""
-        if self.keep_params is not None:
-            return "params", self.keep_params
-        return ("macs", self.keep_macs) if self.keep_macs is not None else None
+        """Budget mode's ``("params", keep_params)``, ``("macs", keep_macs)`` or ``("latency", keep_latency)``;
+        None in the other modes."""
+        for measure in ("params", "macs", "latency"):
+            keep = getattr(self, f"keep_{measure}")
+            if keep is not None:
+                return measure, keep
+        return None
+
+    @property
+    def accepts_by_speed(self) -> bool:
+        """Whether a layer is factorized only where that is measured faster (``acceptance``)."""
+        return self.acceptance == "faster" or (self.acceptance == "auto" and self.keep_latency is not None)
+
+    @property
+    def measures_latency(self) -> bool:
+        """Whether falor times the layers (a latency budget or acceptance by speed): one example batch kept."""
+        return self.accepts_by_speed or self.keep_latency is not None
 
     @property
     def needs_sensitivity(self) -> bool:

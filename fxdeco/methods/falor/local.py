@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import logging
 import statistics as statistics_lib
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -34,6 +34,9 @@ from fxdeco.metadata import original_totals
 from fxdeco.progress import progress
 from passes import Factorization, Site, SiteStatistics
 from passes.sites import fetch_attr
+
+if TYPE_CHECKING:
+    from fxdeco.methods.falor.speed import LatencyModel
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +75,14 @@ class _Layer:
 
 
 
-def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure: str, center: bool) -> list[float]:
-    """Params (or MACs per sample) of layer ``s`` dense, then factored at each candidate rank.
+def option_costs(s: Site, stats: SiteStatistics, candidates: list[int], measure: str, center: bool,
+                 latency: LatencyModel | None = None) -> list[float]:
+    """Params (MACs per sample, or measured seconds) of layer ``s`` dense, then factored at each candidate rank.
 
     A centred factorization carries a bias even where the layer had none.
     """
+    if measure == "latency":
+        return latency.option_costs(s, candidates)
     if measure == "params":
         bias = s.out_features if s.bias else 0
         return [s.dense_params] + [s.factor_params(k) + (s.out_features if center else bias) for k in candidates]
@@ -94,16 +100,21 @@ def check_budget_reachable(prepared: Any, config: Falor) -> None:
     if config.budget is None:
         return
     measure, keep = config.budget
-    statistics, total = prepared.statistics, _model_total(prepared.gm, measure)
+    latency = None
+    if measure == "latency":
+        from fxdeco.methods.falor.speed import latency_model  # timing machinery, only when asked for
+
+        latency = latency_model(prepared, config)
+    statistics, total = prepared.statistics, _model_total(prepared.gm, measure, latency)
     floor = total
     for site in unique_targets(prepared.sites):
         if matches_any(site.target, config.skip) or site.target not in statistics:
             continue
-        candidates = config.candidate_ranks(site)
-        costs = option_costs(site, statistics[site.target], candidates, measure, config.center)
+        candidates = _budget_candidates(site, config, latency)
+        costs = option_costs(site, statistics[site.target], candidates, measure, config.center, latency)
         floor -= costs[0] - min(costs)
     if floor > keep * total * (1 + 1e-12):
-        name = "keep_params" if measure == "params" else "keep_macs"
+        name = f"keep_{measure}"
         raise BudgetError(f"{name}={keep:g} cannot be reached: decomposing every layer at its smallest rank keeps "
                           f"{floor / total:.4f} of the model's {measure} ({name} >= {floor / total:.4f} is "
                           "reachable; layers that are not Linear/Conv2d, skipped or too small to save anything "
@@ -131,6 +142,24 @@ def _threshold_ranks(layers: list[_Layer], config: Falor) -> dict[str, int | str
     return chosen
 
 
+def _budget_candidates(site: Site, config: Falor, latency: LatencyModel | None) -> list[int]:
+    """The ranks the budget may give ``site`` (none for a layer the latency budget could not time)."""
+    if latency is not None and site.target not in latency.latencies:
+        return []
+    return config.candidate_ranks(site)
+
+
+def _accept_by_speed(layers: list[_Layer], chosen: dict[str, int | str], config: Falor,
+                     latency: LatencyModel) -> dict[str, int | str]:
+    """Each chosen rank timed exactly (and snapped up to a faster rank nearby), or dense where not faster."""
+    accepted = dict(chosen)
+    for layer in layers:
+        rank = chosen[layer.site.target]
+        if isinstance(rank, int):
+            accepted[layer.site.target] = latency.accept(layer.site, rank, config.candidate_ranks(layer.site))
+    return accepted
+
+
 def _uses_output_error(layers: list[_Layer], criterion: str) -> bool:
     """Whether the budget allocation weighs layers by predicted final-output error (else summed layer NSR)."""
     use_output = criterion == "output" or (criterion == "auto" and all(l.stats.sensitivity is not None
@@ -146,6 +175,7 @@ def _uses_output_error(layers: list[_Layer], criterion: str) -> bool:
 
 
 def _budget_ranks(layers: list[_Layer], config: Falor, model_total: float, use_output: bool,
+                  latency: LatencyModel | None = None,
                   scales: Mapping[str, float] | None = None) -> dict[str, int | str]:
     """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs).
 
@@ -157,15 +187,20 @@ def _budget_ranks(layers: list[_Layer], config: Falor, model_total: float, use_o
     default_scale = statistics_lib.median(scales.values()) if scales else 1.0
     for layer in layers:
         s = layer.site
-        candidates = config.candidate_ranks(s)
-        costs = option_costs(s, layer.stats, candidates, measure, config.center)
+        candidates = _budget_candidates(s, config, latency)
+        costs = option_costs(s, layer.stats, candidates, measure, config.center, latency)
         curve = layer.output_error() * (scales or {}).get(s.target, default_scale) if use_output else layer.nsr
         errors = [0.0] + [float(curve[k]) for k in candidates]
         options.append(LayerOptions(s.target, torch.tensor(costs, dtype=torch.float64),
                                     torch.tensor(errors, dtype=torch.float64)))
         ranks.append([None] + candidates)
     fixed = model_total - sum(float(o.costs[0]) for o in options)
-    choice = allocate(options, keep * model_total, fixed)
+    # a latency budget is aimed off by the last measured miss of the additive prediction (measured / predicted)
+    target = keep * model_total
+    if latency is not None and latency.correction != 1.0:
+        floor = fixed + sum(float(o.costs.min()) for o in options)
+        target = max(target / latency.correction, floor)  # the fastest plan, when the correction asks for more
+    choice = allocate(options, target, fixed)
     total = fixed + sum(float(o.costs[i]) for o, i in zip(options, choice))
     log.info("falor budget: kept %.4f of the model's %s (asked %.4f)", total / model_total, measure, keep)
     return {layer.site.target: (r[i] if r[i] is not None else "kept dense by the budget allocation")
@@ -191,8 +226,13 @@ def _refine(layers: list[_Layer], chosen: dict[str, int | str], allocate_ranks: 
     return chosen
 
 
-def _model_total(gm: torch.fx.GraphModule, measure: str) -> float:
-    """The original model's params/MACs per sample, recorded by ``fxdeco.prepare``."""
+def _model_total(gm: torch.fx.GraphModule, measure: str, latency: LatencyModel | None = None) -> float:
+    """The original model's params/MACs per sample, recorded by ``fxdeco.prepare`` (or its measured seconds)."""
+    if measure == "latency":
+        if latency is None:
+            raise ValueError("keep_latency needs the layers' timings: run falor through fxdeco.convert, or pass "
+                             "latency=fxdeco.methods.falor.speed.latency_model(prepared, config)")
+        return latency.original
     totals = original_totals(gm)
     if measure == "params":
         return float(totals.params)
@@ -208,6 +248,7 @@ def falor_local(
     config: Falor | None = None,
     *,
     measure_final_nsr: FinalNsrMeasure | None = None,
+    latency: LatencyModel | None = None,
     **options: Any,
 ) -> tuple[dict[str, Factorization], list[LayerDecision]]:
     """Plan the factorization of every site from its statistics.
@@ -255,12 +296,18 @@ def falor_local(
         use_output = _uses_output_error(layers, config.budget_criterion)
         log.info("falor budget: allocating by %s",
                  "predicted final-output error" if use_output else "summed layer NSR")
-        allocate_ranks = functools.partial(_budget_ranks, layers, config, _model_total(gm, measure), use_output)
+        allocate_ranks = functools.partial(_budget_ranks, layers, config, _model_total(gm, measure, latency),
+                                           use_output, latency)
         chosen = allocate_ranks()
         if use_output and measure_final_nsr is not None and config.budget_rounds > 0:
             chosen = _refine(layers, chosen, allocate_ranks, measure_final_nsr, config.budget_rounds)
     else:
         chosen = _threshold_ranks(layers, config)
+    if config.accepts_by_speed:
+        if latency is None:
+            raise ValueError("acceptance by speed needs the layers' timings: run falor through fxdeco.convert, or "
+                             "pass latency=fxdeco.methods.falor.speed.latency_model(prepared, config)")
+        chosen = _accept_by_speed(layers, chosen, config, latency)
 
     plan: dict[str, Factorization] = {}
     by_target = {layer.site.target: layer for layer in layers}
@@ -308,20 +355,40 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
 
     Returns the plan, the per-layer decisions and a summary for ``gm.meta``.
     """
+    latency = None
+    if config.measures_latency:
+        from fxdeco.methods.falor.speed import latency_model  # timing machinery, only when asked for
+
+        latency = latency_model(prepared, config)
     if config.mode != "final-output":
         meter = _budget_meter(prepared, config.budget_rounds, config.budget_criterion) \
             if config.mode == "budget" else None
-        plan, decisions = falor_local(prepared.gm, prepared.sites, prepared.statistics, config,
-                                      measure_final_nsr=meter.measure if meter is not None else None)
-        return plan, decisions, ({"budget_rounds": config.budget_rounds, "probes": meter.probes, "metric_batches": 1,
-                                  "probe_forward_equivalents": meter.forward_equivalents()}
-                                 if meter is not None else {})
-    from fxdeco.methods.falor.final import falor_final  # the final-output mode's machinery, only when asked for
 
-    kept, wanted = prepared.kept_inputs, config.num_metric_batches
-    if len(kept) < wanted:
-        raise ValueError(f"num_metric_batches={wanted} but only {len(kept)} calibration batch(es) were "
-                         f"kept to measure on: lower num_metric_batches, or give at least {wanted} "
-                         f"batches (with fxdeco.prepare: prepare(..., keep_batches={wanted}))")
-    return falor_final(prepared.gm, prepared.sites, prepared.statistics, config, metric_inputs=kept[:wanted],
-                       output_fn=prepared.output_fn)
+        def plan_once() -> tuple[dict[str, Factorization], list[LayerDecision]]:
+            return falor_local(prepared.gm, prepared.sites, prepared.statistics, config,
+                               measure_final_nsr=meter.measure if meter is not None else None, latency=latency)
+
+        plan, decisions = plan_once()
+        summary = ({"budget_rounds": config.budget_rounds, "probes": meter.probes, "metric_batches": 1,
+                    "probe_forward_equivalents": meter.forward_equivalents()} if meter is not None else {})
+    else:
+        from fxdeco.methods.falor.final import falor_final  # the final-output mode's machinery, only when asked for
+
+        kept, wanted = prepared.kept_inputs, config.num_metric_batches
+        if len(kept) < wanted:
+            raise ValueError(f"num_metric_batches={wanted} but only {len(kept)} calibration batch(es) were "
+                             f"kept to measure on: lower num_metric_batches, or give at least {wanted} "
+                             f"batches (with fxdeco.prepare: prepare(..., keep_batches={wanted}))")
+        plan, decisions, summary = falor_final(prepared.gm, prepared.sites, prepared.statistics, config,
+                                               metric_inputs=kept[:wanted], output_fn=prepared.output_fn)
+        plan_once = None
+        if config.accepts_by_speed:
+            from fxdeco.methods.falor.speed import drop_slower
+
+            plan, decisions = drop_slower(prepared.sites, plan, decisions, config, latency)
+    if latency is not None:
+        from fxdeco.methods.falor.speed import measure_latency_rounds
+
+        plan, decisions, figures = measure_latency_rounds(prepared, config, latency, plan, decisions, plan_once)
+        summary = {**summary, **figures}
+    return plan, decisions, summary

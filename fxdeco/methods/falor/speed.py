@@ -1,0 +1,257 @@
+"""falor by measured speed: layer timings as the budget's costs (``keep_latency``) and as the test a factored layer
+must pass (``acceptance="faster"``).
+
+Parameters and MACs do not predict speed: a factored layer is two GEMMs or
+convolutions with a thin middle, and below about a third to a half of its full
+rank it may run no faster than the dense layer (``fxdeco.latency``). Here each
+layer is timed on this device, dtype and thread count, at the shapes of the
+first calibration batch, dense and factored at a coarse grid of its candidate
+ranks (cached on disk, so a second run times nothing new):
+
+* **budget** (``keep_latency``): the knapsack of budget mode gets each rank's
+  time as its cost (interpolated between grid points) and the rest of the graph
+  as a fixed cost, so the allocation spends time where error per second is
+  cheapest; factored forms that are slower than dense are never chosen. The
+  decomposed model is then timed end to end beside the original; when the
+  prediction missed, the budget is rescaled by the miss and allocated again
+  (``latency_rounds``).
+* **acceptance**: a chosen rank is timed exactly, with the candidate ranks up to
+  25% above it; the rank moves up to the fastest of them (a larger rank is never
+  less accurate), and the layer stays dense unless that is measurably faster
+  (by :data:`SPEED_MARGIN`) than the dense layer.
+
+Example:
+    >>> import torch, fxdeco
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+    >>> small = fxdeco.transform(model, [torch.randn(256, 256) for _ in range(2)],
+    ...                          fxdeco.Falor(keep_latency=0.8, latency_cache=False), show_progress=False)
+    >>> summary = small.meta["fxdeco"].summary
+    >>> summary["latency_measured_s"] > 0 and summary["latency_original_s"] > 0
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx
+
+from fxdeco.latency.curve import SiteLatency
+from fxdeco.latency.graph import compare_models, rest_seconds
+from fxdeco.latency.probe import TimingOptions, probe_sites, refine
+from fxdeco.methods.falor.config import Falor
+from fxdeco.plan import LayerDecision, matches_any, unique_targets
+from passes import Factorization, Site, factorize_sites
+from passes.inputs import unflatten_inputs
+
+log = logging.getLogger(__name__)
+
+Planned = tuple[dict[str, Factorization], list[LayerDecision]]
+
+# How hard each layer shape is timed (module-level so that tests can make it cheap).
+TIMING = TimingOptions()
+# End-to-end timing of the original and the decomposed model: rounds, and the shortest sample.
+MODEL_REPEATS, MODEL_MIN_SAMPLE_S = 5, 0.05
+# Grid points per layer, the snapping window above a chosen rank, the largest number of ranks timed there,
+# and by how much a factored layer must beat the dense one to be accepted (timing noise is a few percent).
+GRID_POINTS, SNAP_WINDOW, SNAP_RANKS, SPEED_MARGIN = 8, 0.25, 5, 0.05
+
+
+def grid(candidates: Sequence[int], points: int = GRID_POINTS) -> list[int]:
+    """About ``points`` candidate ranks, spaced geometrically from the smallest to the largest.
+
+    Example:
+        >>> grid(list(range(8, 505, 8)))
+        [8, 16, 24, 48, 88, 152, 280, 504]
+    """
+    candidates = sorted(candidates)
+    if len(candidates) <= points:
+        return candidates
+    lo, hi = candidates[0], candidates[-1]
+    picked = {lo, hi}
+    for i in range(1, points - 1):
+        target = lo * (hi / lo) ** (i / (points - 1))
+        picked.add(min(candidates, key=lambda k: (abs(math.log(k / target)), k)))
+    return sorted(picked)
+
+
+@dataclasses.dataclass
+class LatencyModel:
+    """Measured times of one model's layers and of the model itself, on one example batch.
+
+    ``original``: seconds per call of the original graph; ``rest``: the part of
+    it outside the timed layers; ``correction``: measured / predicted time of
+    the last decomposition tried (1 before any).
+    """
+
+    latencies: dict[str, SiteLatency]
+    original: float
+    rest: float
+    call: tuple[tuple, dict[str, Any]]
+    correction: float = 1.0
+
+    def option_costs(self, site: Site, candidates: Sequence[int]) -> list[float]:
+        """Seconds of layer ``site`` dense, then factored at each candidate rank (the knapsack's costs)."""
+        lat = self.latencies[site.target]
+        return [lat.dense] + [lat.seconds(k) for k in candidates]
+
+    def predict(self, ranks: Mapping[str, int | None]) -> float:
+        """Predicted seconds per call with the timed layers at ``ranks`` (None or absent: dense)."""
+        return self.rest + sum(lat.seconds(ranks.get(t)) for t, lat in self.latencies.items())
+
+    def accept(self, site: Site, rank: int, candidates: Sequence[int]) -> int | str:
+        """``rank``, or a faster candidate up to :data:`SNAP_WINDOW` above it, when that is measured faster than
+        the dense layer; otherwise the reason the layer stays dense."""
+        lat = self.latencies.get(site.target)
+        if lat is None:
+            return "not timed (the example batch did not reach it)"
+        top = math.ceil(rank * (1 + SNAP_WINDOW))
+        near = [k for k in candidates if rank < k <= top]
+        step = max(1, math.ceil(len(near) / (SNAP_RANKS - 1)))
+        lat = self.latencies[site.target] = refine(lat, [rank, *near[step - 1::step]], options=TIMING)
+        best = lat.fastest_near(rank, [rank, *near], window=SNAP_WINDOW)
+        if not lat.is_faster(best, SPEED_MARGIN, measured_only=True):
+            return (f"factored at rank {best} not measurably faster ({lat.seconds(best) * 1e3:.3g} ms vs "
+                    f"{lat.dense * 1e3:.3g} ms dense)")
+        return best
+
+    def times(self, target: str, rank: int | None) -> tuple[float | None, float | None]:
+        """(dense seconds, seconds at ``rank`` or None) of a timed layer; (None, None) for one not timed."""
+        lat = self.latencies.get(target)
+        if lat is None:
+            return None, None
+        return lat.dense, (lat.seconds(rank) if rank is not None else None)
+
+
+def latency_model(prepared: Any, config: Falor) -> LatencyModel:
+    """Time every layer falor may factorize, and the whole original graph, on the first kept calibration batch.
+
+    ``prepared`` is a calibrated :class:`fxdeco.PreparedModel` (at least one
+    batch kept). The model is cached on it, so checking a budget after the first
+    batch and planning after the last time the layers once.
+    """
+    cached = getattr(prepared, "latency_model", None)
+    if cached is not None:
+        return cached
+    if not prepared.kept_inputs:
+        raise ValueError("timing the layers needs one kept calibration batch: prepare(..., keep_batches=1)")
+    flat = prepared.kept_inputs[0]
+    gm = prepared.gm
+    sites = [s for s in prepared.sites if not matches_any(s.target, config.skip)]
+    first_of = {s.target: s for s in unique_targets(sites)}
+    candidates = {t: config.candidate_ranks(s) for t, s in first_of.items()}
+    timed = [s for s in sites if candidates[s.target]]  # a layer no rank can shrink is never factorized
+    # (prepare left the graph in eval mode)
+    latencies = probe_sites(gm, timed, None, lambda s: grid(candidates[s.target]), backend=config.latency_backend,
+                            table=config.latency_cache, options=TIMING, show_progress=config.show_progress,
+                            flat_inputs=flat)
+    call = unflatten_inputs(gm, flat)
+    original = _time_models({"original": gm}, call)["original"]
+    model = LatencyModel(latencies, original, rest_seconds(original, latencies), call)
+    log.info("falor latency: %d layers timed; the original takes %.3g ms per call of the calibration batch "
+             "(%.3g ms outside those layers)", len(latencies), original * 1e3, model.rest * 1e3)
+    prepared.latency_model = model
+    return model
+
+
+def _time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[str, Any]]) -> dict[str, float]:
+    args, kwargs = call
+    with torch.no_grad():
+        return compare_models({name: _Bound(m, args, kwargs) for name, m in models.items()}, (),
+                              repeats=MODEL_REPEATS, min_sample_s=MODEL_MIN_SAMPLE_S)
+
+
+class _Bound:
+    """A model called with a fixed batch (``compare_models`` then calls it with no arguments)."""
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.model, self.args, self.kwargs = model, args, kwargs
+
+    def __call__(self) -> Any:
+        return self.model(*self.args, **self.kwargs)
+
+
+def measure_plan(prepared: Any, latency: LatencyModel, plan: Mapping[str, Factorization],
+                 ranks: Mapping[str, int | None]) -> dict[str, float]:
+    """Time the decomposed graph of ``plan`` beside the original (interleaved); set ``latency.correction``.
+
+    Returns the end-to-end figures the report shows: original, predicted and
+    measured seconds per call of the calibration batch.
+    """
+    decomposed = factorize_sites(prepared.gm, prepared.sites, dict(plan))
+    measured = _time_models({"original": prepared.gm, "decomposed": decomposed}, latency.call)
+    predicted = latency.predict(ranks)
+    # the original as timed now, alongside: the machine's load may have changed since the layers were timed
+    scale = latency.original / measured["original"]
+    latency.correction = measured["decomposed"] * scale / predicted if predicted > 0 else 1.0
+    log.info("falor latency: decomposed model measured at %.3f of the original (predicted %.3f)",
+             measured["decomposed"] / measured["original"], predicted / latency.original)
+    return {"latency_original_s": measured["original"], "latency_predicted_s": predicted / scale,
+            "latency_measured_s": measured["decomposed"]}
+
+
+# A latency budget is met when the decomposed model measures at most this much above it (timing noise).
+LATENCY_TOLERANCE = 0.05
+
+
+def _ranks(decisions: Sequence[LayerDecision]) -> dict[str, int | None]:
+    return {d.target: d.rank for d in decisions}
+
+
+def measure_latency_rounds(prepared: Any, config: Falor, latency: LatencyModel, plan: dict[str, Factorization],
+                           decisions: list[LayerDecision], plan_once: Callable[[], Planned] | None
+                           ) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, float]]:
+    """Time the decomposed model end to end; under ``keep_latency``, re-allocate when the prediction missed.
+
+    Each round rescales the budget by the miss (``LatencyModel.correction``)
+    and plans again; of the attempts, the slowest one that meets the budget
+    (within :data:`LATENCY_TOLERANCE`) is kept (it decomposes least, so it is
+    the most accurate), else the fastest. Returns the plan, its decisions with
+    each layer's measured times, and the end-to-end figures for the report.
+    """
+    attempts = [(plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions)))]
+    rounds = config.latency_rounds if config.keep_latency is not None and plan_once is not None else 0
+    for _ in range(rounds):
+        achieved = attempts[-1][2]["latency_measured_s"] / attempts[-1][2]["latency_original_s"]
+        if abs(achieved / config.keep_latency - 1) <= LATENCY_TOLERANCE:
+            break
+        log.info("falor latency: measured %.3f of the original against keep_latency=%.3g; allocating again",
+                 achieved, config.keep_latency)
+        plan, decisions = plan_once()
+        attempts.append((plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions))))
+
+    def kept(attempt: tuple) -> float:
+        return attempt[2]["latency_measured_s"] / attempt[2]["latency_original_s"]
+
+    if config.keep_latency is not None:
+        meeting = [a for a in attempts if kept(a) <= config.keep_latency * (1 + LATENCY_TOLERANCE)]
+        plan, decisions, figures = max(meeting, key=kept) if meeting else min(attempts, key=kept)
+    else:
+        plan, decisions, figures = attempts[-1]
+    for d in decisions:
+        d.seconds_dense, d.seconds_factored = latency.times(d.target, d.rank)
+    return plan, decisions, {**figures, "latency_rounds_run": len(attempts) - 1}
+
+
+def drop_slower(sites: Sequence[Site], plan: dict[str, Factorization], decisions: list[LayerDecision],
+                config: Falor, latency: LatencyModel) -> tuple[dict[str, Factorization], list[LayerDecision]]:
+    """Keep dense every planned layer whose factored form is not measurably faster at its rank.
+
+    For plans whose factors were verified at their exact rank (final-output
+    mode): the rank is not moved, only accepted or refused.
+    """
+    first_of = {s.target: s for s in unique_targets(sites)}
+    plan, kept = dict(plan), []
+    for d in decisions:
+        if d.decomposed:
+            verdict = latency.accept(first_of[d.target], d.rank, [d.rank])
+            if isinstance(verdict, str):
+                del plan[d.target]
+                d = dataclasses.replace(d, rank=None, nsr=None, nsr_final=None, kl_final=None,
+                                        params_after=d.params_before, macs_after=d.macs_before, reason=verdict)
+        kept.append(d)
+    return plan, kept

@@ -1,0 +1,192 @@
+"""falor by measured speed: keep_latency budgets, acceptance="faster", the end-to-end correction round.
+
+The decisions are tested on a fake clock (each layer's time a known function of
+its rank), so that they are deterministic; one test times for real.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+from fxdeco.latency.curve import SiteLatency
+from fxdeco.metadata import factored_layers
+from fxdeco.methods.falor import speed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REST = 1.0  # seconds outside the layers, on the fake clock
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64)).eval()
+
+
+def _data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    basis = torch.randn(64, 64, generator=g) * torch.logspace(0, -2, 64)[:, None]
+    return [torch.randn(128, 64, generator=g) @ basis for _ in range(3)]
+
+
+# Layer "0" factorizes badly: at every rank slower than dense. "2" and "4" speed up in proportion to rank, and
+# "2" has a fast width at rank 16 (a kernel's sweet spot), which acceptance should snap to from 13-15.
+CLOCK: dict[str, tuple[float, Callable[[int], float]]] = {
+    "0": (1.0, lambda r: 1.2 + 0.01 * r),
+    "2": (1.0, lambda r: 0.2 if r == 16 else 0.1 + 0.03 * r),
+    "4": (1.0, lambda r: 0.05 + 0.03 * r),
+}
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """Replace every timing of fxdeco.methods.falor.speed by CLOCK; ``miss`` scales the decomposed model's time."""
+    state = {"miss": 1.0, "model_timings": 0}
+
+    def latency(target: str, ranks) -> SiteLatency:
+        dense, factored = CLOCK[target]
+        return SiteLatency(target, dense, {r: factored(r) for r in ranks})
+
+    def probe_sites(gm, sites, example, ranks_for, **_):
+        return {s.target: latency(s.target, ranks_for(s)) for s in sites}
+
+    def refine(lat, ranks, **_):
+        return latency(lat.target, {*lat.measured, *ranks})
+
+    def time_models(models, call):
+        state["model_timings"] += 1
+        out = {}
+        for name, gm in models.items():
+            ranks = {info.target: info.rank for _, info in factored_layers(gm)}
+            layers = sum(CLOCK[t][1](ranks[t]) if t in ranks else CLOCK[t][0] for t in CLOCK)
+            out[name] = REST + layers * (state["miss"] if ranks else 1.0)
+        return out
+
+    monkeypatch.setattr(speed, "probe_sites", probe_sites)
+    monkeypatch.setattr(speed, "refine", refine)
+    monkeypatch.setattr(speed, "_time_models", time_models)
+    return state
+
+
+def _ranks(gm: torch.fx.GraphModule) -> dict[str, int | None]:
+    return {d.target: d.rank for d in gm.meta["fxdeco"].decisions}
+
+
+def test_latency_budget_spends_time_only_where_factoring_is_faster(fake_clock) -> None:
+    small = fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.6, latency_cache=False),
+                             show_progress=False)
+    ranks = _ranks(small)
+    assert ranks["0"] is None  # slower factored at every rank: never worth its time
+    assert ranks["2"] is not None and ranks["4"] is not None
+    summary = small.meta["fxdeco"].summary
+    original = REST + 3.0
+    assert summary["latency_original_s"] == pytest.approx(original)
+    assert summary["latency_measured_s"] <= 0.6 * original * (1 + speed.LATENCY_TOLERANCE)
+    assert summary["latency_predicted_s"] == pytest.approx(summary["latency_measured_s"])
+    assert summary["latency_rounds_run"] == 0  # the prediction was exact: no second allocation
+    by_target = {d.target: d for d in small.meta["fxdeco"].decisions}
+    assert by_target["2"].seconds_dense == 1.0
+    assert by_target["2"].seconds_factored == pytest.approx(CLOCK["2"][1](ranks["2"]))
+
+
+def test_a_missed_prediction_is_corrected_by_allocating_again(fake_clock) -> None:
+    fake_clock["miss"] = 1.15  # the decomposed model's layers run 15% slower than their times alone add up to
+    config = fxdeco.Falor(keep_latency=0.7, latency_cache=False)
+    small = fxdeco.transform(_model(), _data(), config, show_progress=False)
+    summary = small.meta["fxdeco"].summary
+    assert summary["latency_rounds_run"] == 1
+    assert summary["latency_measured_s"] / summary["latency_original_s"] <= 0.7 * (1 + speed.LATENCY_TOLERANCE)
+    # without the round, the first allocation's measurement misses the budget
+    once = fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.7, latency_rounds=0, latency_cache=False),
+                            show_progress=False).meta["fxdeco"].summary
+    assert once["latency_measured_s"] / once["latency_original_s"] > 0.7 * (1 + speed.LATENCY_TOLERANCE)
+    # a correction no plan can meet gives the fastest plan, not an error
+    fake_clock["miss"] = 3.0
+    fastest = fxdeco.transform(_model(), _data(), config, show_progress=False)
+    assert _ranks(fastest)["0"] is None and fastest.meta["fxdeco"].summary["latency_rounds_run"] == 1
+
+
+def test_acceptance_keeps_slower_layers_dense_and_snaps_to_a_faster_rank(fake_clock) -> None:
+    plain = _ranks(fxdeco.transform(_model(), _data(), nsr_threshold=0.2, rank_multiple=1, show_progress=False))
+    fast = fxdeco.transform(_model(), _data(), nsr_threshold=0.2, rank_multiple=1, acceptance="faster",
+                            latency_cache=False, show_progress=False)
+    ranks = _ranks(fast)
+    assert plain["0"] is not None and ranks["0"] is None
+    assert "not measurably faster" in next(d.reason for d in fast.meta["fxdeco"].decisions if d.target == "0")
+    for target in ("2", "4"):  # snapped up to the fastest rank within 25% above, never down
+        low = plain[target]
+        expected = min(range(low, math.ceil(low * 1.25) + 1), key=lambda r: (CLOCK[target][1](r), r))
+        assert ranks[target] == expected >= low
+    assert ranks["2"] == 16  # the fast width, snapped to from below
+    assert "latency_measured_s" in fast.meta["fxdeco"].summary
+
+
+def test_acceptance_in_final_output_mode_only_refuses(fake_clock) -> None:
+    plain = _ranks(fxdeco.transform(_model(), _data(), nsr_final_threshold=0.1, rank_multiple=1,
+                                    show_progress=False))
+    fast = _ranks(fxdeco.transform(_model(), _data(), nsr_final_threshold=0.1, rank_multiple=1,
+                                   acceptance="faster", latency_cache=False, show_progress=False))
+    assert plain["0"] is not None and fast["0"] is None
+    assert {t: r for t, r in fast.items() if t != "0"} == {t: r for t, r in plain.items() if t != "0"}
+
+
+def test_latency_figures_reach_the_report_and_plan_json(fake_clock, tmp_path) -> None:
+    small = fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.6, latency_cache=False),
+                             show_progress=False)
+    rows = {r["name"]: r for r in fxdeco.report(small).rows}
+    assert rows["2"]["ms_dense"] == pytest.approx(1000.0) and rows["2"]["ms_factored"] < 1000.0
+    assert "ms" in str(fxdeco.report(small))
+    plan = json.loads((fxdeco.save(small, tmp_path / "p") / "plan.json").read_text())
+    assert plan["totals"]["latency_measured_s"] == pytest.approx(small.meta["fxdeco"].summary["latency_measured_s"])
+    again = fxdeco.load(tmp_path / "p", _model())
+    assert str(fxdeco.report(again)) == str(fxdeco.report(small))
+
+
+def test_latency_options_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="not keep_params and keep_latency"):
+        fxdeco.Falor(keep_params=0.5, keep_latency=0.5)
+    with pytest.raises(ValueError, match="keep_latency must be a number in"):
+        fxdeco.Falor(keep_latency=1.5)
+    with pytest.raises(ValueError, match="acceptance must be"):
+        fxdeco.Falor(acceptance="fast")
+    with pytest.raises(ValueError, match="ignores latency_rounds"):
+        fxdeco.Falor(nsr_threshold=0.1, latency_rounds=2)
+    assert fxdeco.Falor(keep_latency=0.5).accepts_by_speed and not fxdeco.Falor(keep_macs=0.5).accepts_by_speed
+
+
+def test_an_unreachable_latency_budget_fails_after_the_first_batch(fake_clock) -> None:
+    read = []
+
+    def loader():
+        for batch in _data():
+            read.append(1)
+            yield batch
+
+    with pytest.raises(fxdeco.BudgetError, match="keep_latency=0.3 cannot be reached"):
+        fxdeco.transform(_model(), loader(), fxdeco.Falor(keep_latency=0.3, latency_cache=False),
+                         show_progress=False)
+    assert len(read) == 1
+
+
+def test_real_timing_on_a_wide_mlp(monkeypatch) -> None:
+    """No fake clock: 1024-wide layers at a quarter of their rank or less are measurably faster on any CPU; the
+    model is timed end to end."""
+    monkeypatch.setattr(speed, "TIMING", speed.TimingOptions(repeats=3, warmup=1, min_sample_s=0.002, budget_s=0.3))
+    monkeypatch.setattr(speed, "MODEL_REPEATS", 3)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024)).eval()
+    basis = torch.randn(16, 1024)
+    calib = [torch.randn(256, 16) @ basis for _ in range(2)]
+    small = fxdeco.transform(model, calib, nsr_threshold=0.01, acceptance="faster", latency_cache=False,
+                             show_progress=False)
+    decisions = small.meta["fxdeco"].decisions
+    assert all(d.decomposed and d.rank <= 256 for d in decisions)
+    assert all(d.seconds_factored < d.seconds_dense for d in decisions)
+    summary = small.meta["fxdeco"].summary
+    assert summary["latency_measured_s"] < summary["latency_original_s"]
