@@ -11,6 +11,7 @@ fixed in the graph already).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,8 @@ from fxdeco.batches import as_call
 from fxdeco.modes import modes_restored
 from passes.inputs import flatten_inputs
 from passes.sites import Site, site_input
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +83,30 @@ def site_inputs(gm: torch.fx.GraphModule, sites: Iterable[Site], example: Any, *
     if flat_inputs is None:
         args, kwargs = as_call(example)
         flat_inputs = flatten_inputs(gm, args, kwargs)
-    recorder = _SiteInputRecorder(gm, [s.node for s in sites])
+    wanted = [s.node for s in sites]
     with torch.inference_mode(), modes_restored(gm):
         for module in gm.modules():  # eval mode; not gm.eval(), which torch.export's graphs refuse
             module.training = False
-        recorder.run(*flat_inputs)
+        found = _shapes_without_compute(gm, wanted, flat_inputs)
+        if found is None:
+            recorder = _SiteInputRecorder(gm, wanted)
+            recorder.run(*flat_inputs)
+            found = recorder.found
+    return found
+
+
+def _shapes_without_compute(gm: torch.fx.GraphModule, wanted: list[str], flat: list[Any]) -> dict[str, SiteInput] | None:
+    """The site inputs from a run on fake tensors (shapes and dtypes only, no arithmetic: a large batch through a
+    large model costs milliseconds), or None when some op of the graph cannot run on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with mode:
+            fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
+            recorder = _SiteInputRecorder(gm, wanted)
+            recorder.run(*fake)
+    except Exception as exc:  # data-dependent control flow, an op without a fake kernel: run it for real
+        log.debug("shapes on fake tensors failed (%s); running the example batch", exc)
+        return None
     return recorder.found

@@ -56,9 +56,10 @@ class Falor(MethodConfig):
     keep_macs: float | None = None
     # budget mode: the fraction of the original's latency to keep, measured here (this device, dtype, thread count,
     # the calibration batch's shapes): each layer timed dense and factored (fxdeco.latency), the decomposed model
-    # timed end to end and, when the prediction was off, allocated again (``latency_rounds`` times)
+    # timed end to end and, while that misses keep_latency by more than 5%, allocated again (at most
+    # ``latency_rounds`` times, aiming by the misses so far)
     keep_latency: float | None = None
-    latency_rounds: int = 1
+    latency_rounds: int = 2
     # budget mode: allocate by predicted final-output error ("output", needs gradient moments), summed layer
     # NSR ("nsr"), or "auto" (output when the moments were collected)
     budget_criterion: str = "auto"

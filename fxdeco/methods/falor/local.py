@@ -360,6 +360,7 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
         from fxdeco.methods.falor.speed import latency_model  # timing machinery, only when asked for
 
         latency = latency_model(prepared, config)
+        latency.correction = 1.0  # each plan learns its own misses (the timings are shared by later converts)
     if config.mode != "final-output":
         meter = _budget_meter(prepared, config.budget_rounds, config.budget_criterion) \
             if config.mode == "budget" else None
