@@ -8,34 +8,10 @@ from torch import nn
 import fxdeco
 from passes import CostProp, export_capture
 from passes.graph_view import to_networkx
+from tests.models import Net
 
 
 # ----------------------------------------------------------------------------- moved from test_dump.py
-
-
-class Block(nn.Module):
-    """A residual block with a full conv and a depthwise conv (the model of tests/io/test_dump.py)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.relu(self.dw(self.conv(x)))
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 32, 3, padding=1)
-        self.blocks = nn.Sequential(Block(32), Block(32))
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x)).mean((2, 3))
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def test_scopes_agree_between_graph_flavours() -> None:

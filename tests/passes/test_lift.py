@@ -11,6 +11,7 @@ from torch import nn
 
 from passes import find_sites, lift_parameters
 from passes.lift import parameter_name
+from tests.models import SmallCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,20 +25,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)  # its buffers stay graph inputs, its parameters are lifted
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc = nn.Linear(32, 32)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv2(F.relu(self.bn(self.conv1(x)))))
-        return self.head(F.relu(self.fc(x.mean((2, 3)))))
 
 
 def images(batch: int) -> torch.Tensor:

@@ -8,35 +8,12 @@ import torch
 from torch import nn
 
 from passes import CostProp, GraphWalk, flatten_inputs
+from tests.models import Residual, residual_batches as _batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- moved from test_falor_final.py
-
-
-class Residual(nn.Module):
-    """A residual MLP whose middle layer is called twice (shared weights), and a conv branch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(24, 48)
-        self.mid = nn.Linear(48, 48)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.out = nn.Linear(48 + 8, 10)
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.inp(x))
-        h = h + torch.tanh(self.mid(h))
-        h = h + torch.tanh(self.mid(h))
-        pooled = self.conv(image).mean((2, 3))
-        return self.out(torch.cat([h, pooled], dim=1))
-
-
-def _batches(n: int = 4, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    basis = torch.randn(6, 24, generator=g)
-    return [(torch.randn(size, 6, generator=g) @ basis, torch.randn(size, 3, 6, 6, generator=g)) for _ in range(n)]
 
 
 def test_replay_equals_forward_with_the_node_changed() -> None:

@@ -11,32 +11,9 @@ from torch import nn
 import fxdeco
 from fxdeco.methods.falor.final_metrics import final_nsr, symmetric_kl
 from passes import factorize_sites
+from tests.models import Residual, residual_batches as _batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Residual(nn.Module):
-    """A residual MLP whose middle layer is called twice (shared weights)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(24, 48)
-        self.mid = nn.Linear(48, 48)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.out = nn.Linear(48 + 8, 10)
-
-    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.inp(x))
-        h = h + torch.tanh(self.mid(h))
-        h = h + torch.tanh(self.mid(h))
-        pooled = self.conv(image).mean((2, 3))
-        return self.out(torch.cat([h, pooled], dim=1))
-
-
-def _batches(n: int = 4, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    basis = torch.randn(6, 24, generator=g)
-    return [(torch.randn(size, 6, generator=g) @ basis, torch.randn(size, 3, 6, 6, generator=g)) for _ in range(n)]
 
 
 def _only(gm: torch.fx.GraphModule, prepared: fxdeco.PreparedModel, small: torch.fx.GraphModule,

@@ -22,38 +22,9 @@ from fxdeco.errors import CalibrationError, NoSitesError
 from fxdeco.train.finetune import finetune
 from fxdeco.methods.lockd.finalize import _strip, pruned_chain
 from passes.chains import replace_sites_with_chains
+from tests.models import images, small_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class SmallNet(nn.Module):
-    """kxk and 1x1 convs (strided, padded, dilated), BatchNorm, and a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2, bias=False)
-        self.c3 = nn.Conv2d(12, 6, 1)
-        self.fc = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.c1(x)))
-        x = torch.relu(self.c3(torch.relu(self.c2(x))))
-        return self.fc(x.mean((2, 3)))
-
-
-def small_net() -> SmallNet:
-    torch.manual_seed(0)
-    model = SmallNet()
-    with torch.no_grad():  # non-trivial running statistics, so eval mode matters
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def images(n: int = 4, batch: int = 8) -> list[torch.Tensor]:
-    return [torch.randn(batch, 3, 10, 10) for _ in range(n)]
 
 
 @pytest.mark.parametrize("init", ["svd", "random"])
