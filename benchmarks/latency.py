@@ -113,15 +113,23 @@ def _minilm() -> Case:
                 {"stat_mask_fn": padding_mask})
 
 
-def _cases(quick: bool) -> list[Callable[[], Case]]:
-    cases = [lambda: _fashion("cnn")]
+def _cases(quick: bool) -> dict[str, Callable[[], Case]]:
+    """Short names (for ``--only``) and builders of the benchmark's models."""
+    cases: dict[str, Callable[[], Case]] = {"cnn": lambda: _fashion("cnn")}
     if quick:
         return cases
-    import timm
-    import torchvision
 
-    return [*cases, lambda: _fashion("vit"), lambda: _vision("torchvision resnet18", torchvision.models.resnet18),
-            lambda: _vision("timm deit_small", lambda: timm.create_model("deit_small_patch16_224")), _minilm]
+    def resnet18() -> Case:
+        import torchvision
+
+        return _vision("torchvision resnet18", torchvision.models.resnet18)
+
+    def deit() -> Case:
+        import timm
+
+        return _vision("timm deit_small", lambda: timm.create_model("deit_small_patch16_224"))
+
+    return {**cases, "vit": lambda: _fashion("vit"), "resnet18": resnet18, "deit": deit, "minilm": _minilm}
 
 
 def _time(models: dict[str, nn.Module], batch: Any) -> dict[str, float]:
@@ -250,7 +258,8 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def write(results: list[dict[str, Any]], seconds: float, inductor: bool) -> None:
+def write(results: list[dict[str, Any]], seconds: float, inductor: bool, save: bool = True) -> str:
+    """The report's markdown; with ``save``, also written to LATENCY.md with its plot."""
     threads = torch.get_num_threads()
     lines = [
         "# Measured latency: keep_latency vs keep_macs",
@@ -312,8 +321,11 @@ def write(results: list[dict[str, Any]], seconds: float, inductor: bool) -> None
               "again from that cache (target for MiniLM: under 30 s, then under 1 s):", "",
               tabulate(tables, headers=["model", "first (s)", "cached (s)"], tablefmt="github"),
               "", f"![quality vs measured latency]({PLOT.name})", ""]
-    OUT.write_text("\n".join(lines))
-    _plot(results)
+    text = "\n".join(lines)
+    if save:
+        OUT.write_text(text)
+        _plot(results)
+    return text
 
 
 def _plot(results: list[dict[str, Any]]) -> None:
@@ -339,14 +351,18 @@ def _plot(results: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the Fashion-MNIST CNN only")
+    parser.add_argument("--quick", action="store_true", help="the Fashion-MNIST CNN only, printed only")
     parser.add_argument("--no-inductor", action="store_true", help="skip the torch.compile timings")
+    parser.add_argument("--only", choices=sorted(_cases(False)),
+                        help="one model, printed only: LATENCY.md is written from a run of all of them")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
-    results = [run_case(build, not args.no_inductor) for build in _cases(args.quick)]
-    write(results, time.perf_counter() - start, not args.no_inductor)
-    print(OUT.read_text())
+    cases = _cases(args.quick)
+    builders = [cases[args.only]] if args.only else list(cases.values())
+    results = [run_case(build, not args.no_inductor) for build in builders]
+    out = write(results, time.perf_counter() - start, not args.no_inductor, save=not (args.only or args.quick))
+    print(out)
 
 
 if __name__ == "__main__":
