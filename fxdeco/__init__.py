@@ -30,7 +30,7 @@ _EXPORTS = {
     "CalibrationError": "errors", "CaptureError": "errors", "NonFiniteActivationError": "errors",
     "NoSitesError": "errors", "BudgetError": "methods.falor.budget",
     "PreparedModel": "prepared",
-    "Falor": "methods", "Lockd": "methods", "MethodConfig": "methods",
+    "Dwain": "methods", "Falor": "methods", "Lockd": "methods", "MethodConfig": "methods",
     "backend": "compile.backend",
     "finetune": "train.finetune",
     "Report": "io.report", "report": "io.report", "dump": "io.dump",
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fxdeco.io.dump import dump
     from fxdeco.io.report import Report, report
     from fxdeco.io.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
-    from fxdeco.methods import Falor, Lockd, MethodConfig
+    from fxdeco.methods import Dwain, Falor, Lockd, MethodConfig
     from fxdeco.methods import lockd
     from fxdeco.methods.falor.budget import BudgetError
     from fxdeco.prepared import PreparedModel

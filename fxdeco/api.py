@@ -13,13 +13,14 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fxdeco.batches import adapt_batch, check_input_fn, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
-from fxdeco.methods import Falor, Lockd, MethodConfig, method_config
+from fxdeco.methods import Dwain, Falor, Lockd, MethodConfig, method_config
 from fxdeco.metadata import ModelRecord, capture_record, model_record, set_model_record
 from fxdeco.train.finetune import TrainingBatches
 from fxdeco.plan import LayerDecision, matches_any
@@ -30,8 +31,15 @@ from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
 
 log = logging.getLogger(__name__)
 
-# What runs each method's config on a calibrated PreparedModel: (plan, decisions, summary).
-RUNNERS: dict[str, Callable[[PreparedModel, Any], tuple[dict, list, dict]]] = {"falor": falor}
+def _dwain(prepared: PreparedModel, config: Any) -> tuple[dict, list, dict, torch.fx.GraphModule | None]:
+    from fxdeco.methods.dwain.search import dwain  # only when asked for
+
+    return dwain(prepared, config)
+
+
+# What runs each method's config on a calibrated PreparedModel: (plan, decisions, summary), and optionally the
+# decomposed graph when the method trained it.
+RUNNERS: dict[str, Callable[[PreparedModel, Any], tuple]] = {"falor": falor, "dwain": _dwain}
 
 
 def _skip_patterns(skip: Iterable[str]) -> tuple[str, ...]:
@@ -164,9 +172,10 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **opt
         raise ValueError(f"{type(config).__name__} does not decompose from calibration statistics: run it with "
                          f"fxdeco.transform(model, loader, fxdeco.{type(config).__name__}(...))")
     start = time.perf_counter()
-    plan, decisions, summary = RUNNERS[config.name](prepared, config)
+    plan, decisions, summary, *trained = RUNNERS[config.name](prepared, config)
     _record_calibration_rows(prepared, decisions)
-    new = factorize_sites(prepared.gm, prepared.sites, plan)
+    # a method that trains the graph while it decomposes (dwain's finetune_fn) returns that graph, factored
+    new = trained[0] if trained and trained[0] is not None else factorize_sites(prepared.gm, prepared.sites, plan)
     new.delete_all_unused_submodules()
     saved_params = sum(d.params_before - d.params_after for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
@@ -227,29 +236,39 @@ def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn:
 
 
 def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callable[[Any], Any] | None,
-               show_progress: bool | None, total: int | None, after_first: Callable[[Any], None] | None = None) -> None:
+               show_progress: bool | None, total: int | None, after_first: Callable[[Any, Any], None] | None = None) -> None:
     """The calibration loop: each batch (adapted by ``input_fn``) through ``prepared``, with progress.
 
-    ``after_first(output)`` runs once the first batch is in, for checks that need one batch and must not wait
+    ``after_first(output, batch)`` runs once the first batch is in, for checks that need one batch and must not wait
     for all of them.
     """
     seen = 0
     for batch in progress(batches, desc="calibrating", total=total, enabled=show_progress):
+        if len(prepared.kept_raw) < prepared.keep_batches:  # cloned: a loader may reuse its buffers
+            prepared.kept_raw.append(pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), batch))
         out = prepared.calibrate_batch(adapt_batch(batch, input_fn, prepared.batches))
         if seen == 0 and after_first is not None:
-            after_first(out)
+            after_first(out, prepared.kept_raw[0] if prepared.kept_raw else batch)
         seen += 1
     if seen == 0:
         raise no_batches(batches)
     log.info("calibrated on %d batches", seen)
 
 
-def _first_batch_checks(prepared: PreparedModel, config: MethodConfig) -> Callable[[Any], None] | None:
-    """What transform checks on the first batch's output rather than after the whole calibration."""
+def _first_batch_checks(prepared: PreparedModel, config: MethodConfig) -> Callable[[Any, Any], None] | None:
+    """What transform checks on the first batch's output (and the batch) rather than after the whole calibration."""
+    if isinstance(config, Dwain):
+        from fxdeco.methods.dwain.search import check_loss
+
+        def check_dwain(output: Any, batch: Any) -> None:
+            check_loss(config.loss_fn, output, batch, 0)  # a bad loss_fn fails now, not after calibration
+            if math.isfinite(config.nsr_final_threshold):
+                select_output(output, prepared.output_fn)
+        return check_dwain
     if not isinstance(config, Falor):
         return None
 
-    def check(output: Any) -> None:
+    def check(output: Any, batch: Any) -> None:
         if config.mode == "final-output":
             select_output(output, prepared.output_fn)  # a tuple/dict/ModelOutput needs output_fn: say so now
         check_budget_reachable(prepared, config)

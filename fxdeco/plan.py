@@ -28,6 +28,8 @@ class LayerDecision:
     nsr_final: float | None = None
     kl_final: float | None = None
     probes: int = 0
+    # dwain: the relative perplexity increase (exp(loss') - exp(loss)) / exp(loss) measured at ``rank``
+    ppl_diff: float | None = None
     # output rows the statistics saw (padding excluded); fewer than ``full_rank`` means the spectrum was cut by
     # the amount of data, not by the layer (see :meth:`too_little_data`)
     calib_rows: float | None = None

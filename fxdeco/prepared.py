@@ -128,6 +128,9 @@ class PreparedModel(nn.Module):
         # the first calibration batches (flat placeholder values), falor's metric batches in final-output mode
         self.keep_batches = keep_batches
         self.kept_inputs: list[list[Any]] = []
+        # the same batches as the loader yielded them, before input_fn (fxdeco.calibrate keeps them): what a loss
+        # function reads its targets from (dwain's loss_fn)
+        self.kept_raw: list[Any] = []
         # output-gradient moments per layer (passes.sensitivity): one extra backward pass per batch
         self.sensitivity_moments: dict[str, torch.Tensor] | None = {} if sensitivity else None
         self.sensitivity_samples = 0

@@ -11,7 +11,7 @@ from passes.capture import CaptureError, GraphTracer, export_capture, training_m
 from passes.cost import CostProp, NodeCost, graph_macs
 from passes.inputs import flatten_inputs
 from passes.lift import lift_parameters
-from passes.replay import GraphWalk
+from passes.replay import GraphWalk, RecordedRun
 from passes.rewrite import FactoredLayer, Factorization, factorize_sites
 from passes.sensitivity import SensitivityInterpreter
 from passes.sites import Site, SkippedSite, find_sites, remove_dead_sites
@@ -24,6 +24,7 @@ __all__ = [
     "Factorization",
     "GraphTracer",
     "GraphWalk",
+    "RecordedRun",
     "LeadingDimWeights",
     "NodeCost",
     "Site",

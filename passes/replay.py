@@ -95,15 +95,90 @@ class GraphWalk(torch.fx.Interpreter):
         value; overrides of later nodes apply when the replay reaches them. The
         walk itself is unchanged.
         """
-        env = dict(self.env)
-        current = self.order[self.next_index - 1] if self.next_index else None
+        return self._replay_after(dict(self.env), self.next_index - 1, overrides)
+
+    def _replay_after(self, env: dict[torch.fx.Node, Any], index: int, overrides: Mapping[str, Override]) -> Any:
+        """Run the nodes after position ``index`` on ``env`` (the values they read), overrides applied."""
+        current = self.order[index] if index >= 0 else None
         if current is not None and current.name in overrides and current in env:
             env[current] = overrides[current.name](env[current])
         output: Any = None
-        for node in self.order[self.next_index:]:
+        for node in self.order[index + 1:]:
             value = self._run(node, env, overrides)
             cost = node.meta.get("cost")
             self.replayed_macs += cost.macs if cost is not None else 0
             if node.op == "output":
                 output = value
         return self.module.graph._codegen.process_outputs(output)
+
+
+class RecordedRun(GraphWalk):
+    """A reference run of ``gm`` that can replay the rest of the graph from any of some ``starts`` nodes.
+
+    :class:`GraphWalk` only goes forward; a method that visits layers from the
+    last to the first (dwain) needs suffix replays in any order. The reference
+    forward runs once, and keeps every value that some replay will read: the
+    values computed at or before a start node and read after it (on a
+    transformer: the residual stream at each layer, and the layer's own
+    output). Memory: those values, not every activation.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> gm = torch.fx.symbolic_trace(model)
+        >>> run = RecordedRun(gm, [torch.randn(3, 4)], starts=["_0", "_2"])
+        >>> out = run.replay_from("_2", {"_2": torch.zeros_like})   # the last layer's output zeroed
+        >>> bool((out == 0).all()), torch.equal(run.replay_from("_0", {}), run.result)
+        (True, True)
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], starts: Sequence[str]) -> None:
+        super().__init__(gm, flat_inputs)
+        by_name = {n.name: n for n in self.order}
+        missing = [s for s in starts if s not in by_name]
+        if missing:
+            raise KeyError(f"no node named {missing[0]!r} in the graph")
+        start_positions = sorted(self.position[by_name[s]] for s in starts)
+
+        def read_after_a_start(node: torch.fx.Node) -> bool:
+            p, last = self.position[node], self.last_use[node]
+            return any(p <= s and (s < last or s == p) for s in start_positions)
+
+        kept: dict[torch.fx.Node, Any] = {}
+        env: dict[torch.fx.Node, Any] = {}
+        self.env = kept  # replays copy on write what an in-place op would change in here (GraphWalk._run)
+        for node in self.order:
+            if has_side_effects(node):  # the recording itself must not change a kept value either
+                for used in node.all_input_nodes:
+                    if used in kept and env.get(used) is kept[used] and isinstance(kept[used], torch.Tensor):
+                        kept[used] = kept[used].clone()
+            saved, self.env = self.env, env
+            try:
+                value = self.run_node(node)
+            finally:
+                self.env = saved
+            env[node] = value
+            if read_after_a_start(node):
+                kept[node] = value
+            for used in node.all_input_nodes:
+                if self.last_use[used] <= self.position[node] and used in env:
+                    del env[used]
+            if node.op == "output":
+                self.result = self.module.graph._codegen.process_outputs(value)  # the graph's output
+        self.next_index = len(self.order)
+
+    def replay_from(self, start: str, overrides: Mapping[str, Override]) -> Any:
+        """The graph's output when the nodes after ``start`` run again with ``overrides`` applied.
+
+        ``overrides`` maps node names to functions of the node's value in the
+        replay (the reference value for ``start`` itself); nodes up to
+        ``start`` keep their recorded values. The recording is unchanged.
+        """
+        node = next((n for n in self.order if n.name == start), None)
+        if node is None:
+            raise KeyError(f"no node named {start!r} in the graph")
+        at = self.position[node]
+        env = {n: v for n, v in self.env.items() if self.position[n] <= at < self.last_use[n] or n is node}
+        if node not in env:
+            raise ValueError(f"node {start!r} was not among the starts this run was recorded for")
+        return self._replay_after(env, at, overrides)

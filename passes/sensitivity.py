@@ -53,8 +53,12 @@ class SensitivityInterpreter(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, sites: Iterable[Site],
                  output_fn: Callable[[Any], torch.Tensor] = first_tensor,
                  generator: torch.Generator | None = None, moments: dict[str, torch.Tensor] | None = None,
-                 output_scale: torch.Tensor | None = None, defer_commit: bool = False) -> None:
+                 output_scale: torch.Tensor | None = None, defer_commit: bool = False,
+                 random_projection: bool = True) -> None:
         super().__init__(gm)
+        # False: differentiate the sum of output_fn's value itself (a scalar loss: the moments are then the
+        # loss gradient's, an empirical Fisher at each site's output)
+        self.random_projection = random_projection
         # like passes.stats.StatsInterpreter: a batch's moments are added once its backward pass has finished
         # (by commit(), called at the end of run() unless defer_commit)
         self.defer_commit = defer_commit
@@ -123,7 +127,8 @@ class SensitivityInterpreter(torch.fx.Interpreter):
         final = self.output_fn(out)
         if not self._outputs or not final.requires_grad:
             return
-        u = torch.randn(final.shape, generator=self.generator, dtype=final.dtype).to(final.device)
+        u = torch.randn(final.shape, generator=self.generator, dtype=final.dtype).to(final.device) \
+            if self.random_projection else torch.ones_like(final)
         if self.output_scale is not None:
             u = u * self.output_scale.to(device=final.device, dtype=final.dtype)
         grads = torch.autograd.grad((final * u).sum(), [y for _, y in self._outputs], allow_unused=True)

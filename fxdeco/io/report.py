@@ -35,14 +35,17 @@ class Report:
 
     def table(self, fmt: str = "simple") -> str:
         timed = any(r.get("ms_dense") is not None for r in self.rows)  # falor measured latency: show it
-        headers = ["layer", "kind", "weight", "rank", "params", "MACs", *(["ms"] if timed else []), "nsr", "note"]
+        lossy = any(r.get("ppl_diff") is not None for r in self.rows)  # dwain measured the loss: show it
+        headers = ["layer", "kind", "weight", "rank", "params", "MACs", *(["ms"] if timed else []), "nsr",
+                   *(["ppl_diff", "probes"] if lossy else []), "note"]
         body = [
             [r["name"], r["kind"], "x".join(map(str, r["weight_shape"])) if r["weight_shape"] else "-",
              f"{r['rank']}/{r['full_rank']}" if r["rank"] else (f"-/{r['full_rank']}" if r["full_rank"] else "-"),
              f"{human(r['params_before'])} -> {human(r['params_after'])}" if r["params_before"] is not None else "-",
              f"{human(r['macs_before'])} -> {human(r['macs_after'])}" if r["macs_before"] is not None else "-",
              *([_ms_cell(r.get("ms_dense"), r.get("ms_factored"))] if timed else []),
-             f"{r['nsr']:.4f}" if r["nsr"] is not None else "-", r["note"]]
+             _nsr_cell(r),
+             *([_fmt(r.get("ppl_diff"), ".4f"), r.get("probes") or "-"] if lossy else []), r["note"]]
             for r in self.rows
         ]
         t = self.totals
@@ -52,7 +55,7 @@ class Report:
                      f"{human(t['params_before'])} -> {human(t['params_after'])} ({t['params_after'] / t['params_before']:.1%})",
                      f"{human(t['macs_before'])} -> {human(t['macs_after'])}"
                      + (f" ({t['macs_after'] / t['macs_before']:.1%})" if t["macs_before"] else ""),
-                     *([latency] if timed else []), "", ""])
+                     *([latency] if timed else []), "", *(["", t.get("probes") or ""] if lossy else []), ""])
         return tabulate(body, headers=headers, tablefmt=fmt)
 
     def __str__(self) -> str:
@@ -64,6 +67,7 @@ def _decision_row(d: LayerDecision) -> dict[str, Any]:
             "full_rank": d.full_rank, "params_before": d.params_before, "params_after": d.params_after,
             "macs_before": d.macs_before, "macs_after": d.macs_after, "nsr": d.nsr,
             "calib_rows": d.calib_rows, "ms_dense": _ms(d.seconds_dense), "ms_factored": _ms(d.seconds_factored),
+            "nsr_final": d.nsr_final, "ppl_diff": d.ppl_diff, "probes": d.probes,
             "note": ("decomposed" if d.decomposed else f"kept: {d.reason}")
             + (f" (TOO LITTLE DATA: {d.calib_rows:.0f} calibration rows < full rank {d.full_rank})"
                if d.too_little_data else "")}
@@ -72,7 +76,19 @@ def _decision_row(d: LayerDecision) -> dict[str, Any]:
 def _other_row(name: str, note: str) -> dict[str, Any]:
     return {"name": name, "kind": "-", "weight_shape": None, "rank": None, "full_rank": None,
             "params_before": None, "params_after": None, "macs_before": None, "macs_after": None,
-            "nsr": None, "calib_rows": None, "ms_dense": None, "ms_factored": None, "note": note}
+            "nsr": None, "calib_rows": None, "ms_dense": None, "ms_factored": None, "nsr_final": None,
+            "ppl_diff": None, "probes": None, "note": note}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _nsr_cell(row: dict[str, Any]) -> str:
+    """The layer-output NSR falor predicted, else the final-output NSR a method measured (``"out 0.0123"``)."""
+    if row["nsr"] is not None:
+        return f"{row['nsr']:.4f}"
+    return f"out {row['nsr_final']:.4f}" if row.get("nsr_final") is not None else "-"
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -111,6 +127,7 @@ def report(gm: torch.fx.GraphModule) -> Report:
         "params_after": info.params_after,
         "macs_before": info.macs_before,
         "macs_after": info.macs_after,
+        "probes": info.summary.get("probes"),  # final-output measurements (falor's final-output mode, dwain)
         # measured end to end on the calibration batch, when falor timed the model (milliseconds per call)
         **{f"ms_{k}": _ms(info.summary.get(f"latency_{k}_s")) for k in ("original", "predicted", "measured")},
     }

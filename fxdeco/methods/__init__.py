@@ -14,11 +14,12 @@ import difflib
 from typing import Any
 
 from fxdeco.methods.base import MethodConfig
+from fxdeco.methods.dwain.config import Dwain
 from fxdeco.methods.falor.config import Falor
 from fxdeco.methods.lockd.config import Lockd
 
 # method name -> its config class
-METHODS: dict[str, type[MethodConfig]] = {"falor": Falor, "lockd": Lockd}
+METHODS: dict[str, type[MethodConfig]] = {"falor": Falor, "lockd": Lockd, "dwain": Dwain}
 
 
 def option_names(config_class: type[MethodConfig]) -> list[str]:
@@ -55,4 +56,4 @@ def method_config(method: str | MethodConfig = "falor", **options: Any) -> Metho
     return METHODS[method](**options)
 
 
-__all__ = ["METHODS", "Falor", "Lockd", "MethodConfig", "method_config", "option_names"]
+__all__ = ["METHODS", "Dwain", "Falor", "Lockd", "MethodConfig", "method_config", "option_names"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from passes import CostProp, GraphWalk, flatten_inputs
+from passes import CostProp, GraphWalk, RecordedRun, flatten_inputs
 from tests.models import Residual, residual_batches as _batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,3 +117,37 @@ def test_replays_count_the_macs_of_the_nodes_they_run() -> None:
     assert walk.replayed_macs == 3 * 2 * 8  # the second Linear only: the first had already run
     walk.replay({})
     assert walk.replayed_macs == 2 * 3 * 2 * 8
+
+
+# ----------------------------------------------------------------------------- RecordedRun (dwain's replays)
+
+
+def test_a_recorded_run_replays_from_any_start_in_any_order() -> None:
+    model = Residual().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x, image = _batches(1)[0]
+    starts = ["inp", "mid", "mid_1", "conv", "out"]
+    run = RecordedRun(gm, flatten_inputs(gm, (x, image), {}), starts)
+    with torch.no_grad():
+        torch.testing.assert_close(run.result, model(x, image))
+        for start in reversed(starts):  # last first, as dwain goes
+            walk = GraphWalk(gm, flatten_inputs(gm, (x, image), {}))
+            walk.advance_to(start)
+            changed = {start: lambda y: 0.5 * y, "out": lambda y: y + 1}
+            torch.testing.assert_close(run.replay_from(start, changed), walk.replay(changed))
+    # it keeps what replays from the starts read, not every activation
+    assert len(run.env) < len(list(gm.graph.nodes))
+    with pytest.raises(ValueError, match="not among the starts"):
+        run.replay_from("tanh", {})
+
+
+def test_a_recorded_run_survives_in_place_ops() -> None:
+    torch.manual_seed(0)
+    model = InPlaceResidual(True)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        reference = model(x)
+        run = RecordedRun(torch.fx.symbolic_trace(model), [x], ["fc0", "fc1"])
+        for _ in range(3):  # x0 doubled in place must double a copy, every time
+            torch.testing.assert_close(run.replay_from("fc1", {"fc1": lambda v: v}), reference)
+            torch.testing.assert_close(run.replay_from("fc0", {}), reference)

@@ -74,3 +74,19 @@ def test_first_tensor_finds_the_first_floating_point_leaf() -> None:
     assert first_tensor({"ids": torch.tensor([1, 2]), "out": (logits, torch.randn(2))}) is logits
     with pytest.raises(TypeError, match="holds no floating-point tensor; pass output_fn"):
         first_tensor((torch.tensor([1, 2]), "text"))
+
+
+def test_without_a_random_projection_the_moments_are_the_scalar_loss_gradients() -> None:
+    from passes.sites import find_sites
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    gm = torch.fx.symbolic_trace(model)
+    sites, _ = find_sites(gm)
+    x = torch.randn(5, 4)
+    interp = SensitivityInterpreter(gm, sites, output_fn=lambda out: out.square().mean(), random_projection=False)
+    interp.run(x)
+    hidden = model[0](x).detach().requires_grad_()
+    (grad,) = torch.autograd.grad(model[2](torch.tanh(hidden)).square().mean(), hidden)
+    torch.testing.assert_close(interp.moments["0"], (grad.T @ grad).double())
+    assert interp.samples == 1  # a scalar: one sample per batch
