@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import logging
 import operator
+import sys
 import traceback
 from typing import Any, Callable, Iterable, Iterator
 
@@ -26,7 +27,14 @@ log = logging.getLogger(__name__)
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    """timm's registries of modules/functions that must not be traced through."""
+    """timm's registries of modules/functions that must not be traced through.
+
+    Read only when timm is already imported: a timm model's modules import it,
+    and importing it for any other model costs about 2 s (it pulls in
+    torchvision and torch._dynamo).
+    """
+    if "timm" not in sys.modules:
+        return (), ()
     try:
         from timm.layers import _fx as timm_fx
     except ImportError:

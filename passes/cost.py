@@ -73,9 +73,16 @@ ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention, aten.scaled_dot_product_a
                        aten._scaled_dot_product_efficient_attention.default}
 COUNTED_FUNCTIONS = (LINEAR_FUNCTIONS | CONV_FUNCTIONS | TRANSPOSED_CONV_FUNCTIONS | MATMUL_FUNCTIONS | ADDMM_FUNCTIONS
                      | ATTENTION_FUNCTIONS | {aten.convolution.default})
+# (embedding lookups compute no products; counted here, they also stay out of the aten-level counter, under which
+# torch.embedding imports torch._dynamo: 1.5 s the first time in a process)
 COUNTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                   nn.ConvTranspose3d, nn.MultiheadAttention)
+                   nn.ConvTranspose3d, nn.MultiheadAttention, nn.Embedding, nn.EmbeddingBag)
 COUNTED_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+# Python operators that compute no matrix products (operator.matmul is among MATMUL_FUNCTIONS): no need to watch
+# them at aten level (indexing a Parameter under the aten-level counter imports torch._dynamo, about 1 s)
+PRODUCT_FREE_FUNCTIONS = {getattr(operator, name) for name in (
+    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "eq", "ne", "lt", "le", "gt",
+    "ge", "and_", "or_", "xor", "invert", "not_", "iadd", "isub", "imul", "itruediv")} | {getattr}
 
 
 def _get(args: tuple, kwargs: dict, index: int, name: str) -> Any:
@@ -181,7 +188,7 @@ class CostProp(torch.fx.Interpreter):
         if n.op == "call_module":
             return isinstance(self.module.get_submodule(n.target), COUNTED_MODULES)
         if n.op == "call_function":
-            return n.target in COUNTED_FUNCTIONS
+            return n.target in COUNTED_FUNCTIONS or n.target in PRODUCT_FREE_FUNCTIONS
         if n.op == "call_method":
             return n.target in COUNTED_METHODS
         return True

@@ -30,6 +30,10 @@ from passes.sites import has_side_effects
 
 # A node output replacement: the reference value in, the value to use downstream out.
 Override = Callable[[Any], Any]
+# A node computation replacement: (the name of the node whose value it reads, the function of that value). The
+# node itself is not run (a factored layer computed from the layer's input, instead of the dense layer and a
+# projection of its output).
+Replacement = tuple[str, Callable[[Any], Any]]
 
 
 class GraphWalk(torch.fx.Interpreter):
@@ -46,6 +50,7 @@ class GraphWalk(torch.fx.Interpreter):
         self.position = {n: i for i, n in enumerate(self.order)}
         self.last_use = {n: max((self.position[u] for u in n.users), default=self.position[n])
                          for n in self.order}
+        self.by_name = {n.name: n for n in self.order}
         self.env: dict[torch.fx.Node, Any] = {}
         self.args_iter = iter(flat_inputs)
         self.next_index = 0  # the first node not yet run
@@ -53,7 +58,14 @@ class GraphWalk(torch.fx.Interpreter):
         self.replayed_macs = 0
 
     def _run(self, node: torch.fx.Node, env: dict[torch.fx.Node, Any],
-             overrides: Mapping[str, Override] | None = None) -> Any:
+             overrides: Mapping[str, Override] | None = None,
+             replacements: Mapping[str, Replacement] | None = None) -> Any:
+        if replacements and node.name in replacements:
+            source, compute = replacements[node.name]
+            value = compute(env[self.by_name[source]])
+            env[node] = value
+            self._free(node, env)
+            return value
         if env is not self.env and has_side_effects(node):
             # an in-place op in a replay must not change a value the walk itself holds (a residual input,
             # a site's reference output): it works on a copy
@@ -68,11 +80,14 @@ class GraphWalk(torch.fx.Interpreter):
         if overrides and node.name in overrides:
             value = overrides[node.name](value)
         env[node] = value
-        # Free what no later node reads (replays start from a copy, so this never touches the walk).
+        self._free(node, env)
+        return value
+
+    def _free(self, node: torch.fx.Node, env: dict[torch.fx.Node, Any]) -> None:
+        """Drop what no later node reads (replays start from a copy, so this never touches the walk)."""
         for used in node.all_input_nodes:
             if self.last_use[used] <= self.position[node] and used in env:
                 del env[used]
-        return value
 
     def advance_to(self, name: str) -> Any:
         """Run the reference graph up to and including the node ``name``; return its value."""
@@ -97,14 +112,15 @@ class GraphWalk(torch.fx.Interpreter):
         """
         return self._replay_after(dict(self.env), self.next_index - 1, overrides)
 
-    def _replay_after(self, env: dict[torch.fx.Node, Any], index: int, overrides: Mapping[str, Override]) -> Any:
+    def _replay_after(self, env: dict[torch.fx.Node, Any], index: int, overrides: Mapping[str, Override],
+                      replacements: Mapping[str, Replacement] | None = None) -> Any:
         """Run the nodes after position ``index`` on ``env`` (the values they read), overrides applied."""
         current = self.order[index] if index >= 0 else None
         if current is not None and current.name in overrides and current in env:
             env[current] = overrides[current.name](env[current])
         output: Any = None
         for node in self.order[index + 1:]:
-            value = self._run(node, env, overrides)
+            value = self._run(node, env, overrides, replacements)
             cost = node.meta.get("cost")
             self.replayed_macs += cost.macs if cost is not None else 0
             if node.op == "output":
@@ -141,8 +157,9 @@ class RecordedRun(GraphWalk):
         start_positions = sorted(self.position[by_name[s]] for s in starts)
 
         def read_after_a_start(node: torch.fx.Node) -> bool:
+            # the start's own value (replays after it), and what is read at or after it (replays from it)
             p, last = self.position[node], self.last_use[node]
-            return any(p <= s and (s < last or s == p) for s in start_positions)
+            return any(p == s or p < s <= last for s in start_positions)
 
         kept: dict[torch.fx.Node, Any] = {}
         env: dict[torch.fx.Node, Any] = {}
@@ -167,18 +184,24 @@ class RecordedRun(GraphWalk):
                 self.result = self.module.graph._codegen.process_outputs(value)  # the graph's output
         self.next_index = len(self.order)
 
-    def replay_from(self, start: str, overrides: Mapping[str, Override]) -> Any:
+    def replay_from(self, start: str, overrides: Mapping[str, Override],
+                    replacements: Mapping[str, Replacement] | None = None) -> Any:
         """The graph's output when the nodes after ``start`` run again with ``overrides`` applied.
 
         ``overrides`` maps node names to functions of the node's value in the
-        replay (the reference value for ``start`` itself); nodes up to
-        ``start`` keep their recorded values. The recording is unchanged.
+        replay (the reference value for ``start`` itself); nodes before
+        ``start`` keep their recorded values. ``replacements`` compute nodes
+        from another node's value instead of running them (``start`` included:
+        it is then computed from its recorded input). The recording is unchanged.
         """
-        node = next((n for n in self.order if n.name == start), None)
+        node = self.by_name.get(start)
         if node is None:
             raise KeyError(f"no node named {start!r} in the graph")
         at = self.position[node]
-        env = {n: v for n, v in self.env.items() if self.position[n] <= at < self.last_use[n] or n is node}
-        if node not in env:
+        if node not in self.env:
             raise ValueError(f"node {start!r} was not among the starts this run was recorded for")
-        return self._replay_after(env, at, overrides)
+        if replacements and start in replacements:
+            env = {n: v for n, v in self.env.items() if self.position[n] < at <= self.last_use[n]}
+            return self._replay_after(env, at - 1, overrides, replacements)
+        env = {n: v for n, v in self.env.items() if self.position[n] <= at < self.last_use[n] or n is node}
+        return self._replay_after(env, at, overrides, replacements)

@@ -110,14 +110,14 @@ def test_candidate_ranks_halve_down_to_min_rank() -> None:
 
 def test_layers_are_tried_last_first(monkeypatch: pytest.MonkeyPatch) -> None:
     tried: list[str] = []
-    real = search.projection
+    real = search.substitute
 
-    def spy(site, spec, bias, rank):
+    def spy(graph, site, *args):
         if not tried or tried[-1] != site.target:
             tried.append(site.target)
-        return real(site, spec, bias, rank)
+        return real(graph, site, *args)
 
-    monkeypatch.setattr(search, "projection", spy)
+    monkeypatch.setattr(search, "substitute", spy)
     _transform(_config(trade_off_factor=5.0, skip=["head"], predict=False))
     assert tried == ["down2", "up2", "down1", "up1"]
 
@@ -251,3 +251,35 @@ def test_finetune_fn_is_called_after_each_accepted_layer_and_its_training_is_kep
 def test_finetune_fn_must_return_a_graph_or_none() -> None:
     with pytest.raises(TypeError, match="finetune_fn must return the graph"):
         _transform(_config(trade_off_factor=3.0, max_accepted_ppl_diff=0.3, finetune_fn=lambda g, names: 3))
+
+
+def _hf_causal_lm(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def hf_next_token_loss(output, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits, ids = output.logits[:, :-1], batch["input_ids"][:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids.reshape(-1))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_dwain_decomposes_hugging_face_causal_lms_with_any_sequence_length(kind: str) -> None:
+    model = _hf_causal_lm(kind)
+    g = torch.Generator().manual_seed(3)
+    calib = [{"input_ids": torch.randint(0, 100, (4, 16), generator=g)} for _ in range(3)]
+    config = fxdeco.Dwain(hf_next_token_loss, trade_off_factor=20.0, min_rank=8, skip=["lm_head"],
+                          show_progress=False)
+    small = fxdeco.transform(model, calib, config, output_fn=lambda out: out.logits, show_progress=False)
+    record = small.meta["fxdeco"]
+    assert record.capture == "export"
+    assert sum(d.decomposed for d in record.decisions) > 0
+    longer = {"input_ids": torch.randint(0, 100, (2, 24), generator=g)}  # not the calibration's length
+    with torch.no_grad():
+        assert small(**longer).logits.shape == model(**longer).logits.shape == (2, 24, 100)

@@ -151,3 +151,19 @@ def test_a_recorded_run_survives_in_place_ops() -> None:
         for _ in range(3):  # x0 doubled in place must double a copy, every time
             torch.testing.assert_close(run.replay_from("fc1", {"fc1": lambda v: v}), reference)
             torch.testing.assert_close(run.replay_from("fc0", {}), reference)
+
+
+def test_a_replacement_computes_a_node_from_its_input_instead_of_running_it() -> None:
+    model = _mlp()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(3, 4)
+    run = RecordedRun(gm, [x], ["_0", "_2"])
+    half = model[0].weight.detach() * 0.5
+    with torch.no_grad():
+        # the first layer with half its weight, computed from the recorded input x (the start itself replaced)
+        replaced = run.replay_from("_0", {}, {"_0": ("input_1", lambda v: v @ half.T + model[0].bias)})
+        expected = model[2](torch.relu(x @ half.T + model[0].bias))
+        torch.testing.assert_close(replaced, expected)
+        # a replacement further down applies when the replay reaches it
+        zeroed = run.replay_from("_0", {}, {"_2": ("_1", lambda v: torch.zeros(v.shape[0], 2))})
+        assert torch.equal(zeroed, torch.zeros(3, 2))
