@@ -71,6 +71,7 @@ def prepare(
     output_fn: OutputFn | None = None,
     keep_batches: int = 2,
     stat_dtype: torch.dtype | None = None,
+    sensitivity_loss: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> PreparedModel:
     """Capture ``model`` and return a :class:`PreparedModel` that collects statistics when called.
 
@@ -91,7 +92,11 @@ def prepare(
     ``sensitivity=True`` also collects, with one backward pass per batch, how much
     each layer's output moves the final output (``passes.sensitivity``); falor's
     budget mode then allocates ranks by predicted final-output error
-    (:func:`transform` turns it on by itself in budget mode).
+    (:func:`transform` turns it on by itself in budget mode). With
+    ``sensitivity_loss=loss_fn`` (``loss_fn(output, batch) -> scalar``, ``batch``
+    as the loader yields it) the moments are those of that loss's gradient
+    instead (an empirical Fisher): the budget then weighs layers by how much they
+    raise the loss (``fxdeco.Falor(keep_params=..., loss_fn=...)``).
     ``output_fn(output) -> tensor`` selects the tensor that final-output criteria
     compare when the model returns a tuple, dict or ``ModelOutput``
     (``output_fn=lambda out: out.logits``). The first ``keep_batches``
@@ -141,8 +146,12 @@ def prepare(
         raise NoSitesError(f"{type(model).__name__} has no decomposable Linear/Conv2d layer ({reasons})")
     log.info("prepared %d layers for calibration (%d skipped, %d dead)", len({s.target for s in sites}),
              len(skipped), len(removed))
-    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights, stat_mask_fn, sensitivity,
-                         output_fn=output_fn, keep_batches=keep_batches, stat_dtype=stat_dtype)
+    if sensitivity_loss is not None and not callable(sensitivity_loss):
+        raise TypeError(f"sensitivity_loss must be a function (output, batch) -> scalar, got "
+                        f"{type(sensitivity_loss).__name__}")
+    return PreparedModel(gm, sites, skipped, removed, params_original, row_weights, stat_mask_fn,
+                         sensitivity or sensitivity_loss is not None, output_fn=output_fn, keep_batches=keep_batches,
+                         stat_dtype=stat_dtype, sensitivity_loss=sensitivity_loss)
 
 
 @torch.inference_mode(False)
@@ -246,7 +255,7 @@ def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callab
     for batch in progress(batches, desc="calibrating", total=total, enabled=show_progress):
         if len(prepared.kept_raw) < prepared.keep_batches:  # cloned: a loader may reuse its buffers
             prepared.kept_raw.append(pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), batch))
-        out = prepared.calibrate_batch(adapt_batch(batch, input_fn, prepared.batches))
+        out = prepared.calibrate_batch(adapt_batch(batch, input_fn, prepared.batches), loss_batch=batch)
         if seen == 0 and after_first is not None:
             after_first(out, prepared.kept_raw[0] if prepared.kept_raw else batch)
         seen += 1
@@ -373,7 +382,8 @@ def transform(
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
                        sensitivity=config.needs_sensitivity, output_fn=output_fn, keep_batches=config.kept_batches,
-                       stat_dtype=stat_dtype)
+                       stat_dtype=stat_dtype,
+                       sensitivity_loss=getattr(config, "loss_fn", None) if config.needs_sensitivity else None)
     _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
                after_first=_first_batch_checks(prepared, config))
     return convert(prepared, config)

@@ -121,6 +121,7 @@ class PreparedModel(nn.Module):
         output_fn: OutputFn | None = None,
         keep_batches: int = 2,
         stat_dtype: torch.dtype | None = None,
+        sensitivity_loss: Callable[[Any, Any], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.stat_dtype = stat_dtype  # precision of each batch's products (passes.stats.SiteStatistics.update)
@@ -134,6 +135,9 @@ class PreparedModel(nn.Module):
         # output-gradient moments per layer (passes.sensitivity): one extra backward pass per batch
         self.sensitivity_moments: dict[str, torch.Tensor] | None = {} if sensitivity else None
         self.sensitivity_samples = 0
+        # with a loss (loss_fn(output, batch) -> scalar), the moments are the loss gradient's (an empirical Fisher)
+        # instead of those of random projections of the output; calibrate_batch then needs the loader's batch
+        self.sensitivity_loss = sensitivity_loss
         self._projections = torch.Generator().manual_seed(0)
         self.gm = gm
         self.sites = sites
@@ -185,9 +189,9 @@ class PreparedModel(nn.Module):
                 f"calibration batch {self.batches}: this model was prepared with stat_mask_fn, which reads whole "
                 "loader batches; call prepared.calibrate_batch(batch) (or fxdeco.calibrate), or pass the mask "
                 "yourself: prepared(..., stat_mask=batch['attention_mask'])")
-        return self._run(args, kwargs, stat_mask)
+        return self._run(args, kwargs, stat_mask, None)
 
-    def calibrate_batch(self, batch: Any) -> Any:
+    def calibrate_batch(self, batch: Any, loss_batch: Any = None) -> Any:
         """Run one batch as the loader yields it (after any ``input_fn``); return the model's outputs.
 
         A tensor is the positional input, a tuple/list the positional inputs, a
@@ -218,7 +222,7 @@ class PreparedModel(nn.Module):
                 raise CalibrationError(f"stat_mask_fn failed on calibration batch {self.batches}: "
                                        f"{type(exc).__name__}: {exc}") from exc
         args, kwargs = as_call(batch)
-        return self._run(args, kwargs, mask)
+        return self._run(args, kwargs, mask, batch if loss_batch is None else loss_batch)
 
     def _row_weights(self, mask: Any, index: int) -> tuple[RowWeights | None, LeadingDimWeights | None]:
         if mask is None:
@@ -235,7 +239,7 @@ class PreparedModel(nn.Module):
                       "the leading dimensions of a Linear's input/output, e.g. (batch, tokens); seen: "
                       f"{shapes}); the statistics are unmasked", UserWarning, stacklevel=4)
 
-    def _run(self, args: tuple, kwargs: dict[str, Any], stat_mask: Any) -> Any:
+    def _run(self, args: tuple, kwargs: dict[str, Any], stat_mask: Any, loss_batch: Any) -> Any:
         """Run one batch; its statistics are added all at once at the end, or not at all.
 
         Every pass over the batch (statistics, the first batch's cost analysis,
@@ -281,9 +285,22 @@ class PreparedModel(nn.Module):
         sensitivity = None
         if self.sensitivity_moments is not None:
             with eval_mode(self.gm):
-                sensitivity = SensitivityInterpreter(self.gm, self.sites, generator=self._projections,
-                                                     moments=self.sensitivity_moments, defer_commit=True,
-                                                     output_fn=lambda out: select_output(out, self.output_fn))
+                if self.sensitivity_loss is None:
+                    sensitivity = SensitivityInterpreter(self.gm, self.sites, generator=self._projections,
+                                                         moments=self.sensitivity_moments, defer_commit=True,
+                                                         output_fn=lambda out: select_output(out, self.output_fn))
+                else:
+                    from fxdeco.methods.dwain.search import check_loss  # the loss's checks, named by batch
+
+                    if loss_batch is None:
+                        raise CalibrationError("this model was prepared with a loss (sensitivity_loss), which reads "
+                                               "the loader's batches: feed it with fxdeco.calibrate or "
+                                               "prepared.calibrate_batch(batch)")
+                    sensitivity = SensitivityInterpreter(
+                        self.gm, self.sites, moments=self.sensitivity_moments, defer_commit=True,
+                        random_projection=False,
+                        output_fn=lambda out: check_loss(self.sensitivity_loss, out, loss_batch, index,
+                                                             "calibration batch"))
                 sensitivity.run(*flat)
         with interrupts_deferred():
             interpreter.commit()

@@ -32,6 +32,12 @@ class MethodConfig:
                 if getattr(self, f.name) != f.default}
 
     def recorded_options(self) -> dict[str, Any]:
-        """:meth:`options` that are plain data (callables and tensors left out): what a decomposed model and its
-        plan.json record."""
-        return {k: v for k, v in self.options().items() if isinstance(v, (int, float, str, bool, tuple, list))}
+        """:meth:`options` as plain data: what a decomposed model and its plan.json record. A function (a loss)
+        is recorded by its name; other objects (tensors) are left out."""
+        recorded = {}
+        for k, v in self.options().items():
+            if isinstance(v, (int, float, str, bool, tuple, list)):
+                recorded[k] = v
+            elif callable(v):
+                recorded[k] = getattr(v, "__qualname__", type(v).__name__)
+        return recorded

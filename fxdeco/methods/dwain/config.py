@@ -133,11 +133,3 @@ class Dwain(MethodConfig):
             rank = max(int(rank * self.reduction_factor), self.min_rank)
             ranks.append(rank)
         return [k for k in ranks if site.saves_params(k)]
-
-    def recorded_options(self) -> dict[str, Any]:
-        """The plain-data options (loss_fn and finetune_fn are named, not stored)."""
-        recorded = super().recorded_options()
-        recorded["loss_fn"] = getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
-        if self.finetune_fn is not None:
-            recorded["finetune_fn"] = getattr(self.finetune_fn, "__qualname__", type(self.finetune_fn).__name__)
-        return recorded

@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 SCREEN = 3.0
 
 
-def check_loss(loss_fn: Callable[[Any, Any], torch.Tensor], output: Any, batch: Any, index: int) -> torch.Tensor:
+def check_loss(loss_fn: Callable[[Any, Any], torch.Tensor], output: Any, batch: Any, index: int,
+               what: str = "metric batch") -> torch.Tensor:
     """``loss_fn(output, batch)`` as a finite scalar tensor; anything else is an error naming the batch.
 
     Example:
@@ -72,15 +73,15 @@ a scalar (reduce the loss, e.g. with .mean())
     try:
         loss = loss_fn(output, batch)
     except Exception as exc:
-        raise CalibrationError(f"loss_fn failed on metric batch {index}: {type(exc).__name__}: {exc}") from exc
+        raise CalibrationError(f"loss_fn failed on {what} {index}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(loss, torch.Tensor):
-        raise CalibrationError(f"loss_fn returned a {type(loss).__name__} on metric batch {index}; it must return a "
+        raise CalibrationError(f"loss_fn returned a {type(loss).__name__} on {what} {index}; it must return a "
                                "scalar tensor")
     if loss.numel() != 1:
-        raise CalibrationError(f"loss_fn returned a tensor of shape {tuple(loss.shape)} on metric batch {index}; it "
+        raise CalibrationError(f"loss_fn returned a tensor of shape {tuple(loss.shape)} on {what} {index}; it "
                                "must return a scalar (reduce the loss, e.g. with .mean())")
     if not torch.isfinite(loss).all():
-        raise CalibrationError(f"loss_fn returned {float(loss)} on metric batch {index} of the original model; it "
+        raise CalibrationError(f"loss_fn returned {float(loss)} on {what} {index} of the original model; it "
                                "must be finite")
     return loss.reshape(())
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import statistics as stats_lib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -95,3 +95,40 @@ class FinalNsrMeter:
         """The probes' replays in whole forward passes over one metric batch (None before a cost pass)."""
         total = graph_macs(self.gm)
         return self.replayed_macs / total if total else None
+
+
+class LossMeter(FinalNsrMeter):
+    """Like :class:`FinalNsrMeter`, but measures how much a loss rises: ``loss_fn(output', batch) −
+    loss_fn(output, batch)`` with only the layer decomposed (falor's budget with ``loss_fn``).
+
+    ``batches`` are the loader's batches behind ``metric_inputs``, which ``loss_fn`` reads its targets from.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: Sequence[Site], metric_inputs: Sequence[Sequence[Any]],
+                 batches: Sequence[Any], loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
+        super().__init__(gm, sites, metric_inputs, None)
+        self.batches, self.loss_fn = list(batches), loss_fn
+        with eval_mode(gm), torch.no_grad():
+            self.losses = [float(loss_fn(torch.fx.Interpreter(gm).run(*flat), batch))
+                           for flat, batch in zip(self.metric_inputs, self.batches)]
+
+    def measure(self, ranks: Mapping[str, int], spectra: Mapping[str, Spectrum]) -> dict[str, float]:
+        """``{layer: mean rise of the loss with only that layer at ranks[layer]}`` over the metric batches."""
+        first = {t: min(self.nodes_of[t], key=self.order.__getitem__) for t in ranks}
+        result: dict[str, float] = {}
+        with eval_mode(self.gm), torch.no_grad():
+            walks = [GraphWalk(self.gm, flat) for flat in self.metric_inputs]
+            for target in sorted(ranks, key=lambda t: self.order[first[t]]):
+                site = self.site_of[target]
+                bias = fetch_attr(self.gm, site.bias) if site.bias else None
+                probe = Probe(site, self.nodes_of[target], spectra[target], bias, walks, [], None, 1.0, None)
+                project = probe.projection(ranks[target])
+                rises = []
+                for walk, batch, loss in zip(walks, self.batches, self.losses):
+                    walk.advance_to(first[target])
+                    out = walk.replay({name: project for name in self.nodes_of[target]})
+                    rises.append(float(self.loss_fn(out, batch)) - loss)
+                result[target] = sum(rises) / len(rises)
+                self.probes += 1
+            self.replayed_macs += sum(w.replayed_macs for w in walks)
+        return result

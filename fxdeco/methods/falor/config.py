@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from fxdeco.checks import check_count, check_number
 from fxdeco.methods.base import MethodConfig
@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 # Options only one of falor's modes reads. Set beside another mode's options they would be silently ignored.
 MODE_OPTIONS = {
     "local": ("nsr_threshold",),
-    "budget": ("keep_params", "keep_macs", "keep_latency", "budget_criterion", "budget_rounds", "latency_rounds"),
+    "budget": ("keep_params", "keep_macs", "keep_latency", "budget_criterion", "budget_rounds", "latency_rounds",
+               "loss_fn"),
     "final-output": ("nsr_final_threshold", "kl_final_threshold", "num_metric_batches", "max_probes", "rank_tolerance"),
 }
 
@@ -65,6 +66,10 @@ class Falor(MethodConfig):
     budget_criterion: str = "auto"
     # budget mode: rounds that measure each allocated layer at the output and re-allocate (0: prediction only)
     budget_rounds: int = 1
+    # budget mode: a loss, loss_fn(output, batch) -> scalar (batch as the loader yields it). Layers are then weighed
+    # by how much they raise it (its gradient's moments, and the loss measured in the rounds) instead of by the
+    # error of the output (random projections, and the final NSR)
+    loss_fn: Callable[[Any, Any], Any] | None = None
     # final-output mode: thresholds on the model's output with only the layer decomposed (NSR, symmetric KL)
     nsr_final_threshold: float | None = None
     kl_final_threshold: float | None = None
@@ -126,6 +131,11 @@ class Falor(MethodConfig):
         if self.rank_multiple != "auto":
             check_count("rank_multiple", self.rank_multiple)
         check_count("budget_rounds", self.budget_rounds, minimum=0)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be a function (output, batch) -> scalar, got {type(self.loss_fn).__name__}")
+        if self.loss_fn is not None and self.budget_criterion == "nsr":
+            raise ValueError("loss_fn weighs layers by the loss's gradient; budget_criterion='nsr' ignores it: drop "
+                             "one of them")
         if self.budget_criterion not in ("auto", "nsr", "output"):
             raise ValueError(f"budget_criterion must be 'auto', 'nsr' or 'output', got {self.budget_criterion!r}")
         if isinstance(self.skip, str):  # a bare string would be read as one pattern per character

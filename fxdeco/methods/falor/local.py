@@ -343,15 +343,23 @@ def falor_local(
 
 
 def _budget_meter(prepared: Any, rounds: int, criterion: str) -> Any:
-    """The final-NSR meter of budget refinement (on the first kept calibration batch), or None."""
+    """The meter of budget refinement (on the first kept calibration batch): the final NSR, or the rise of the
+    loss the moments were collected for; None without rounds."""
     if rounds == 0 or criterion == "nsr" or prepared.sensitivity_moments is None:
         return None
     if not prepared.kept_inputs:
         log.info("falor budget: no calibration batch was kept (keep_batches=0), so the allocation is not refined "
                  "by measurement")
         return None
-    from fxdeco.methods.falor.budget_measure import FinalNsrMeter  # the replay machinery, only when asked for
+    from fxdeco.methods.falor.budget_measure import FinalNsrMeter, LossMeter  # the replay machinery
 
+    if prepared.sensitivity_loss is not None:
+        if not prepared.kept_raw:
+            log.info("falor budget: the loader's batches were not kept (calibrate with fxdeco.calibrate), so the "
+                     "allocation is not refined by measurement")
+            return None
+        return LossMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.kept_raw[:1],
+                         prepared.sensitivity_loss)
     return FinalNsrMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.output_fn)
 
 
@@ -368,6 +376,10 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
 
     Returns the plan, the per-layer decisions and a summary for ``gm.meta``.
     """
+    if config.loss_fn is not None and config.mode == "budget" and prepared.sensitivity_loss is not config.loss_fn:
+        raise ValueError("Falor(loss_fn=...) weighs layers by the loss gradient's moments, collected during "
+                         "calibration: prepare the model with fxdeco.prepare(..., sensitivity_loss=loss_fn) "
+                         "(fxdeco.transform does)")
     latency = None
     if config.measures_latency:
         from fxdeco.methods.falor.speed import latency_model  # timing machinery, only when asked for
@@ -387,6 +399,8 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
         plan, decisions = plan_once()
         summary = ({"budget_rounds": config.budget_rounds, "probes": meter.probes, "metric_batches": 1,
                     "probe_forward_equivalents": meter.forward_equivalents()} if meter is not None else {})
+        if config.mode == "budget" and prepared.sensitivity_moments is not None:
+            summary["budget_weights"] = "loss" if prepared.sensitivity_loss is not None else "output"
     else:
         from fxdeco.methods.falor.final import falor_final  # the final-output mode's machinery, only when asked for
 

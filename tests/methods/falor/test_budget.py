@@ -158,3 +158,37 @@ def test_budget_refinement_probes_each_allocated_layer_once_per_round() -> None:
     assert totals["params_after"] / totals["params_before"] == pytest.approx(0.3, abs=0.01)
     with pytest.raises(ValueError, match="budget_rounds"):
         fxdeco.convert(prepared, keep_params=0.3, budget_rounds=-1)
+
+
+# ----------------------------------------------------------------------------- a loss-aware budget
+
+
+def test_a_budget_with_loss_fn_weighs_layers_by_the_loss() -> None:
+    from tests.methods.test_dwain import _batches as lm_batches, _model as lm_model, next_token_loss
+
+    def first(batch):
+        return batch[0]
+
+    small = fxdeco.transform(lm_model(), lm_batches(), fxdeco.Falor(keep_params=0.6, loss_fn=next_token_loss),
+                             input_fn=first, show_progress=False)
+    record = small.meta["fxdeco"]
+    assert record.summary["budget_weights"] == "loss"
+    assert record.summary["probes"] > 0  # the round measured the rise of the loss
+    assert record.params_after <= 0.6 * record.params_before
+    assert record.options["loss_fn"] == "next_token_loss"
+    plain = fxdeco.transform(lm_model(), lm_batches(), fxdeco.Falor(keep_params=0.6), input_fn=first,
+                             show_progress=False).meta["fxdeco"]
+    assert plain.summary["budget_weights"] == "output"
+    # a model calibrated without the loss cannot be converted with it: the moments would be the output's
+    prepared = fxdeco.calibrate(fxdeco.prepare(lm_model(), sensitivity=True), lm_batches(), input_fn=first)
+    with pytest.raises(ValueError, match="sensitivity_loss=loss_fn"):
+        fxdeco.convert(prepared, fxdeco.Falor(keep_params=0.6, loss_fn=next_token_loss))
+
+
+def test_a_bad_loss_in_a_budget_fails_on_the_first_batch() -> None:
+    from fxdeco.errors import CalibrationError
+    from tests.methods.test_dwain import _batches as lm_batches, _model as lm_model
+
+    with pytest.raises(CalibrationError, match="must return a scalar.*calibration batch 0|calibration batch 0.*scalar"):
+        fxdeco.transform(lm_model(), lm_batches(), fxdeco.Falor(keep_params=0.6, loss_fn=lambda out, b: out),
+                         input_fn=lambda b: b[0], show_progress=False)
