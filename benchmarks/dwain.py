@@ -10,7 +10,7 @@ calibration batches, to show how the two scale with data.
   ``benchmarks/cache/`` (they take minutes). Its forward passes are counted on the model.
 * fxdeco dwain (``fxdeco.Dwain``) at the same settings.
 * falor budget (``keep_params``) at the parameter counts fxdeco's dwain reached, and at 20% and 40% fewer
-  parameters.
+  parameters, weighing layers by the output's error (default) or by the loss (``loss_fn``).
 * SVD-LLM's training-free baseline: every Linear truncated to the same fraction of its parameters with
   data-whitened factors (the projection on the principal directions of its output, which minimises the same
   error as SVD-LLM's whitened SVD), at 20% and 40% fewer parameters of the model.
@@ -119,12 +119,15 @@ def fxdeco_dwain(trade_off: float, calib: list[dict[str, torch.Tensor]], predict
             "decomposed": sum(d.decomposed for d in small.meta["fxdeco"].decisions), "probes": summary["probes"]}
 
 
-def falor_budget(keep: float, calib: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+def falor_budget(keep: float, calib: list[dict[str, torch.Tensor]], loss: bool = False) -> dict[str, Any]:
+    """falor's budget mode; with ``loss``, weighing layers by the next-byte loss (``loss_fn``) instead of the
+    output's error."""
     model = lm.train()
     before = _params(model)
     start = time.perf_counter()
-    small = fxdeco.transform(model, calib, fxdeco.Falor(keep_params=keep, skip=SKIP, show_progress=False),
-                             input_fn=_ids, show_progress=False)
+    config = fxdeco.Falor(keep_params=keep, skip=SKIP, loss_fn=lm.next_byte_loss if loss else None,
+                          show_progress=False)
+    small = fxdeco.transform(model, calib, config, input_fn=_ids, show_progress=False)
     seconds = time.perf_counter() - start
     summary = small.meta["fxdeco"].summary
     forwards = 3 * len(calib) + summary.get("probe_forward_equivalents", 0)  # forward + backward per batch
@@ -200,9 +203,10 @@ def main() -> None:
     scaling.append((len(more), ptdeco_dwain(TRADE_OFFS[0], more), fxdeco_dwain(TRADE_OFFS[0], more)))
     budget_vs_uniform = []
     for r in REDUCTIONS:
-        uniform, budget = uniform_svd(r, calib), falor_budget(1 - r, calib)
-        rows += [(f"SVD-LLM uniform, {r:.0%} fewer params", uniform), (f"falor keep_params={1 - r:g}", budget)]
-        budget_vs_uniform.append((r, uniform, budget))
+        uniform, budget, by_loss = uniform_svd(r, calib), falor_budget(1 - r, calib), falor_budget(1 - r, calib, True)
+        rows += [(f"SVD-LLM uniform, {r:.0%} fewer params", uniform), (f"falor keep_params={1 - r:g}", budget),
+                 (f"falor keep_params={1 - r:g}, loss_fn", by_loss)]
+        budget_vs_uniform.append((r, uniform, budget, by_loss))
     write(rows, pairs, budget_vs_uniform, scaling, original, time.perf_counter() - start)
     print(OUT.read_text())
 
@@ -225,11 +229,12 @@ def write(rows: list[tuple[str, dict[str, Any]]], pairs: list, budget_vs_uniform
                 f"{theirs['seconds']:.1f}", f"{ours['seconds']:.1f}", f"{theirs['seconds'] / ours['seconds']:.1f}x",
                 f"{theirs['forwards']:.0f}", f"{ours['forwards']:.0f}"] for n, theirs, ours in scaling]
     budget = []
-    for r, uniform, falor in budget_vs_uniform:
+    for r, uniform, falor, by_loss in budget_vs_uniform:
         rise_u, rise_f = uniform["ppl"] - original, falor["ppl"] - original
         budget.append([f"{r:.0%}", f"{uniform['ppl']:.3f}", f"{falor['ppl']:.3f}",
                        "yes" if falor["ppl"] < uniform["ppl"] else "NO",
-                       f"{rise_f / rise_u:.2f}" if rise_u > 0 else "-"])
+                       f"{rise_f / rise_u:.2f}" if rise_u > 0 else "-", f"{by_loss['ppl']:.3f}",
+                       f"{(by_loss['ppl'] - original) / rise_u:.2f}" if rise_u > 0 else "-"])
     lines = [
         "# dwain on a causal language model",
         "",
@@ -263,7 +268,12 @@ def write(rows: list[tuple[str, dict[str, Any]]], pairs: list, budget_vs_uniform
         "aim: half its perplexity increase over the original):",
         "",
         tabulate(budget, headers=["reduction", "uniform SVD-LLM ppl", "falor budget ppl", "lower",
-                                  "falor rise / uniform rise"], tablefmt="github"),
+                                  "falor rise / uniform rise", "falor with loss_fn ppl", "its rise / uniform rise"],
+                 tablefmt="github"),
+        "",
+        "`loss_fn` (the last two columns): the budget weighs each layer by the next-byte loss's gradient moments "
+        "and its measured round by the rise of that loss, instead of random projections of the logits and their "
+        "final NSR.",
         "",
     ]
     OUT.write_text("\n".join(lines))
