@@ -41,7 +41,8 @@ import torch.fx
 from fxdeco.errors import CalibrationError
 from fxdeco.methods.dwain.config import Dwain
 from fxdeco.methods.falor.final_metrics import final_nsr
-from fxdeco.methods.falor.lowrank import Spectrum, centred_bias, output_error_by_rank, projection_factors, spectrum
+from fxdeco.methods.falor.lowrank import (Spectrum, centred_bias, output_error_by_rank, output_projection,
+                                          projection_factors, spectrum)
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import default_logits, select_output
 from fxdeco.plan import LayerDecision, decision, matches_any, unique_targets
@@ -150,26 +151,6 @@ def removed_params(site: Site, rank: int) -> int:
     return site.out_features * site.in_features - site.factor_params(rank)
 
 
-def projection(site: Site, spec: Spectrum, bias: torch.Tensor | None, rank: int) -> Callable[[torch.Tensor], Any]:
-    """``y -> U_k U_kᵀ (y − b) + b'``: what the rank-``rank`` factored layer outputs, from the dense output."""
-    basis = spec.eigenvectors[:, :rank]
-    new_bias = centred_bias(spec, bias, rank)
-    if new_bias is None and bias is not None:
-        new_bias = bias.detach().to(torch.float64).reshape(-1)
-    conv = site.kind == "conv2d"
-
-    def project(y: torch.Tensor) -> torch.Tensor:
-        rows = y.movedim(1, -1) if conv else y
-        b = bias.reshape(-1).to(rows) if bias is not None else 0
-        p = basis.to(rows)
-        out = ((rows - b) @ p) @ p.T
-        if new_bias is not None:
-            out = out + new_bias.to(rows)
-        return out.movedim(-1, 1) if conv else out
-
-    return project
-
-
 @dataclasses.dataclass
 class Substitute:
     """What a replay does at a decomposed layer's nodes: Linear layers are computed factored from their input
@@ -183,7 +164,7 @@ def substitute(graph: torch.fx.GraphModule, site: Site, nodes: list[str], spec: 
                rank: int) -> Substitute:
     """How a replay computes ``site`` (at each of its ``nodes``) at ``rank``: exactly what the factored layer does."""
     if site.kind != "linear":
-        project = projection(site, spec, bias, rank)
+        project = output_projection(site, spec, bias, rank)
         return Substitute({name: project for name in nodes}, {})
     first, second = projection_factors(site, fetch_attr(graph, site.weight), spec, rank)
     new_bias = centred_bias(spec, bias, rank)

@@ -35,7 +35,7 @@ import torch.fx
 
 from fxdeco.methods.falor.final_metrics import channel_variance, final_nsr, symmetric_kl
 from fxdeco.methods.falor.lowrank import (NSR_EPSILON, Spectrum, centred_bias, nsr_by_rank, output_error_by_rank,
-                            projection_factors, spectrum)
+                                          output_projection, projection_factors, spectrum)
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
 from fxdeco.methods.falor.config import Falor
@@ -75,22 +75,7 @@ class Probe:
 
     def projection(self, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """``y -> P (y − b) + b'``: the rank-``rank`` factored layer's output from the dense one's."""
-        basis = self.spec.eigenvectors[:, :rank]
-        new_bias = centred_bias(self.spec, self.bias, rank)
-        if new_bias is None:
-            new_bias = self.bias.detach().to(torch.float64).reshape(-1) if self.bias is not None else None
-        conv = self.site.kind == "conv2d"
-
-        def project(y: torch.Tensor) -> torch.Tensor:
-            rows = y.movedim(1, -1) if conv else y
-            b = self.bias.reshape(-1).to(rows) if self.bias is not None else 0
-            p = basis.to(rows)
-            out = ((rows - b) @ p) @ p.T
-            if new_bias is not None:
-                out = out + new_bias.to(rows)
-            return out.movedim(-1, 1) if conv else out
-
-        return project
+        return output_projection(self.site, self.spec, self.bias, rank)
 
     def measure(self, rank: int, batches: int | None = None) -> _Measured:
         """The error at ``rank``, averaged over the first ``batches`` metric batches (default: all).

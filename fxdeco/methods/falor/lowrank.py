@@ -143,3 +143,35 @@ def output_error_by_rank(spec: Spectrum, sensitivity: torch.Tensor) -> torch.Ten
     weights = spec.eigenvalues * ((sensitivity.to(u.dtype) @ u) * u).sum(0)
     tail = weights.flip(0).cumsum(0).flip(0)
     return _pad_ranks(torch.cat([tail, tail.new_zeros(1)]), spec)
+
+
+def output_projection(site: Site, spec: Spectrum, bias: torch.Tensor | None, rank: int):
+    """``y -> U_k U_kᵀ (y − b) + b'``: the rank-``rank`` factored layer's output, from the dense layer's output
+    ``y`` (channels last for Linear, channels at dimension 1 for Conv2d). ``b'`` is the centred bias
+    (:func:`centred_bias`) when the spectrum is centred, else the layer's own bias.
+
+    What final-output probes substitute for a layer's output in a replay (falor's final-output mode, its
+    budget rounds, dwain's Conv2d layers).
+
+    Example:
+        >>> s = SiteStatistics.empty(2); s.update(torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+        >>> site = Site("n", "linear", "t", "t.weight", None, (2, 2))
+        >>> output_projection(site, spectrum(s), None, 1)(torch.tensor([[1.0, 1.0]]))  # keeps the first direction
+        tensor([[1., 0.]])
+    """
+    basis = spec.eigenvectors[:, :rank]
+    new_bias = centred_bias(spec, bias, rank)
+    if new_bias is None and bias is not None:
+        new_bias = bias.detach().to(torch.float64).reshape(-1)
+    conv = site.kind == "conv2d"
+
+    def project(y: torch.Tensor) -> torch.Tensor:
+        rows = y.movedim(1, -1) if conv else y
+        b = bias.reshape(-1).to(rows) if bias is not None else 0
+        p = basis.to(rows)
+        out = ((rows - b) @ p) @ p.T
+        if new_bias is not None:
+            out = out + new_bias.to(rows)
+        return out.movedim(-1, 1) if conv else out
+
+    return project
