@@ -102,6 +102,30 @@ def test_falor_on_cuda_matches_cpu(options: dict) -> None:
         assert measured and max(measured) <= options["nsr_final_threshold"]
 
 
+def test_dwain_on_cuda_matches_cpu() -> None:
+    """dwain's replays, loss-gradient screen and factored replacements on CUDA: same ranks as on the CPU."""
+    model = net()
+
+    def run(device: torch.device | str) -> torch.fx.GraphModule:
+        reference = copy.deepcopy(model).to(device)
+
+        def distill(output: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:  # the original's labels
+            with torch.no_grad():
+                labels = reference(batch).argmax(-1)
+            return nn.functional.cross_entropy(output, labels)
+
+        config = fxdeco.Dwain(distill, trade_off_factor=0.05, min_rank=4, show_progress=False)
+        return fxdeco.transform(copy.deepcopy(model).to(device), batches(device=device), config,
+                                show_progress=False)
+
+    cpu, gpu = run("cpu"), run(CUDA)
+    assert_on_cuda(gpu)
+    close_ranks(ranks(gpu), ranks(cpu))
+    assert any(r is not None for r in ranks(gpu).values())
+    decided = [d for d in gpu.meta["fxdeco"].decisions if d.decomposed]
+    assert all(d.ppl_diff is not None and d.probes >= 1 for d in decided)
+
+
 def test_stat_mask_on_cuda() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).to(CUDA).eval()
