@@ -68,13 +68,21 @@ class FinalNsrMeter:
         for s in sites:
             self.nodes_of.setdefault(s.target, []).append(s.node)
             self.site_of.setdefault(s.target, s)
-        with eval_mode(gm):
-            self.references = metric_references(gm, self.metric_inputs, output_fn)
+        with eval_mode(gm), torch.no_grad():
+            self.references = self._references()
         self.probes = 0
         self.replayed_macs = 0.0  # MACs the probes' replays ran (passes.replay.GraphWalk), for cost accounting
 
+    def _references(self) -> list[Any]:
+        """What the error is measured against, per metric batch: the original's output."""
+        return metric_references(self.gm, self.metric_inputs, self.output_fn)
+
+    def _error(self, probe: Probe, rank: int) -> float:
+        """The error of one layer at ``rank`` (its walks stopped at the layer): the final NSR."""
+        return probe.measure(rank).nsr
+
     def measure(self, ranks: Mapping[str, int], spectra: Mapping[str, Spectrum]) -> dict[str, float]:
-        """``{layer: final NSR with only that layer at ranks[layer]}`` (mean over the metric batches)."""
+        """``{layer: its error with only that layer at ranks[layer]}`` (mean over the metric batches)."""
         first = {t: min(self.nodes_of[t], key=self.order.__getitem__) for t in ranks}
         result: dict[str, float] = {}
         with eval_mode(self.gm), torch.no_grad():
@@ -86,7 +94,7 @@ class FinalNsrMeter:
                 bias = fetch_attr(self.gm, site.bias) if site.bias else None
                 probe = Probe(site, self.nodes_of[target], spectra[target], bias, walks, self.references,
                               self.output_fn, 1.0, None)
-                result[target] = probe.measure(ranks[target]).nsr
+                result[target] = self._error(probe, ranks[target])
                 self.probes += 1
             self.replayed_macs += sum(w.replayed_macs for w in walks)
         return result
@@ -106,29 +114,17 @@ class LossMeter(FinalNsrMeter):
 
     def __init__(self, gm: torch.fx.GraphModule, sites: Sequence[Site], metric_inputs: Sequence[Sequence[Any]],
                  batches: Sequence[Any], loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
-        super().__init__(gm, sites, metric_inputs, None)
         self.batches, self.loss_fn = list(batches), loss_fn
-        with eval_mode(gm), torch.no_grad():
-            self.losses = [float(loss_fn(torch.fx.Interpreter(gm).run(*flat), batch))
-                           for flat, batch in zip(self.metric_inputs, self.batches)]
+        super().__init__(gm, sites, metric_inputs, None)
 
-    def measure(self, ranks: Mapping[str, int], spectra: Mapping[str, Spectrum]) -> dict[str, float]:
-        """``{layer: mean rise of the loss with only that layer at ranks[layer]}`` over the metric batches."""
-        first = {t: min(self.nodes_of[t], key=self.order.__getitem__) for t in ranks}
-        result: dict[str, float] = {}
-        with eval_mode(self.gm), torch.no_grad():
-            walks = [GraphWalk(self.gm, flat) for flat in self.metric_inputs]
-            for target in sorted(ranks, key=lambda t: self.order[first[t]]):
-                site = self.site_of[target]
-                bias = fetch_attr(self.gm, site.bias) if site.bias else None
-                probe = Probe(site, self.nodes_of[target], spectra[target], bias, walks, [], None, 1.0, None)
-                project = probe.projection(ranks[target])
-                rises = []
-                for walk, batch, loss in zip(walks, self.batches, self.losses):
-                    walk.advance_to(first[target])
-                    out = walk.replay({name: project for name in self.nodes_of[target]})
-                    rises.append(float(self.loss_fn(out, batch)) - loss)
-                result[target] = sum(rises) / len(rises)
-                self.probes += 1
-            self.replayed_macs += sum(w.replayed_macs for w in walks)
-        return result
+    def _references(self) -> list[float]:
+        """The original's loss on each metric batch."""
+        return [float(self.loss_fn(torch.fx.Interpreter(self.gm).run(*flat), batch))
+                for flat, batch in zip(self.metric_inputs, self.batches)]
+
+    def _error(self, probe: Probe, rank: int) -> float:
+        """The mean rise of the loss with the layer at ``rank``."""
+        project = probe.projection(rank)
+        rises = [float(self.loss_fn(walk.replay({name: project for name in probe.nodes}), batch)) - loss
+                 for walk, batch, loss in zip(probe.walks, self.batches, self.references)]
+        return sum(rises) / len(rises)
