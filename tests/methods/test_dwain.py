@@ -283,3 +283,17 @@ def test_dwain_decomposes_hugging_face_causal_lms_with_any_sequence_length(kind:
     longer = {"input_ids": torch.randint(0, 100, (2, 24), generator=g)}  # not the calibration's length
     with torch.no_grad():
         assert small(**longer).logits.shape == model(**longer).logits.shape == (2, 24, 100)
+
+
+def test_a_dwain_model_trained_by_finetune_fn_saves_and_loads(tmp_path) -> None:
+    def tune(graph: torch.fx.GraphModule, names: list[str]) -> None:
+        with torch.no_grad():
+            graph.get_parameter("head.bias").add_(0.25)  # a weight outside the factors
+
+    small = _transform(_config(trade_off_factor=3.0, max_accepted_ppl_diff=0.3, finetune_fn=tune))
+    fxdeco.save(small, tmp_path / "plan")
+    loaded = fxdeco.load(tmp_path / "plan", _model())
+    assert loaded.meta["fxdeco"].method == "dwain"
+    x = _batches()[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
