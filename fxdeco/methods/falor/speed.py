@@ -23,8 +23,9 @@ ranks (cached on disk, so a second run times nothing new):
 Example:
     >>> import torch, fxdeco
     >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
-    >>> small = fxdeco.transform(model, [torch.randn(256, 256) for _ in range(2)],
-    ...                          fxdeco.Falor(keep_latency=0.8, latency_cache=False), show_progress=False)
+    >>> small = fxdeco.transform(model, [torch.randn(256, 256) for _ in range(2)],   # (a budget: keep_latency=0.8)
+    ...                          fxdeco.Falor(nsr_threshold=0.05, acceptance="faster", latency_cache=False),
+    ...                          show_progress=False)
     >>> summary = small.meta["fxdeco"].summary
     >>> summary["latency_measured_s"] > 0 and summary["latency_original_s"] > 0
     True
@@ -45,6 +46,7 @@ import torch.fx
 from fxdeco.latency.curve import SiteLatency
 from fxdeco.latency.graph import compare_models, rest_seconds
 from fxdeco.latency.probe import TimingOptions, probe_sites, refine
+from fxdeco.errors import warn_user
 from fxdeco.methods.falor.config import Falor
 from fxdeco.plan import LayerDecision, matches_any, unique_targets
 from passes import Factorization, Site, factorize_sites
@@ -260,6 +262,9 @@ def measure_plan(prepared: Any, latency: LatencyModel, plan: Mapping[str, Factor
 # aim at the band's middle. Each round moves the aim by at most MAX_AIM_STEP (end-to-end times on a busy 2-core
 # CPU are noisy by 5-10%).
 LATENCY_TOLERANCE, BAND_BELOW, MAX_AIM_STEP = 0.02, 0.08, 0.15
+# When no plan meets the budget: the fastest one is returned, with a warning, if it is at most REFUSE_OVER above
+# keep_latency (a few percent is timing noise on a busy machine); further above, the budget is refused.
+REFUSE_OVER = 0.10
 
 
 def _ranks(decisions: Sequence[LayerDecision]) -> dict[str, int | None]:
@@ -323,10 +328,16 @@ def measure_latency_rounds(prepared: Any, config: Falor, latency: LatencyModel, 
 
     if config.keep_latency is not None:
         meeting = [a for a in attempts if kept(a) <= config.keep_latency * (1 + LATENCY_TOLERANCE)]
+        fastest = min(attempts, key=kept)
+        if not meeting and kept(fastest) <= config.keep_latency * (1 + REFUSE_OVER):
+            warn_user(f"keep_latency={config.keep_latency:g} was not met: the fastest of {len(attempts)} plans timed "
+                      f"end to end measured {kept(fastest):.3f} of the original (within {REFUSE_OVER:.0%}, which "
+                      "is timing noise on a busy machine, so it is returned)")
+            meeting = [fastest]
         if not meeting:  # the fastest plan tried is far worse than asked for: refuse rather than return it
             from fxdeco.methods.falor.budget import BudgetError
 
-            fastest = min(kept(a) for a in attempts)
+            fastest = kept(fastest)
             raise BudgetError(
                 f"keep_latency={config.keep_latency:g} was not met: of {len(attempts)} plans timed end to end, the "
                 f"fastest measured {fastest:.3f} of the original (the layers' timings predicted less; what is left "

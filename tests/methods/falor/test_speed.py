@@ -104,10 +104,12 @@ def test_a_missed_prediction_is_corrected_by_allocating_again(fake_clock) -> Non
     summary = small.meta["fxdeco"].summary
     assert summary["latency_rounds_run"] == 1
     assert summary["latency_measured_s"] / summary["latency_original_s"] <= 0.7 * (1 + speed.LATENCY_TOLERANCE)
-    # without the round, the first allocation's measurement misses the budget (and says so)
-    with pytest.raises(fxdeco.BudgetError, match="of 1 plans timed end to end, the fastest measured 0.76"):
-        fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.7, latency_rounds=0, latency_cache=False),
-                         show_progress=False)
+    # without the round, the first allocation's measurement misses the budget, by under 10%: returned, with a warning
+    with pytest.warns(UserWarning, match="keep_latency=0.7 was not met: the fastest of 1 plans .* measured 0.76"):
+        once = fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.7, latency_rounds=0,
+                                                                latency_cache=False), show_progress=False)
+    summary = once.meta["fxdeco"].summary
+    assert 0.7 * (1 + speed.LATENCY_TOLERANCE) < summary["latency_measured_s"] / summary["latency_original_s"] < 0.77
     # a budget no plan meets when timed is refused with what was reached, not answered with the fastest plan
     fake_clock["miss"] = 3.0
     with pytest.raises(fxdeco.BudgetError, match=r"keep_latency=0.7 was not met: of 3 plans .* the fastest measured"):
