@@ -150,36 +150,25 @@ class RecordedRun(GraphWalk):
 
     def __init__(self, gm: torch.fx.GraphModule, flat_inputs: Sequence[Any], starts: Sequence[str]) -> None:
         super().__init__(gm, flat_inputs)
-        by_name = {n.name: n for n in self.order}
-        missing = [s for s in starts if s not in by_name]
+        missing = [s for s in starts if s not in self.by_name]
         if missing:
             raise KeyError(f"no node named {missing[0]!r} in the graph")
-        start_positions = sorted(self.position[by_name[s]] for s in starts)
+        start_positions = sorted(self.position[self.by_name[s]] for s in starts)
 
         def read_after_a_start(node: torch.fx.Node) -> bool:
             # the start's own value (replays after it), and what is read at or after it (replays from it)
             p, last = self.position[node], self.last_use[node]
             return any(p == s or p < s <= last for s in start_positions)
 
+        # The recording is a replay of the whole graph whose walk-held values are the kept ones: GraphWalk._run
+        # copies a kept value before an in-place op changes it, and frees what no later node reads.
         kept: dict[torch.fx.Node, Any] = {}
         env: dict[torch.fx.Node, Any] = {}
-        self.env = kept  # replays copy on write what an in-place op would change in here (GraphWalk._run)
+        self.env = kept
         for node in self.order:
-            if has_side_effects(node):  # the recording itself must not change a kept value either
-                for used in node.all_input_nodes:
-                    if used in kept and env.get(used) is kept[used] and isinstance(kept[used], torch.Tensor):
-                        kept[used] = kept[used].clone()
-            saved, self.env = self.env, env
-            try:
-                value = self.run_node(node)
-            finally:
-                self.env = saved
-            env[node] = value
+            value = self._run(node, env)
             if read_after_a_start(node):
                 kept[node] = value
-            for used in node.all_input_nodes:
-                if self.last_use[used] <= self.position[node] and used in env:
-                    del env[used]
             if node.op == "output":
                 self.result = self.module.graph._codegen.process_outputs(value)  # the graph's output
         self.next_index = len(self.order)
