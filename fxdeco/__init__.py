@@ -36,6 +36,7 @@ _EXPORTS = {
     "Report": "io.report", "report": "io.report", "dump": "io.dump",
     "PlanError": "io.serialize", "PlanFormatError": "io.serialize", "PlanMismatchError": "io.serialize",
     "PlanNotFoundError": "io.serialize", "load": "io.serialize", "save": "io.serialize",
+    "ApplyError": "io.apply", "apply": "io.apply",
 }
 # public submodules by their short name: ``from fxdeco import lockd``
 _SUBMODULES = {"lockd": "methods.lockd"}
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fxdeco.capture import trace
     from fxdeco.compile.backend import backend
     from fxdeco.errors import CalibrationError, CaptureError, NonFiniteActivationError, NoSitesError
+    from fxdeco.io.apply import ApplyError, apply
     from fxdeco.io.dump import dump
     from fxdeco.io.report import Report, report
     from fxdeco.io.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
