@@ -28,7 +28,7 @@ _EXPORTS = {
     "calibrate": "api", "convert": "api", "prepare": "api", "transform": "api",
     "trace": "capture",
     "CalibrationError": "errors", "CaptureError": "errors", "NonFiniteActivationError": "errors",
-    "NoSitesError": "errors", "BudgetError": "methods.falor.budget",
+    "NoSitesError": "errors", "BudgetError": "methods.falor.budget", "DistributedError": "distributed",
     "PreparedModel": "prepared",
     "Dwain": "methods", "Falor": "methods", "Lockd": "methods", "MethodConfig": "methods",
     "backend": "compile.backend",
@@ -39,7 +39,7 @@ _EXPORTS = {
     "ApplyError": "io.apply", "apply": "io.apply",
 }
 # public submodules by their short name: ``from fxdeco import lockd``
-_SUBMODULES = {"lockd": "methods.lockd"}
+_SUBMODULES = {"lockd": "methods.lockd", "distributed": "distributed"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES], key=lambda name: (name[0].islower(), name))
 
@@ -54,6 +54,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fxdeco.io.serialize import PlanError, PlanFormatError, PlanMismatchError, PlanNotFoundError, load, save
     from fxdeco.methods import Dwain, Falor, Lockd, MethodConfig
     from fxdeco.methods import lockd
+    from fxdeco import distributed
+    from fxdeco.distributed import DistributedError
     from fxdeco.methods.falor.budget import BudgetError
     from fxdeco.prepared import PreparedModel
     from fxdeco.train.finetune import finetune

@@ -16,6 +16,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxdeco import distributed
 from fxdeco.batches import adapt_batch, check_input_fn, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
@@ -155,7 +156,8 @@ def prepare(
 
 
 @torch.inference_mode(False)
-def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **options: Any) -> torch.fx.GraphModule:
+def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", *, process_group: Any = None,
+            **options: Any) -> torch.fx.GraphModule:
     """Decompose a calibrated :class:`PreparedModel` with ``method``; return a new GraphModule.
 
     ``method`` is a method config (``fxdeco.Falor(keep_params=0.5)``), or a
@@ -163,6 +165,12 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **opt
     keep_params=0.5``; see :class:`fxdeco.Falor` for falor's options).
     Per-layer records are on the graph's nodes (``fxdeco.metadata.factored_nodes``) and summarised by
     :func:`fxdeco.report`.
+
+    Several processes (``torchrun``): with ``torch.distributed`` initialised, every rank calls ``convert`` on
+    its own calibrated model; the statistics and every measured error are all-reduced first, so every rank
+    gets the same plan (a mismatch raises ``fxdeco.distributed.DistributedError``). ``process_group``: None
+    (the default group when one with several processes is initialised), a ``ProcessGroup``, or ``False``
+    to plan from this process's data alone (:mod:`fxdeco.distributed`). Save on rank 0 only.
 
     Example:
         >>> import torch, fxdeco
@@ -174,6 +182,10 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **opt
     """
     if not isinstance(prepared, PreparedModel):
         raise TypeError("convert() expects the result of fxdeco.prepare(...)")
+    # every rank plans from the sums of all ranks' calibrations, in a copy: prepared keeps its own sums
+    active = distributed.collective(process_group)
+    if active is not None:
+        prepared = distributed.all_reduce_statistics(prepared, active)
     if prepared.batches == 0:
         raise CalibrationError("no calibration batch was run through the prepared model; call it on your data first")
     config = method_config(method, **options)
@@ -181,7 +193,9 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", **opt
         raise ValueError(f"{type(config).__name__} does not decompose from calibration statistics: run it with "
                          f"fxdeco.transform(model, loader, fxdeco.{type(config).__name__}(...))")
     start = time.perf_counter()
-    plan, decisions, summary, *trained = RUNNERS[config.name](prepared, config)
+    with distributed.reducing(active):  # the methods reduce what they measure over the same group
+        plan, decisions, summary, *trained = RUNNERS[config.name](prepared, config)
+        distributed.check_same_plan(decisions)  # never different models on different ranks
     _record_calibration_rows(prepared, decisions)
     # a method that trains the graph while it decomposes (dwain's finetune_fn) returns that graph, factored
     new = trained[0] if trained and trained[0] is not None else factorize_sites(prepared.gm, prepared.sites, plan)
@@ -324,6 +338,7 @@ def transform(
     output_fn: OutputFn | None = None,
     stat_dtype: torch.dtype | None = None,
     show_progress: bool | None = None,
+    process_group: Any = None,
     **method_options: Any,
 ) -> torch.fx.GraphModule:
     """Capture, calibrate on ``calib_loader`` and decompose ``model`` in one call.
@@ -342,6 +357,9 @@ def transform(
     the statistics (see :func:`prepare`). ``output_fn`` selects the output tensor
     that final-output criteria compare when the model does not return a tensor.
     ``stat_dtype`` is the precision of the activation products (see :func:`prepare`).
+    Under ``torchrun``, give each rank its own shard of the data (``fxdeco.distributed.shard``): the
+    statistics are all-reduced before any decision and every rank returns the same plan
+    (``process_group``: see :func:`convert`).
 
     Example:
         >>> import torch, fxdeco
@@ -353,6 +371,14 @@ def transform(
     """
     # Before calibration: a typo must not cost a calibration run.
     config = method_config(config if config is not None else method, **method_options)
+    active = distributed.collective(process_group)
+    if active is not None and (isinstance(config, Lockd) or getattr(config, "sequential", False)):
+        raise ValueError(
+            f"{'lockd trains' if isinstance(config, Lockd) else 'sequential=True calibrates block by block'} "
+            "and does not all-reduce over torch.distributed, so the ranks would make different models: pass "
+            "process_group=False to run each process on its own"
+            + (" (or wrap the graph in DistributedDataParallel and call fxdeco.lockd.train)"
+               if isinstance(config, Lockd) else ""))
     skip = _skip_patterns(skip)
     _check_stat_mask_fn(stat_mask_fn)
     check_input_fn(input_fn)
@@ -384,6 +410,7 @@ def transform(
                        sensitivity=config.needs_sensitivity, output_fn=output_fn, keep_batches=config.kept_batches,
                        stat_dtype=stat_dtype,
                        sensitivity_loss=getattr(config, "loss_fn", None) if config.needs_sensitivity else None)
-    _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
-               after_first=_first_batch_checks(prepared, config))
-    return convert(prepared, config)
+    with distributed.reducing(active):  # a latency budget checked on the first batch is timed on rank 0
+        _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
+                   after_first=_first_batch_checks(prepared, config))
+    return convert(prepared, config, process_group=active if active is not None else False)

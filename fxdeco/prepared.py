@@ -106,6 +106,8 @@ class PreparedModel(nn.Module):
         batches: number of calibration calls so far.
         stat_mask_fn: ``batch -> mask | None`` given to ``prepare``, applied by :meth:`calibrate_batch`.
         row_weights: ``(site, tensor) -> weights | None``, a lower-level hook given to ``prepare``.
+        distributed_world: the number of processes whose statistics these are: 1 for this process's own,
+            more for a copy summed over a process group (:func:`fxdeco.distributed.all_reduce_statistics`).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class PreparedModel(nn.Module):
         self._per_site: dict[str, SiteStatistics] | None = None  # derived lazily from ``collected``
         self.batches = 0
         self.macs_per_sample: float | None = None
+        self.distributed_world = 1  # > 1: a copy whose sums were all-reduced over that many processes
 
     def forward(self, *args: Any, stat_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Run one calibration batch like the original model, add its statistics, return the model's outputs.

@@ -25,6 +25,12 @@ covariance with more forward passes. Here:
    covariance, i.e. from its inputs; going from the last layer to the first,
    no layer upstream of the one being tried has changed, so its calibration
    statistics are exactly what ptdeco's per-layer covariance pass recomputes.
+
+Under torch.distributed (:mod:`fxdeco.distributed`) each rank measures on its own
+metric batches: the loss gradient's moments and every probe's sums of
+``ppl_diff`` and NSR are all-reduced with their counts before a rank is accepted
+or screened out, so every rank takes the same decisions. ``finetune_fn`` is
+refused there (each rank would train its own graph on its own data).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from fxdeco import distributed
 from fxdeco.errors import CalibrationError
 from fxdeco.methods.dwain.config import Dwain
 from fxdeco.methods.falor.final_metrics import final_nsr
@@ -184,12 +191,16 @@ def substitute(graph: torch.fx.GraphModule, site: Site, nodes: list[str], spec: 
 
 def _loss_moments(gm: torch.fx.GraphModule, sites: list[Site], flats: Sequence[Sequence[Any]], raws: Sequence[Any],
                   loss_fn: Callable[[Any, Any], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per site, ``Σ_rows g gᵀ`` of the loss gradient at its output, averaged over the metric batches."""
+    """Per site, ``Σ_rows g gᵀ`` of the loss gradient at its output, averaged over the metric batches (every
+    rank's, under torch.distributed)."""
     moments: dict[str, torch.Tensor] = {}
     for index, (flat, raw) in enumerate(zip(flats, raws)):
         interp = SensitivityInterpreter(gm, sites, output_fn=lambda out, raw=raw, i=index: check_loss(
             loss_fn, out, raw, i), moments=moments, random_projection=False)
         interp.run(*flat)
+    if distributed.current() is not None:
+        moments = distributed.all_sum_tensors(moments)
+        return {t: m / distributed.all_sum([len(flats)])[0] for t, m in moments.items()}
     return {t: m / len(flats) for t, m in moments.items()}
 
 
@@ -203,6 +214,12 @@ def dwain(prepared: Any, config: Dwain) -> tuple[dict[str, Factorization], list[
     applies to the original graph).
     """
     wanted = config.num_metric_batches
+    if config.finetune_fn is not None and distributed.world() > 1:
+        # each rank would train its own graph on its own data and the ranks' models would drift apart
+        raise ValueError("dwain's finetune_fn trains the graph on each process separately, so the ranks of "
+                         "torch.distributed would end with different models: pass process_group=False to "
+                         "fxdeco.convert/transform and run dwain with finetune_fn in one process (e.g. on rank 0 "
+                         "after fxdeco.distributed.all_reduce_statistics), or drop finetune_fn")
     if len(prepared.kept_inputs) < wanted or len(prepared.kept_raw) < wanted:
         raise ValueError(f"num_metric_batches={wanted} but only {min(len(prepared.kept_inputs), len(prepared.kept_raw))}"
                          f" calibration batch(es) were kept: give at least {wanted} batches, through fxdeco.transform or "
@@ -329,8 +346,9 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
                 diffs.append(math.expm1(loss - b.loss) if math.isfinite(loss) else math.inf)
                 if strict:  # else measured for the accepted rank only (for the report): it decides nothing
                     nsrs.append(rows_nsr(compared(b.output), compared(out)))
-            return Probe(rank, sum(diffs) / len(diffs), sum(nsrs) / len(nsrs) if nsrs else math.nan, outputs,
-                         losses)
+            # the means over every rank's metric batches (this rank's alone outside torch.distributed)
+            ppl_diff, nsr = distributed.means([(sum(diffs), len(diffs)), (sum(nsrs), len(nsrs))])
+            return Probe(rank, ppl_diff, nsr, outputs, losses)
 
         accepted: Probe | None = None
         count = 0
@@ -356,8 +374,9 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
             continue
         rank = accepted.rank
         if math.isnan(accepted.nsr):
-            accepted.nsr = sum(rows_nsr(compared(b.output), compared(out))
-                               for b, out in zip(state.batches, accepted.outputs)) / len(state.batches)
+            accepted.nsr = distributed.means([(sum(rows_nsr(compared(b.output), compared(out))
+                                                   for b, out in zip(state.batches, accepted.outputs)),
+                                               len(state.batches))])[0]
         first_factor, second = projection_factors(site, fetch_attr(state.graph, site.weight), spec, rank)
         new_bias = centred_bias(spec, bias, rank)
         meta = {"ppl_diff": accepted.ppl_diff, "nsr_final": accepted.nsr, "probes": count}
@@ -373,7 +392,7 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
     summary = {
         "probes": probes,
         "ranks_screened_out": skipped,
-        "metric_batches": len(state.batches),
+        "metric_batches": len(state.batches) * distributed.world(),  # each rank measures on its own
         # the probes' cost in whole forward passes of one metric batch (MACs replayed / MACs of the graph)
         "probe_forward_equivalents": replayed / total_macs if total_macs else None,
     }

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from fxdeco import distributed
 from fxdeco.methods.falor.final import Probe, metric_references
 from fxdeco.methods.falor.lowrank import Spectrum
 from fxdeco.modes import eval_mode
@@ -78,11 +79,17 @@ class FinalNsrMeter:
         return metric_references(self.gm, self.metric_inputs, self.output_fn)
 
     def _error(self, probe: Probe, rank: int) -> float:
-        """The error of one layer at ``rank`` (its walks stopped at the layer): the final NSR."""
+        """The error of one layer at ``rank`` (its walks stopped at the layer): the final NSR (averaged over every
+        rank's metric batches by :meth:`Probe.measure`)."""
         return probe.measure(rank).nsr
 
     def measure(self, ranks: Mapping[str, int], spectra: Mapping[str, Spectrum]) -> dict[str, float]:
-        """``{layer: its error with only that layer at ranks[layer]}`` (mean over the metric batches)."""
+        """``{layer: its error with only that layer at ranks[layer]}`` (mean over the metric batches).
+
+        Under torch.distributed (:mod:`fxdeco.distributed`) each rank measures on its own metric batches and each
+        error is the mean over every rank's (reduced by :meth:`_error`), the same on all ranks: the budget's next
+        allocation depends on it.
+        """
         first = {t: min(self.nodes_of[t], key=self.order.__getitem__) for t in ranks}
         result: dict[str, float] = {}
         with eval_mode(self.gm), torch.no_grad():
@@ -123,8 +130,8 @@ class LossMeter(FinalNsrMeter):
                 for flat, batch in zip(self.metric_inputs, self.batches)]
 
     def _error(self, probe: Probe, rank: int) -> float:
-        """The mean rise of the loss with the layer at ``rank``."""
+        """The mean rise of the loss with the layer at ``rank``, over every rank's metric batches."""
         project = probe.projection(rank)
         rises = [float(self.loss_fn(walk.replay({name: project for name in probe.nodes}), batch)) - loss
                  for walk, batch, loss in zip(probe.walks, self.batches, self.references)]
-        return sum(rises) / len(rises)
+        return distributed.means([(sum(rises), len(rises))])[0]

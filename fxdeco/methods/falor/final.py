@@ -20,6 +20,11 @@ with a halving search that runs the whole model twice per probe; here:
    the prediction misleads, until the passing and failing ranks are within
    ``rank_tolerance`` of the full rank. Every accepted rank was measured under
    the thresholds; a layer whose candidates all fail stays dense.
+
+Under torch.distributed (:mod:`fxdeco.distributed`) each rank measures on its own
+metric batches: the gradient moments and every probe's NSR and KL sums are
+all-reduced (with their counts), so each probe's mean is over every rank's
+batches and all ranks search alike, probe for probe.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx
 
+from fxdeco import distributed
 from fxdeco.methods.falor.final_metrics import channel_variance, final_nsr, symmetric_kl
 from fxdeco.methods.falor.lowrank import (NSR_EPSILON, Spectrum, centred_bias, nsr_by_rank, output_error_by_rank,
                                           output_projection, projection_factors, spectrum)
@@ -93,8 +99,9 @@ class Probe:
                 kl = symmetric_kl(self.references[b], approx) if self.kl_threshold is not None else 0.0
                 self._seen[(rank, b)] = (final_nsr(self.references[b], approx), kl)
         values = [self._seen[(rank, b)] for b in range(batches)]
-        nsr_mean = sum(v[0] for v in values) / batches
-        kl_mean = sum(v[1] for v in values) / batches
+        # the means over every rank's metric batches (this rank's alone outside torch.distributed)
+        nsr_mean, kl_mean = distributed.means([(sum(v[0] for v in values), batches),
+                                               (sum(v[1] for v in values), batches)])
         violation = nsr_mean / self.nsr_threshold
         if self.kl_threshold is not None:
             violation = max(violation, kl_mean / self.kl_threshold)
@@ -213,7 +220,10 @@ def _sensitivities(gm: torch.fx.GraphModule, sites: list[Site], metric_inputs: S
                                         generator=generator, moments=moments, output_scale=scale.float())
         interp.run(*flat)
         samples += interp.samples
-    # the NSR of each batch is a per-sample mean, averaged over batches (equal sizes assumed)
+    # the NSR of each batch is a per-sample mean, averaged over batches (equal sizes assumed); under
+    # torch.distributed over every rank's batches, so every rank predicts (and starts its searches) alike
+    moments = distributed.all_sum_tensors(moments)
+    samples = int(distributed.all_sum([samples])[0])
     return {target: m / max(samples, 1) for target, m in moments.items()}
 
 
@@ -309,7 +319,7 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
     replayed = sum(w.replayed_macs for w in walks)
     summary = {
         "probes": probes,
-        "metric_batches": len(walks),
+        "metric_batches": len(walks) * distributed.world(),  # on every rank: each measures on its own
         # probes' cost in whole forward passes over one metric batch (MACs replayed / MACs of the graph)
         "probe_forward_equivalents": replayed / total_macs if total_macs else None,
     }

@@ -20,6 +20,14 @@ ranks (cached on disk, so a second run times nothing new):
   less accurate), and the layer stays dense unless that is measurably faster
   (by :data:`SPEED_MARGIN`) than the dense layer.
 
+Under torch.distributed (:mod:`fxdeco.distributed`) only rank 0 times, and every
+rank uses rank 0's times (:func:`fxdeco.distributed.on_rank0`). Times are not
+sums that could be all-reduced: averaging them would describe no machine, and
+each rank timing its own would give each rank its own plan. Rank 0's machine
+stands for all (the ranks of one job normally run on identical devices); the
+ranks do not disturb each other's timings on a shared host (the others wait
+while rank 0 times), and only rank 0 writes the timing cache.
+
 Example:
     >>> import torch, fxdeco
     >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
@@ -43,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from fxdeco import distributed
 from fxdeco.latency.curve import SiteLatency
 from fxdeco.latency.graph import compare_models, rest_seconds
 from fxdeco.latency.probe import TimingOptions, probe_sites, refine
@@ -117,7 +126,9 @@ class LatencyModel:
         top = math.ceil(rank * (1 + SNAP_WINDOW))
         near = [k for k in candidates if rank < k <= top]
         step = max(1, math.ceil(len(near) / (SNAP_RANKS - 1)))
-        lat = self.latencies[site.target] = refine(lat, [rank, *near[step - 1::step]], options=TIMING)
+        timed = [rank, *near[step - 1::step]]
+        lat = self.latencies[site.target] = distributed.on_rank0(
+            lambda: refine(lat, timed, options=TIMING), f"timing layer {site.target!r}", share=_shared)
         best = lat.fastest_near(rank, [rank, *near], window=SNAP_WINDOW)
         if not lat.is_faster(best, SPEED_MARGIN, measured_only=True):
             return (f"factored at rank {best} not measurably faster ({lat.seconds(best) * 1e3:.3g} ms vs "
@@ -170,12 +181,18 @@ def latency_model(prepared: Any, config: Falor) -> LatencyModel:
     first_of = {s.target: s for s in unique_targets(sites)}
     candidates = {t: config.candidate_ranks(s) for t, s in first_of.items()}
     timed = [s for s in sites if candidates[s.target]]  # a layer no rank can shrink is never factorized
-    # (prepare left the graph in eval mode)
-    latencies = probe_sites(gm, timed, None, lambda s: grid(candidates[s.target]), backend=config.latency_backend,
-                            table=config.latency_cache, options=TIMING, show_progress=config.show_progress,
-                            flat_inputs=flat)
     call = unflatten_inputs(gm, flat)
-    original = time_models({"original": gm}, call)["original"]
+
+    def measure() -> tuple[dict[str, SiteLatency], float]:
+        # (prepare left the graph in eval mode)
+        measured = probe_sites(gm, timed, None, lambda s: grid(candidates[s.target]), backend=config.latency_backend,
+                               table=config.latency_cache, options=TIMING, show_progress=config.show_progress,
+                               flat_inputs=flat)
+        return measured, time_models({"original": gm}, call)["original"]
+
+    # under torch.distributed: rank 0's times on every rank (see the module docstring)
+    latencies, original = distributed.on_rank0(
+        measure, "timing the layers", share=lambda m: ({t: _shared(lat) for t, lat in m[0].items()}, m[1]))
     model = LatencyModel(latencies, original, rest_seconds(original, latencies), call)
     log.info("falor latency: %d layers timed; the original takes %.3g ms per call of the calibration batch "
              "(%.3g ms outside those layers)", len(latencies), original * 1e3, model.rest * 1e3)
@@ -183,14 +200,24 @@ def latency_model(prepared: Any, config: Falor) -> LatencyModel:
     return model
 
 
+def _shared(latency: SiteLatency) -> SiteLatency:
+    """What rank 0 sends of a layer's times: everything but the on-disk table (only rank 0 times and writes)."""
+    return dataclasses.replace(latency, table=None)
+
+
 def time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[str, Any]]) -> dict[str, float]:
-    """Seconds per call of each model on ``call`` (``(args, kwargs)``), warmed up, then timed interleaved."""
+    """Seconds per call of each model on ``call`` (``(args, kwargs)``), warmed up, then timed interleaved
+    (under torch.distributed: on rank 0, its times on every rank)."""
     args, kwargs = call
     bound = {name: _Bound(m, args, kwargs) for name, m in models.items()}
-    with torch.no_grad():
-        for fn in bound.values():
-            warm_up(fn)
-        return compare_models(bound, (), repeats=MODEL_REPEATS, min_sample_s=MODEL_MIN_SAMPLE_S)
+
+    def measure() -> dict[str, float]:
+        with torch.no_grad():
+            for fn in bound.values():
+                warm_up(fn)
+            return compare_models(bound, (), repeats=MODEL_REPEATS, min_sample_s=MODEL_MIN_SAMPLE_S)
+
+    return distributed.on_rank0(measure, f"timing {', '.join(models)}")
 
 
 def warm_up(fn: Callable[[], Any], min_s: float | None = None, max_s: float | None = None,
@@ -244,8 +271,10 @@ def measure_plan(prepared: Any, latency: LatencyModel, plan: Mapping[str, Factor
     Returns the end-to-end figures the report shows: original, predicted and
     measured seconds per call of the calibration batch.
     """
-    decomposed = factorize_sites(prepared.gm, prepared.sites, dict(plan))
-    measured = time_models({"original": prepared.gm, "decomposed": decomposed}, latency.call)
+    # built and timed on rank 0 only under torch.distributed (every rank gets its times)
+    measured = distributed.on_rank0(lambda: time_models(
+        {"original": prepared.gm, "decomposed": factorize_sites(prepared.gm, prepared.sites, dict(plan))},
+        latency.call), "timing the decomposed model")
     predicted = latency.predict(ranks)
     # the original as timed now, alongside: the machine's load may have changed since the layers were timed
     latency.retime_original(measured["original"])
