@@ -9,6 +9,9 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
+import signal
+import subprocess
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -306,3 +309,33 @@ def test_shard_gives_batch_i_to_rank_i_mod_world() -> None:
     assert list(distributed.shard(iter(data), 1, 2)) == [1, 3, 5]
     with pytest.raises(ValueError, match="rank"):
         distributed.shard(data, 2, 2)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun on Linux only here")
+def test_cli_under_torchrun(tmp_path: pathlib.Path) -> None:
+    """``torchrun --nproc-per-node 2 fxdeco decompose``: one output, written by rank 0, from all batches."""
+    factory = tmp_path / "mlp.py"
+    factory.write_text("import torch\n\ndef build():\n    torch.manual_seed(0)\n    return torch.nn.Sequential("
+                       "torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "fxdeco.cli", "decompose", f"{factory}:build", "--calib", "random", "--input-shape", "16",
+               "--batches", "4", "--batch-size", "16", "--nsr-threshold", "0.05", "--dump-format", "dot",
+               "--out", str(out)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)  # torchrun stops its workers on SIGTERM (not on SIGKILL)
+        try:
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+        pytest.fail("torchrun did not finish in 120 s")
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.count("wrote ") == 1  # rank 0 printed, rank 1 did not
+    record = (out / "report.json").read_text()
+    assert '"processes": 2' in record
+    assert (out / "plan.json").is_file()

@@ -13,6 +13,11 @@ traceback only with ``--debug``).
 * ``cli.json``: the model spec and input (kind, per-sample shape, dtype), so
   ``fxdeco dump DIR`` can rebuild the model and draw the graphs again.
 
+Under ``torchrun --nproc-per-node N fxdeco decompose ...`` (``WORLD_SIZE`` > 1 in
+the environment) each process joins a gloo process group, calibrates on its
+share of the batches (batch ``i`` goes to process ``i % N``), the statistics are
+all-reduced (:mod:`fxdeco.distributed`) and only rank 0 writes ``--out`` and prints.
+
 ``--calib random`` feeds images unless the model is not an image model:
 ``--input-shape 32`` (or ``3,224,224``: one sample, no batch dimension) sets
 the shape of the noise, and a factory model may declare it
@@ -140,18 +145,55 @@ def _dumps(gm: Any, model: Any, out: pathlib.Path, formats: Sequence[str], examp
     return [dump(gm, out / f"graph.{fmt}", fmt, original=model, example_inputs=example) for fmt in formats]
 
 
-def _decompose(args: argparse.Namespace) -> int:
-    created = not pathlib.Path(args.out).exists()
-    out = _out_dir(args.out)  # before the slow part
+def _process_group() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the group): under torchrun (``WORLD_SIZE`` > 1) a gloo group
+    from torchrun's environment, else (0, 1, False)."""
     try:
-        return _decompose_into(out, args)
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # a failure leaves no empty directory behind
-        raise
+        world = int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        raise CLIError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("gloo")  # CPU collectives: the statistics are all-reduced on the CPU in float64
+    log.info("rank %d of %d processes (torchrun)", dist.get_rank(), dist.get_world_size())
+    return dist.get_rank(), dist.get_world_size(), True
 
 
-def _decompose_into(out: pathlib.Path, args: argparse.Namespace) -> int:
+def _quiet() -> None:
+    """On ranks other than 0: no warnings and only errors in the log (rank 0 says it all once)."""
+    import warnings
+
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+
+def _decompose(args: argparse.Namespace) -> int:
+    rank, world, started = _process_group()
+    try:
+        if rank != 0:  # only rank 0 writes and prints
+            _quiet()
+            return _decompose_into(None, args, rank, world)
+        created = not pathlib.Path(args.out).exists()
+        out = _out_dir(args.out)  # before the slow part
+        try:
+            return _decompose_into(out, args, rank, world)
+        except BaseException:
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()  # a failure leaves no empty directory behind
+            raise
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _decompose_into(out: pathlib.Path | None, args: argparse.Namespace, rank: int = 0, world: int = 1) -> int:
+    """Calibrate (this rank's share of the batches), decompose; rank 0 writes into ``out`` and prints."""
     import torch
 
     import fxdeco
@@ -172,12 +214,25 @@ def _decompose_into(out: pathlib.Path, args: argparse.Namespace) -> int:
         log.info("calibration batches: %s", calib.fed)
     check_first_batch(built, calib)  # a shape that does not fit fails now, not deep inside the decomposition
     options = _method_options(args)
-    gm = fxdeco.transform(built.model, calib.batches, method=args.method, capture=args.capture,
-                          stat_mask_fn=calib.stat_mask_fn, show_progress=args.progress, **options)
+    batches = calib.batches
+    if world > 1:
+        from fxdeco.distributed import shard
+
+        if len(batches) < world:
+            raise CLIError(f"{len(batches)} calibration batch(es) for {world} processes: every process needs at "
+                           f"least one; pass --batches {world} or more")
+        batches = shard(batches, rank, world)  # batch i to rank i % world; the statistics are all-reduced
+    gm = fxdeco.transform(built.model, batches, method=args.method, capture=args.capture,
+                          stat_mask_fn=calib.stat_mask_fn, show_progress=args.progress if rank == 0 else False,
+                          **options)
+    if rank != 0 or out is None:
+        return 0  # every rank made the same plan (checked); rank 0 writes it
     save(gm, out)
     meta = {"model": spec.text, "weights": describe_weights(spec),
             "calibration": {"source": calib.source, "random": calib.random, "description": calib.description},
             "method": args.method, "options": options}
+    if world > 1:
+        meta["calibration"]["processes"] = world  # torchrun: batch i was calibrated on process i % processes
     text = _write_report(out, gm, _report_header(spec.text, meta["weights"], calib.description, args.method, options),
                          meta)
     cli = {"schema": CLI_SCHEMA, "version": CLI_VERSION, "model": spec.text,
