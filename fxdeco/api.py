@@ -192,13 +192,22 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", *, pr
     if config.name not in RUNNERS:
         raise ValueError(f"{type(config).__name__} does not decompose from calibration statistics: run it with "
                          f"fxdeco.transform(model, loader, fxdeco.{type(config).__name__}(...))")
+    if getattr(config, "sequential", False):
+        raise ValueError("sequential=True calibrates while it decomposes, block by block: run it with "
+                         "fxdeco.transform(model, loader, fxdeco.Falor(..., sequential=True))")
     start = time.perf_counter()
     with distributed.reducing(active):  # the methods reduce what they measure over the same group
         plan, decisions, summary, *trained = RUNNERS[config.name](prepared, config)
         distributed.check_same_plan(decisions)  # never different models on different ranks
-    _record_calibration_rows(prepared, decisions)
+    _record_calibration_rows(decisions, prepared.statistics)
+    return _factorized(prepared, config, plan, decisions, summary, trained[0] if trained else None, start)
+
+
+def _factorized(prepared: PreparedModel, config: MethodConfig, plan: dict, decisions: list[LayerDecision],
+                summary: dict, trained: torch.fx.GraphModule | None, start: float) -> torch.fx.GraphModule:
+    """The decomposed GraphModule of a plan, with its model record."""
     # a method that trains the graph while it decomposes (dwain's finetune_fn) returns that graph, factored
-    new = trained[0] if trained and trained[0] is not None else factorize_sites(prepared.gm, prepared.sites, plan)
+    new = trained if trained is not None else factorize_sites(prepared.gm, prepared.sites, plan)
     new.delete_all_unused_submodules()
     saved_params = sum(d.params_before - d.params_after for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
@@ -214,13 +223,13 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", *, pr
     return new
 
 
-def _record_calibration_rows(prepared: PreparedModel, decisions: list[LayerDecision]) -> None:
+def _record_calibration_rows(decisions: list[LayerDecision], statistics: dict[str, Any]) -> None:
     """Note in each decision how many rows its statistics saw, and warn about layers that saw too few.
 
     A layer whose statistics saw fewer rows than its full rank has a spectrum cut by the amount of data:
-    its NSR reads 0 from that rank on, whatever the layer does on other inputs.
+    its NSR reads 0 from that rank on, whatever the layer does on other inputs. (Sequential mode fills the rows in
+    as it goes and passes its last block's statistics.)
     """
-    statistics = prepared.statistics
     for d in decisions:
         stats = statistics.get(d.target)
         if stats is not None:
@@ -229,7 +238,8 @@ def _record_calibration_rows(prepared: PreparedModel, decisions: list[LayerDecis
     if not starved:
         return
     worst = starved[0]
-    samples = statistics[worst.target].samples  # rows per sample: tokens or pixels (1 for a plain Linear)
+    # samples seen (its rows per sample are tokens or pixels; 1 for a plain Linear)
+    samples = statistics[worst.target].samples if worst.target in statistics else None
     needed = math.ceil(worst.full_rank * samples / worst.calib_rows) if worst.calib_rows > 0 and samples else None
     warn_user(
         f"too little calibration data: {len(starved)} of {len(decisions)} layers saw fewer rows than their full rank "
@@ -405,6 +415,12 @@ def transform(
         raise no_batches(calib_loader) from None
     if example_inputs is None:
         example_inputs = adapt_batch(first, input_fn, 0)
+    if getattr(config, "sequential", False):
+        return _transform_sequential(model, itertools.chain([first], iterator), config, total=total,
+                                     example_inputs=example_inputs, input_fn=input_fn, skip=skip,
+                                     leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                                     capture=capture, stat_mask_fn=stat_mask_fn, stat_dtype=stat_dtype,
+                                     show_progress=show_progress)
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
                        sensitivity=config.needs_sensitivity, output_fn=output_fn, keep_batches=config.kept_batches,
@@ -414,3 +430,25 @@ def transform(
         _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
                    after_first=_first_batch_checks(prepared, config))
     return convert(prepared, config, process_group=active if active is not None else False)
+
+
+def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falor, *, total: int | None,
+                          input_fn: Callable[[Any], Any] | None, show_progress: bool | None, **prepare_options: Any
+                          ) -> torch.fx.GraphModule:
+    """transform with ``Falor(sequential=True)``: the batches cached, then each block calibrated and decomposed on the
+    outputs of the ones before (``fxdeco.methods.falor.sequential``)."""
+    from fxdeco.methods.falor.sequential import falor_sequential  # the block walk, only when asked for
+    from fxdeco.sequential import BlockCalibration
+
+    prepared = prepare(model, keep_batches=0, **prepare_options)
+    if config.budget is not None and config.budget[0] == "params":  # MACs need a block's rows: the walk checks
+        check_budget_reachable(prepared, config)
+    start = time.perf_counter()
+    calibration = BlockCalibration(prepared, batches, input_fn=input_fn, scopes=config.blocks,
+                                   spill_dir=config.spill_dir, show_progress=show_progress, total=total)
+    try:
+        plan, decisions, summary = falor_sequential(calibration, config)
+    finally:
+        calibration.close()
+    _record_calibration_rows(decisions, {})
+    return _factorized(prepared, config, plan, decisions, summary, None, start)

@@ -418,8 +418,7 @@ class StatsInterpreter(torch.fx.Interpreter):
         return self.collected.per_site(self.module, self.all_sites)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        self._inputs_seen = set()
-        self.pending = []
+        self.start_batch()
         out = super().run(*args, **kwargs)
         if not self.defer_commit:
             self.commit()
@@ -441,19 +440,29 @@ class StatsInterpreter(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current_node = n
         out = super().run_node(n)
+        self.observe(n, out)
+        return out
+
+    def start_batch(self) -> None:
+        """Begin a batch run node by node by someone else (``passes.blocks.BlockRun``), observed by :meth:`observe`;
+        :meth:`commit` adds it."""
+        self._inputs_seen = set()
+        self.pending = []
+
+    def observe(self, n: torch.fx.Node, out: Any) -> None:
+        """Stage the statistics of node ``n``'s value ``out`` if it is a site (its input read from ``self.env``)."""
         site = self.sites.get(n.name)
         if site is None:
-            return out
+            return
         if site.node in self.output_sites:
             self._accumulate(site, out)
-            return out
+            return
         # The input is counted once per call, when the first layer reading it has run (so the
         # layer itself, or the graph's shape guards, report a malformed input first).
         name = self.input_of[site.node]
         if name not in self._inputs_seen:
             self._inputs_seen.add(name)
             self._accumulate_input(name, self.input_groups[name], self.env[self.node_by_name[name]])
-        return out
 
     def _update(self, container: dict[str, SiteStatistics], key: str, site: Site, rows: torch.Tensor, samples: int,
                 weights: torch.Tensor | None) -> None:

@@ -96,6 +96,16 @@ class Falor(MethodConfig):
     # (True: $FXDECO_CACHE_DIR or ~/.cache/fxdeco/latency.json; a file path; False: not kept)
     latency_backend: str = "eager"
     latency_cache: bool | str = True
+    # local and budget mode: calibrate and decompose one block at a time (transformer layers, ResNet blocks), each
+    # on the outputs of the blocks already decomposed: the memory of one block's statistics, not the model's, and
+    # errors compensated downstream. Budgets hold for the whole model (fxdeco.methods.falor.sequential); runs in
+    # fxdeco.transform (it walks the loader's batches itself)
+    sequential: bool = False
+    # sequential mode: the blocks, as qualified module names ("model.layers.0", ...); None: each layer's name cut
+    # after its first numeric component (model.layers.3.mlp.up_proj -> model.layers.3)
+    blocks: tuple[str, ...] | None = None
+    # sequential mode: a directory where the batches' cached block inputs are kept (None: host memory)
+    spill_dir: str | None = None
     # a progress bar (None: on a terminal; elsewhere periodic lines)
     show_progress: bool | None = None
 
@@ -143,6 +153,31 @@ class Falor(MethodConfig):
                             f"write skip=[{self.skip!r}]")
         object.__setattr__(self, "skip", tuple(self.skip))
         self._refuse_other_modes()
+        self._check_sequential()
+
+    def _check_sequential(self) -> None:
+        """Refuse what a block walk cannot honour, and its options without it (the message names the option)."""
+        if isinstance(self.blocks, str):
+            raise TypeError(f"blocks must be a list of module names, got the string {self.blocks!r}; "
+                            f"write blocks=[{self.blocks!r}]")
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+        if not self.sequential:
+            given = [n for n in ("blocks", "spill_dir") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{given[0]} is an option of sequential mode: add sequential=True or drop it")
+            return
+        if self.mode == "final-output":
+            raise ValueError("sequential=True decomposes block by block; final-output thresholds (nsr_final_threshold"
+                             " / kl_final_threshold) measure each layer at the whole model's output: use "
+                             "nsr_threshold or keep_params / keep_macs with sequential=True")
+        if self.keep_latency is not None or self.acceptance == "faster":
+            raise ValueError("sequential=True does not time layers: keep_latency and acceptance='faster' need "
+                             "sequential=False")
+        if self.loss_fn is not None or self.budget_criterion == "output":
+            raise ValueError("sequential=True allocates a budget by layer NSR (a loss or output gradient needs a "
+                             "backward pass through the whole model): drop loss_fn / budget_criterion='output', or "
+                             "use sequential=False")
 
     @property
     def mode(self) -> str:
@@ -174,12 +209,12 @@ class Falor(MethodConfig):
     @property
     def needs_sensitivity(self) -> bool:
         """Budget mode weighs each layer by how much it moves the final output: one backward pass per batch."""
-        return self.mode == "budget" and self.budget_criterion != "nsr"
+        return self.mode == "budget" and self.budget_criterion != "nsr" and not self.sequential
 
     @property
     def kept_batches(self) -> int:
         """Final-output mode measures on its metric batches; budget mode's measured round on the first one."""
-        return self.num_metric_batches
+        return 0 if self.sequential else self.num_metric_batches
 
     # ---- the rank rules of every mode, read off the options above ----
 

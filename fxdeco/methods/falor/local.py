@@ -126,10 +126,11 @@ def _budget_floor(prepared: Any, config: Falor, latency: LatencyModel | None) ->
     statistics, total = prepared.statistics, _model_total(prepared.gm, measure, latency)
     floor = total
     for site in unique_targets(prepared.sites):
-        if matches_any(site.target, config.skip) or site.target not in statistics:
+        # a parameter count needs no statistics (sequential mode checks its budget before any block ran)
+        if matches_any(site.target, config.skip) or (site.target not in statistics and measure != "params"):
             continue
         candidates = _budget_candidates(site, config, latency)
-        costs = option_costs(site, statistics[site.target], candidates, measure, config.center, latency)
+        costs = option_costs(site, statistics.get(site.target), candidates, measure, config.center, latency)
         floor -= costs[0] - min(costs)
     return floor, total
 
@@ -321,12 +322,19 @@ def falor_local(
             raise ValueError("acceptance by speed needs the layers' timings: run falor through fxdeco.convert, or "
                              "pass latency=fxdeco.methods.falor.speed.latency_model(prepared, config)")
         chosen = _accept_by_speed(layers, chosen, config, latency)
+    return plan_from_ranks(gm, targets, statistics, layers, chosen)
 
+
+def plan_from_ranks(gm: torch.fx.GraphModule, targets: list[Site], statistics: Mapping[str, SiteStatistics],
+                    layers: list[_Layer], chosen: Mapping[str, int | str]
+                    ) -> tuple[dict[str, Factorization], list[LayerDecision]]:
+    """The factors and decisions of ``targets`` given each analysed layer's rank (or the reason it stays dense);
+    a target without an analysis was skipped by pattern."""
     plan: dict[str, Factorization] = {}
     by_target = {layer.site.target: layer for layer in layers}
     decisions = []
     for site in targets:
-        if site in skipped:
+        if site.target not in by_target:
             decisions.append(decision(site, statistics[site.target], None, None, "skipped by pattern"))
             continue
         layer, rank = by_target[site.target], chosen[site.target]

@@ -1,0 +1,143 @@
+"""falor one block at a time (``Falor(sequential=True)``): bounded memory, errors compensated downstream.
+
+Each block's layers are analysed on the outputs of the blocks already
+decomposed (``fxdeco.sequential.BlockCalibration``), so a layer's factors fit
+the inputs it will see in the decomposed model, and only one block's
+statistics exist at once.
+
+* local mode (``nsr_threshold``): each block's ranks in closed form, as one-shot.
+* budget mode (``keep_params`` / ``keep_macs``): the budget holds for the whole
+  model although no pass sees all layers' statistics at once. A first walk over
+  the blocks, nothing decomposed, keeps only each layer's cost and layer-NSR
+  curve (a vector per layer, not its statistics) and allocates the global
+  budget across all layers with the knapsack; each block's share is what that
+  allocation gave its layers. The second walk decomposes block by block on the
+  compensated statistics, allocating the block's share again among its layers
+  with their fresh curves. Cost: three forward passes per block instead of one.
+  The curves are layer NSRs: the output-gradient weights of one-shot budget mode
+  need a backward pass through the whole model, which a block walk does not have.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import torch
+
+from fxdeco.methods.falor.budget import LayerOptions, allocate
+from fxdeco.methods.falor.config import Falor
+from fxdeco.methods.falor.local import _analyse, _Layer, _model_total, falor_local, option_costs, plan_from_ranks
+from fxdeco.plan import LayerDecision, matches_any, unique_targets
+from fxdeco.sequential import BlockCalibration
+from passes import Factorization, Site, SiteStatistics
+from passes.replay import Override
+from passes.sites import fetch_attr
+
+log = logging.getLogger(__name__)
+
+
+def projection_override(site: Site, factors: Factorization, bias: torch.Tensor | None) -> Override:
+    """The factored layer's output from the dense one's: ``y -> U Uᵀ (y − b) + b'`` (``U`` = the second factor,
+    ``b'`` its bias), channels last for a Linear and at dimension 1 for a Conv2d."""
+    basis = factors.second.reshape(site.out_features, -1).to(torch.float64)
+    new_bias = factors.bias if factors.bias is not None else bias
+    conv = site.kind == "conv2d"
+
+    def project(y: torch.Tensor) -> torch.Tensor:
+        rows = y.movedim(1, -1) if conv else y
+        u = basis.to(rows)
+        out = ((rows - bias.reshape(-1).to(rows)) if bias is not None else rows) @ u @ u.T
+        if new_bias is not None:
+            out = out + new_bias.reshape(-1).to(rows)
+        return out.movedim(-1, 1) if conv else out
+
+    return project
+
+
+def _overrides(calibration: BlockCalibration, index: int, plan: Mapping[str, Factorization]) -> dict[str, Override]:
+    gm = calibration.gm
+    return {s.node: projection_override(s, plan[s.target], fetch_attr(gm, s.bias).detach() if s.bias else None)
+            for s in calibration.block_sites(index) if s.target in plan}
+
+
+def _options(layers: list[_Layer], config: Falor) -> tuple[list[LayerOptions], list[list[int | None]]]:
+    """Each layer's cost dense and at every candidate rank, and its layer-NSR curve (the knapsack's input)."""
+    measure, _ = config.budget
+    options, ranks = [], []
+    for layer in layers:
+        candidates = config.candidate_ranks(layer.site)
+        costs = option_costs(layer.site, layer.stats, candidates, measure, config.center)
+        errors = [0.0] + [float(layer.nsr[k]) for k in candidates]
+        options.append(LayerOptions(layer.site.target, torch.tensor(costs, dtype=torch.float64),
+                                    torch.tensor(errors, dtype=torch.float64)))
+        ranks.append([None, *candidates])
+    return options, ranks
+
+
+def _block_layers(calibration: BlockCalibration, index: int, statistics: Mapping[str, SiteStatistics],
+                  config: Falor) -> tuple[list[Site], list[_Layer]]:
+    targets = unique_targets(calibration.block_sites(index))
+    kept = [s for s in targets if not matches_any(s.target, config.skip)]
+    return targets, _analyse(calibration.gm, kept, dict(statistics), config)
+
+
+def _block_shares(calibration: BlockCalibration, config: Falor) -> list[float]:
+    """The first walk: each block's share of the global budget (see the module docstring)."""
+    measure, keep = config.budget
+    options: list[LayerOptions] = []
+    owner: list[int] = []
+    for index, block in enumerate(calibration.blocks):
+        statistics = calibration.statistics(index, advance=True)
+        _, layers = _block_layers(calibration, index, statistics, config)
+        block_options, _ = _options(layers, config)
+        options += block_options
+        owner += [index] * len(block_options)
+    total = _model_total(calibration.gm, measure)
+    fixed = total - sum(float(o.costs[0]) for o in options)
+    choice = allocate(options, keep * total, fixed)
+    shares = [0.0] * len(calibration.blocks)
+    for o, i, block in zip(options, choice, owner):
+        shares[block] += float(o.costs[i])
+    log.info("falor sequential: block shares of the budget allocated from %d layers' curves", len(options))
+    return shares
+
+
+def falor_sequential(calibration: BlockCalibration, config: Falor
+                     ) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
+    """Plan every block in order on compensated statistics; return the plan, decisions and a summary.
+
+    ``calibration`` must not have run any block yet.
+    """
+    shares = _block_shares(calibration, config) if config.mode == "budget" else None
+    if shares is not None:
+        calibration.restart()
+    plan: dict[str, Factorization] = {}
+    decisions: dict[str, LayerDecision] = {}
+    for index, block in enumerate(calibration.blocks):
+        statistics = calibration.statistics(index)
+        if shares is None:
+            block_plan, block_decisions = falor_local(calibration.gm, calibration.block_sites(index), statistics,
+                                                      config)
+        else:
+            targets, layers = _block_layers(calibration, index, statistics, config)
+            options, ranks = _options(layers, config)
+            choice = allocate(options, shares[index], 0.0) if options else []
+            chosen = {layer.site.target: (r[i] if r[i] is not None else "kept dense by the budget allocation")
+                      for layer, r, i in zip(layers, ranks, choice)}
+            block_plan, block_decisions = plan_from_ranks(calibration.gm, targets, statistics, layers, chosen)
+        for d in block_decisions:
+            stats = statistics.get(d.target)
+            if stats is not None:
+                d.calib_rows = float(stats.weight if stats.weight is not None else stats.rows)
+            decisions[d.target] = d
+        plan.update(block_plan)
+        calibration.advance(index, _overrides(calibration, index, block_plan) if block_plan else None)
+        log.info("falor sequential: block %s: %d of %d layers decomposed", block.name, len(block_plan),
+                 len(block_decisions))
+    order = [s.target for s in unique_targets(calibration.sites)]
+    summary = {"sequential": {"blocks": len(calibration.blocks),
+                              "peak_statistics_bytes": calibration.peak_statistics_bytes,
+                              "largest_boundary_bytes": calibration.boundaries.largest_bytes,
+                              "walks": 2 if shares is not None else 1}}
+    return plan, [decisions[t] for t in order if t in decisions], summary

@@ -1,0 +1,130 @@
+"""falor with sequential=True: blocks calibrated and decomposed one at a time (fxdeco.sequential)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxdeco
+from fxdeco.metadata import model_record
+from tests.passes.test_blocks import Stack
+
+
+def _data(n: int = 4, rows: int = 64, width: int = 8, rank: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(rank, width, generator=g)
+    return [torch.randn(rows, rank, generator=g) @ basis + 0.05 * torch.randn(rows, width, generator=g)
+            for _ in range(n)]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return Stack(depth=3, width=32).eval()
+
+
+def _ranks(gm: torch.fx.GraphModule) -> dict[str, int | None]:
+    return {d.target: d.rank for d in model_record(gm).decisions}
+
+
+def test_sequential_equals_one_shot_when_nothing_upstream_is_decomposed() -> None:
+    model, data = _model(), _data(width=32)
+    upstream = ["layers.0.*", "layers.1.*"]  # kept dense: layer 2 and the head see the original inputs
+    one = fxdeco.transform(model, data, fxdeco.Falor(nsr_threshold=0.01, skip=upstream), show_progress=False)
+    seq = fxdeco.transform(model, data, fxdeco.Falor(nsr_threshold=0.01, skip=upstream, sequential=True),
+                           show_progress=False)
+    assert _ranks(seq) == _ranks(one)
+    assert any(r is not None for r in _ranks(seq).values())
+    x = torch.randn(10, 32)
+    torch.testing.assert_close(seq(x), one(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_layers_see_the_decomposed_upstream() -> None:
+    model, data = _model(), _data(width=32)
+    one = fxdeco.transform(model, data, fxdeco.Falor(nsr_threshold=0.05), show_progress=False)
+    seq = fxdeco.transform(model, data, fxdeco.Falor(nsr_threshold=0.05, sequential=True), show_progress=False)
+    first = [t for t in _ranks(one) if t.startswith("layers.0.")]
+    assert {t: _ranks(seq)[t] for t in first} == {t: _ranks(one)[t] for t in first}  # nothing upstream of layer 0
+    # downstream statistics differ: the factors of the head are not one-shot's
+    w_one = dict(one.named_parameters())
+    w_seq = dict(seq.named_parameters())
+    head = [n for n in w_seq if n.startswith("head")]
+    assert head and any(w_one[n].shape != w_seq[n].shape or not torch.equal(w_one[n], w_seq[n]) for n in head)
+    summary = model_record(seq).summary["sequential"]
+    assert summary["blocks"] == 4 and summary["walks"] == 1
+
+
+@pytest.mark.parametrize("measure", ["keep_params", "keep_macs"])
+def test_sequential_budget_holds_for_the_whole_model(measure: str) -> None:
+    model, data = _model(), _data(width=32)
+    seq = fxdeco.transform(model, data, fxdeco.Falor(**{measure: 0.6}, sequential=True), show_progress=False)
+    report = fxdeco.report(seq).totals
+    key = "params" if measure == "keep_params" else "macs"
+    assert report[f"{key}_after"] <= 0.6 * report[f"{key}_before"] * (1 + 1e-9)
+    assert report[f"{key}_after"] >= 0.5 * report[f"{key}_before"]  # the budget is used, not wasted
+    assert model_record(seq).summary["sequential"]["walks"] == 2
+
+
+def test_sequential_statistics_memory_is_one_block() -> None:
+    model, data = _model(), _data(width=32)
+    seq = fxdeco.transform(model, data, fxdeco.Falor(nsr_threshold=0.05, sequential=True), show_progress=False)
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), data)
+    whole = sum(s.shifted_outer.numel() * 8 for s in (*prepared.collected.outputs.values(),
+                                                      *prepared.collected.inputs.values()))
+    peak = model_record(seq).summary["sequential"]["peak_statistics_bytes"]
+    assert 0 < peak <= whole / 3  # three equal layers and a small head
+
+
+def test_spilled_boundaries_give_the_same_model_and_are_removed(tmp_path) -> None:
+    model, data = _model(), _data(width=32)
+    memory = fxdeco.transform(model, data, fxdeco.Falor(keep_params=0.6, sequential=True), show_progress=False)
+    spilled = fxdeco.transform(model, data, fxdeco.Falor(keep_params=0.6, sequential=True, spill_dir=str(tmp_path)),
+                               show_progress=False)
+    x = torch.randn(7, 32)
+    assert _ranks(memory) == _ranks(spilled)
+    torch.testing.assert_close(memory(x), spilled(x))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_given_blocks_and_a_text_model(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (2, 24))} for _ in range(3)]
+    seq = fxdeco.transform(model, batches, fxdeco.Falor(keep_params=0.7, sequential=True, skip=["lm_head"]),
+                           show_progress=False)
+    assert model_record(seq).summary["sequential"]["blocks"] == 3  # two decoder layers and lm_head
+    whole = fxdeco.transform(model, batches, fxdeco.Falor(nsr_threshold=0.1, sequential=True, blocks=["model"]),
+                             show_progress=False)
+    assert model_record(whole).summary["sequential"]["blocks"] == 2  # the whole decoder, and lm_head
+    ids = torch.randint(0, 100, (1, 9))  # another sequence length than calibration's
+    assert seq(input_ids=ids).logits.shape == (1, 9, 100)
+
+
+def test_bad_sequential_options_fail_at_once() -> None:
+    with pytest.raises(ValueError, match="final-output"):
+        fxdeco.Falor(nsr_final_threshold=0.1, sequential=True)
+    with pytest.raises(ValueError, match="keep_latency"):
+        fxdeco.Falor(keep_latency=0.6, sequential=True)
+    with pytest.raises(ValueError, match="blocks is an option of sequential mode"):
+        fxdeco.Falor(blocks=["layers.0"])
+    with pytest.raises(TypeError, match="blocks=\\['layers'\\]"):
+        fxdeco.Falor(blocks="layers", sequential=True)
+    model, data = _model(), _data(width=32)
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), data)
+    with pytest.raises(ValueError, match="fxdeco.transform"):
+        fxdeco.convert(prepared, fxdeco.Falor(sequential=True))
+    with pytest.raises(ValueError, match="no layer is inside"):
+        fxdeco.transform(model, data, fxdeco.Falor(sequential=True, blocks=["encoder"]), show_progress=False)
+    with pytest.raises(fxdeco.methods.falor.budget.BudgetError):
+        fxdeco.transform(model, data, fxdeco.Falor(keep_params=0.01, sequential=True), show_progress=False)
+
+
+def test_a_bad_batch_names_itself_and_leaves_the_model_unchanged() -> None:
+    model, data = _model(), _data(width=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxdeco.CalibrationError, match="batch 2"):
+        fxdeco.transform(model, [*data[:2], torch.randn(4, 5)], fxdeco.Falor(sequential=True), show_progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
