@@ -22,7 +22,8 @@ from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
 from fxdeco.methods import Dwain, Falor, Lockd, MethodConfig, method_config
-from fxdeco.metadata import ModelRecord, capture_record, model_record, set_model_record
+from fxdeco.memory import memory_figures, statistics_bytes
+from fxdeco.metadata import ModelRecord, capture_record, model_record, original_totals, set_model_record
 from fxdeco.train.finetune import TrainingBatches
 from fxdeco.plan import LayerDecision, matches_any
 from fxdeco.outputs import OutputFn, select_output
@@ -212,6 +213,10 @@ def _factorized(prepared: PreparedModel, config: MethodConfig, plan: dict, decis
     saved_params = sum(d.params_before - d.params_after for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
     captured = capture_record(prepared.gm)
+    summary = {**summary, "memory": memory_figures(
+        summary["sequential"]["peak_statistics_bytes"] if "sequential" in summary else
+        statistics_bytes([*prepared.collected.outputs.values(), *prepared.collected.inputs.values()],
+                         (prepared.sensitivity_moments or {}).values()))}
     set_model_record(new, ModelRecord(
         method=config.name, options=config.recorded_options(), capture=captured.kind, decisions=decisions,
         skipped=list(prepared.skipped), removed=list(prepared.removed), params_before=prepared.params_original,
@@ -382,13 +387,10 @@ def transform(
     # Before calibration: a typo must not cost a calibration run.
     config = method_config(config if config is not None else method, **method_options)
     active = distributed.collective(process_group)
-    if active is not None and (isinstance(config, Lockd) or getattr(config, "sequential", False)):
-        raise ValueError(
-            f"{'lockd trains' if isinstance(config, Lockd) else 'sequential=True calibrates block by block'} "
-            "and does not all-reduce over torch.distributed, so the ranks would make different models: pass "
-            "process_group=False to run each process on its own"
-            + (" (or wrap the graph in DistributedDataParallel and call fxdeco.lockd.train)"
-               if isinstance(config, Lockd) else ""))
+    if active is not None and isinstance(config, Lockd):
+        raise ValueError("lockd trains and does not all-reduce over torch.distributed, so the ranks would make "
+                         "different models: pass process_group=False to run each process on its own (or wrap the "
+                         "graph in DistributedDataParallel and call fxdeco.lockd.train)")
     skip = _skip_patterns(skip)
     _check_stat_mask_fn(stat_mask_fn)
     check_input_fn(input_fn)
@@ -420,7 +422,7 @@ def transform(
                                      example_inputs=example_inputs, input_fn=input_fn, skip=skip,
                                      leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                                      capture=capture, stat_mask_fn=stat_mask_fn, stat_dtype=stat_dtype,
-                                     show_progress=show_progress)
+                                     show_progress=show_progress, active=active)
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
                        sensitivity=config.needs_sensitivity, output_fn=output_fn, keep_batches=config.kept_batches,
@@ -433,10 +435,11 @@ def transform(
 
 
 def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falor, *, total: int | None,
-                          input_fn: Callable[[Any], Any] | None, show_progress: bool | None, **prepare_options: Any
-                          ) -> torch.fx.GraphModule:
+                          input_fn: Callable[[Any], Any] | None, show_progress: bool | None,
+                          active: distributed.Collective | None, **prepare_options: Any) -> torch.fx.GraphModule:
     """transform with ``Falor(sequential=True)``: the batches cached, then each block calibrated and decomposed on the
-    outputs of the ones before (``fxdeco.methods.falor.sequential``)."""
+    outputs of the ones before (``fxdeco.methods.falor.sequential``). Under torch.distributed (``active``) each
+    block's statistics are summed over the ranks before its ranks are decided."""
     from fxdeco.methods.falor.sequential import falor_sequential  # the block walk, only when asked for
     from fxdeco.sequential import BlockCalibration
 
@@ -447,7 +450,13 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
     calibration = BlockCalibration(prepared, batches, input_fn=input_fn, scopes=config.blocks,
                                    spill_dir=config.spill_dir, show_progress=show_progress, total=total)
     try:
-        plan, decisions, summary = falor_sequential(calibration, config)
+        with distributed.reducing(active):
+            if active is not None:  # budgets in MACs are fractions of rank 0's count, as one process would have
+                prepared.macs_per_sample = original_totals(prepared.gm).macs = active.broadcast(
+                    prepared.macs_per_sample)
+                prepared.batches = int(distributed.all_sum([prepared.batches])[0])
+            plan, decisions, summary = falor_sequential(calibration, config)
+            distributed.check_same_plan(decisions)
     finally:
         calibration.close()
     _record_calibration_rows(decisions, {})

@@ -416,6 +416,23 @@ def _sum_statistics(active: Collective, local: dict[str, SiteStatistics], channe
     return result
 
 
+def all_reduce_activation_statistics(collected: ActivationStatistics) -> ActivationStatistics:
+    """``collected`` summed over the ranks of the running reduction (:func:`reducing`), around common centres;
+    ``collected`` itself outside one. What sequential mode reduces for each block (``fxdeco.sequential``)."""
+    active = current()
+    if active is None:
+        return collected
+    shapes = active.gather({"outputs": {k: s.shifted_sum.shape[0] for k, s in collected.outputs.items()},
+                            "inputs": {k: s.shifted_sum.shape[0] for k, s in collected.inputs.items()}})
+    outputs: dict[str, int] = {}
+    inputs: dict[str, int] = {}
+    for theirs in shapes:
+        outputs.update({k: v for k, v in theirs["outputs"].items() if k not in outputs})
+        inputs.update({k: v for k, v in theirs["inputs"].items() if k not in inputs})
+    return ActivationStatistics(_sum_statistics(active, collected.outputs, outputs),
+                                _sum_statistics(active, collected.inputs, inputs))
+
+
 def all_reduce_statistics(prepared: PreparedModel, group: Any = None) -> PreparedModel:
     """A copy of ``prepared`` whose statistics are the sums over every rank of ``group``.
 

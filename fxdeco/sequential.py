@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.fx
 
+from fxdeco import distributed
 from fxdeco.batches import adapt_batch, as_call, leading_dim, no_batches
 from fxdeco.errors import CalibrationError
 from fxdeco.metadata import original_totals
@@ -212,7 +213,8 @@ class BlockCalibration:
                     self.boundaries.set(b, after)
         if advance:
             self.position = index + 1
-        collected = interpreter.collected
+        # every rank's sums for this block, under torch.distributed (one block at a time, like the statistics)
+        collected = distributed.all_reduce_activation_statistics(interpreter.collected)
         nbytes = sum(s.shifted_outer.numel() * 8 for s in (*collected.outputs.values(), *collected.inputs.values()))
         self.peak_statistics_bytes = max(self.peak_statistics_bytes, nbytes)
         return collected.per_site(self.gm, sites)

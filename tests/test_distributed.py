@@ -104,6 +104,12 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
                 "budget_nsr": _ranks(fxdeco.convert(prepared, keep_params=0.5, rank_multiple=1,
                                                     budget_criterion="nsr"))}
 
+    def sequential() -> dict[str, Any]:  # each block's statistics summed over the ranks before it is decided
+        return {mode: _ranks(fxdeco.transform(_model(), shard, fxdeco.Falor(**options, sequential=True, rank_multiple=1,
+                                                                              show_progress=False),
+                                              input_fn=_inputs, show_progress=False))
+                for mode, options in (("local", {"nsr_threshold": 0.02}), ("budget", {"keep_params": 0.5}))}
+
     def final() -> dict[str, Any]:
         gm = fxdeco.transform(_model(), shard, nsr_final_threshold=0.01, rank_multiple=1, input_fn=_inputs,
                               show_progress=False)
@@ -168,6 +174,7 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
         fxdeco.transform(_model(), shard, fxdeco.Lockd(steps=1), input_fn=_inputs)
 
     return {"statistics": statistics, "local_and_budget": local_and_budget, "budget_loss": budget_loss,
+            "sequential": sequential,
             "final": final, "dwain": dwain, "latency": latency, "mismatch": mismatch, "finetune_refused": finetune_refused,
             "lockd_refused": lockd_refused}
 
@@ -259,6 +266,19 @@ def test_local_and_budget_plans_agree_across_ranks_and_with_one_process(ranks: l
     for mode, plan in single.items():
         assert plan.keys() == zero[mode].keys()
         for target, rank in plan.items():
+            got = zero[mode][target]
+            assert (rank is None) == (got is None) and abs((rank or 0) - (got or 0)) <= 1, (mode, target, rank, got)
+
+
+def test_sequential_mode_reduces_each_block(ranks: list[dict[str, Any]]) -> None:
+    zero, one_rank = _ok(ranks, "sequential")
+    assert zero == one_rank
+    for mode, options in (("local", {"nsr_threshold": 0.02}), ("budget", {"keep_params": 0.5})):
+        single = _ranks(fxdeco.transform(_model(), _data(), fxdeco.Falor(**options, sequential=True, rank_multiple=1),
+                                         input_fn=_inputs, show_progress=False))
+        assert any(rank is not None for rank in single.values())
+        assert single.keys() == zero[mode].keys()
+        for target, rank in single.items():
             got = zero[mode][target]
             assert (rank is None) == (got is None) and abs((rank or 0) - (got or 0)) <= 1, (mode, target, rank, got)
 

@@ -59,7 +59,23 @@ class Report:
         return tabulate(body, headers=headers, tablefmt=fmt)
 
     def __str__(self) -> str:
-        return self.table()
+        return self.table() + self._memory_line()
+
+    def _memory_line(self) -> str:
+        t = self.totals
+        if t.get("peak_host_bytes") is None:
+            return ""  # a model decomposed before memory was recorded
+        device = t.get("peak_device_bytes")
+        return (f"\nmemory: statistics held at most {_gib(t['statistics_bytes'])}, process peak "
+                f"{_gib(t['peak_host_bytes'])}" + (f", device peak {_gib(device)}" if device is not None else ""))
+
+
+def _gib(n: float) -> str:
+    """Bytes in binary units: ``_gib(3 * 2 ** 29) == '1.50 GiB'``."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _decision_row(d: LayerDecision) -> dict[str, Any]:
@@ -130,5 +146,7 @@ def report(gm: torch.fx.GraphModule) -> Report:
         "probes": info.summary.get("probes"),  # final-output measurements (falor's final-output mode, dwain)
         # measured end to end on the calibration batch, when falor timed the model (milliseconds per call)
         **{f"ms_{k}": _ms(info.summary.get(f"latency_{k}_s")) for k in ("original", "predicted", "measured")},
+        # what the run held (fxdeco.memory): the process's and the device's peaks, and the statistics' sums
+        **(info.summary.get("memory") or {}),
     }
     return Report(rows, totals)

@@ -128,3 +128,19 @@ def test_a_bad_batch_names_itself_and_leaves_the_model_unchanged() -> None:
     with pytest.raises(fxdeco.CalibrationError, match="batch 2"):
         fxdeco.transform(model, [*data[:2], torch.randn(4, 5)], fxdeco.Falor(sequential=True), show_progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_report_shows_what_each_mode_held() -> None:
+    model, data = _model(), _data(width=32)
+    one = fxdeco.report(fxdeco.transform(model, data, fxdeco.Falor(nsr_threshold=0.05), show_progress=False))
+    seq = fxdeco.report(fxdeco.transform(model, data, fxdeco.Falor(nsr_threshold=0.05, sequential=True),
+                                         show_progress=False))
+    # one-shot: every layer's float64 sums (the input-side ones shared); sequential: the largest block's
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), data)
+    held = sum(8 * (s.shifted_outer.numel() + s.shifted_sum.numel())
+               for s in (*prepared.collected.outputs.values(), *prepared.collected.inputs.values()))
+    assert one.totals["statistics_bytes"] == held
+    assert 0 < seq.totals["statistics_bytes"] < held / 2
+    assert one.totals["peak_host_bytes"] > 0
+    assert (one.totals["peak_device_bytes"] is None) == (not torch.cuda.is_initialized())
+    assert "memory: statistics held at most" in str(seq)
