@@ -128,8 +128,14 @@ def prepare(
     if isinstance(keep_batches, bool) or not isinstance(keep_batches, int) or keep_batches < 0:
         raise ValueError(f"keep_batches must be an integer >= 0, got {keep_batches!r}")
     params_original = sum(p.numel() for p in model.parameters())
-    gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                             capture=capture))
+    traced = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                   capture=capture)
+    # A private copy of the graph, its modules and buffers (calibration must not change the caller's model: a
+    # forward may update a buffer); the parameters stay the model's, read only (nothing here writes a weight, and
+    # the decomposed result gets its own copy from the rewrite), so a large model is not held twice.
+    model_storage = {p.data_ptr() for p in model.parameters()}
+    gm = copy.deepcopy(traced, {id(p): p for p in traced.parameters()  # inference tensors cannot be differentiated:
+                                if p.data_ptr() in model_storage and not p.is_inference()})  # those are copied
     gm.eval()  # the private copy computes as at inference (BatchNorm running statistics, no dropout)
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)

@@ -97,7 +97,8 @@ class PreparedModel(nn.Module):
     """A captured model that accumulates per-site statistics on every call.
 
     Attributes:
-        gm: the captured graph (a private copy; dead layers removed).
+        gm: the captured graph (a private copy of its modules and buffers, dead layers removed; its parameters
+            are the model's own tensors, only read).
         sites: the layers that will be considered for decomposition.
         skipped: layers that will not be, with reasons.
         removed: layers dropped as dead code.

@@ -224,7 +224,14 @@ def factorize_sites(
             _check(s, plan[s.target])
             by_target[s.target].append(s)
 
-    new = copy.deepcopy(gm)
+    # the copy skips the weights about to be replaced (an empty tensor of their dtype and device stands in): a
+    # LLaMA-sized graph is not held twice over while it is rewritten
+    memo: dict[int, Any] = {}
+    for group in by_target.values():
+        dense = fetch_attr(gm, group[0].weight)
+        memo[id(dense)] = type(dense)(torch.empty(0, dtype=dense.dtype, device=dense.device), dense.requires_grad) \
+            if isinstance(dense, nn.Parameter) else torch.empty(0, dtype=dense.dtype, device=dense.device)
+    new = copy.deepcopy(gm, memo)
     nodes = {n.name: n for n in new.graph.nodes}
     dropped: set[str] = set()
     for target, group in by_target.items():

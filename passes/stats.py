@@ -184,6 +184,9 @@ class SiteStatistics:
         The centre maps through too (``W y − W c = W (y − c)``), so the shifted sums stay well conditioned.
         """
         centre = weight @ self.centre if self.centre is not None else None
+        if weight.shape[0] > weight.shape[1]:  # expanding: the (out, out) sums only when read (see ExpandedStatistics)
+            return ExpandedStatistics(None, weight @ self.shifted_sum, self.rows, self.samples, self.weight, centre,
+                                      mapped_from=(self, weight))
         return SiteStatistics(weight @ self.shifted_outer @ weight.T, weight @ self.shifted_sum, self.rows,
                               self.samples, self.weight, centre, mapped_from=(self, weight))
 
@@ -205,6 +208,37 @@ class SiteStatistics:
     def rows_per_sample(self) -> float:
         """Rows per batch element, padding included: the cost basis of the layer's MACs."""
         return self.rows / max(self.samples, 1)
+
+
+class ExpandedStatistics(SiteStatistics):
+    """The statistics of ``y = W x`` for an expanding ``W`` (``out > in``), kept as those of ``x``.
+
+    The ``(out, out)`` sums are computed from ``x``'s ``(in, in)`` ones each time
+    they are read, never stored: on a LLaMA-7B MLP (4096 -> 11008) that is 0.97 GB
+    of float64 per layer that the spectrum (``mapped_from``, a thin solve) and the
+    per-channel variance (its diagonal, below) do without.
+
+    Example:
+        >>> x = SiteStatistics.empty(2); x.update(torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
+        >>> w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+        >>> y = x.through(w)
+        >>> type(y).__name__, torch.allclose(y.variance(), y.second_moment().diagonal() - y.mean() ** 2)
+        ('ExpandedStatistics', True)
+    """
+
+    @property  # type: ignore[override]
+    def shifted_outer(self) -> torch.Tensor:
+        source, weight = self.mapped_from
+        return weight @ source.shifted_outer @ weight.T
+
+    @shifted_outer.setter
+    def shifted_outer(self, value: torch.Tensor | None) -> None:
+        pass  # computed from the source's sums
+
+    def variance(self) -> torch.Tensor:
+        source, weight = self.mapped_from
+        diagonal = ((weight @ source.second_moment()) * weight).sum(1)  # diag(W E[x xᵀ] Wᵀ), (out, in) at most
+        return (diagonal - self.mean() ** 2).clamp_min(0.0)
 
 
 @dataclasses.dataclass

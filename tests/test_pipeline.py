@@ -93,3 +93,22 @@ def test_capture_export_sees_inside_leaf_modules() -> None:
         fxdeco.trace(model, capture="export")
     with pytest.raises(ValueError, match="capture must be"):
         fxdeco.trace(model, capture="dynamo")
+
+
+def test_calibration_reads_the_models_weights_and_the_result_owns_its_own() -> None:
+    """A large model is not held twice while it is calibrated; the decomposed model never aliases it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16),
+                                torch.nn.BatchNorm1d(16)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    storage = {p.data_ptr() for p in model.parameters()}
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), [torch.randn(32, 4) @ torch.randn(4, 16) for _ in range(3)])
+    assert all(p.data_ptr() in storage for p in prepared.gm.parameters())
+    assert not any(b.data_ptr() in {x.data_ptr() for x in model.buffers()} for b in prepared.gm.buffers())
+    small = fxdeco.convert(prepared, nsr_threshold=0.01)
+    assert small.meta["fxdeco"].decisions[0].decomposed
+    assert not any(p.data_ptr() in storage for p in small.parameters())
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(1.0)  # training the result...
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # ...leaves the model alone
