@@ -198,6 +198,19 @@ def test_prediction_saves_probes_and_keeps_the_rule() -> None:
     assert screened.params_after <= 1.05 * measured.params_after  # at most a little less compression
 
 
+def test_the_scout_stops_hopeless_ranks_after_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxdeco.methods.dwain import search
+
+    base = dict(trade_off_factor=3.0, max_accepted_ppl_diff=0.3, num_metric_batches=3)
+    scouted = _transform(_config(predict=True, **base)).meta["fxdeco"]
+    monkeypatch.setattr(search, "SCOUT", math.inf)  # every measured rank on every batch
+    full = _transform(_config(predict=True, **base)).meta["fxdeco"]
+    assert scouted.summary["probes_stopped_by_the_scout"] > 0 == full.summary["probes_stopped_by_the_scout"]
+    assert scouted.summary["probe_forward_equivalents"] < full.summary["probe_forward_equivalents"]
+    # on this model the ranks it stopped would have failed on all batches: the same decisions
+    assert [(d.target, d.rank) for d in scouted.decisions] == [(d.target, d.rank) for d in full.decisions]
+
+
 @pytest.mark.parametrize("loss_fn, message", [
     (lambda out, batch: out.mean(-1), "must return a scalar"),
     (lambda out, batch: out.sum() * math.nan, "must be finite"),

@@ -34,8 +34,9 @@ class Dwain(MethodConfig):
     removes / the model's parameters)`` and below ``max_accepted_ppl_diff``,
     and the final-output NSR is below ``nsr_final_threshold``; the smallest
     accepted rank wins. ptdeco's method and meaning; here every probe replays
-    only the graph after the layer, and ranks predicted to fail (from the
-    loss's own gradient moments) are not measured.
+    only the graph after the layer, ranks predicted to fail (from the
+    loss's own gradient moments) are not measured, and a rank whose first
+    metric batch is already twice over its threshold is not measured further.
 
     Example:
         >>> import torch, fxdeco
@@ -64,7 +65,9 @@ class Dwain(MethodConfig):
     min_rank: int = 32
     # calibration batches the perplexity and NSR are measured on (the first ones of the calibration loader)
     num_metric_batches: int = 2
-    # measure only ranks whose predicted ppl_diff (from the loss gradient's moments) can pass; False measures all
+    # measure only ranks whose predicted ppl_diff (from the loss gradient's moments) can pass, and stop measuring
+    # one whose first metric batch alone is twice over its threshold; False measures every rank on every batch up
+    # to the first that passes (ptdeco's decisions exactly)
     predict: bool = True
     # called after each accepted layer with the current graph and the names decomposed so far (ptdeco's
     # finetune_fn, e.g. a few LoRA steps); it may train the graph in place or return a new one

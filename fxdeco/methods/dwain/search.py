@@ -19,8 +19,10 @@ covariance with more forward passes. Here:
    projection) for every rank at once. Ranks are tried from the smallest up;
    one whose predicted ``ppl_diff`` (rescaled by what the probes of the same
    role measured so far) exceeds its threshold by more than :data:`SCREEN` is
-   not measured. With ``predict=False`` every rank is measured up to the first
-   that passes, which is ptdeco's decision exactly (its smallest accepted rank).
+   not measured, and a measured one whose first metric batch alone reaches
+   :data:`SCOUT` times its threshold is rejected without the others. With
+   ``predict=False`` every rank is measured on every batch up to the first that
+   passes, which is ptdeco's decision exactly (its smallest accepted rank).
 3. **Statistics are not refreshed.** A layer's factors come from its output
    covariance, i.e. from its inputs; going from the last layer to the first,
    no layer upstream of the one being tried has changed, so its calibration
@@ -63,6 +65,9 @@ log = logging.getLogger(__name__)
 # A rank is measured unless its predicted ppl_diff is over SCREEN times its threshold: the prediction is first
 # order and rescaled by measurements, so a margin keeps ranks that may pass in.
 SCREEN = 3.0
+# With predict=True, a measured rank whose first metric batch alone raises ppl_diff to SCOUT times its threshold is
+# rejected without the other batches: its mean could pass only if the others improved on the current model's loss.
+SCOUT = 2.0
 
 
 def check_loss(loss_fn: Callable[[Any, Any], torch.Tensor], output: Any, batch: Any, index: int,
@@ -126,6 +131,7 @@ class Probe:
     nsr: float  # mean over batches of the final-output NSR against the current model
     outputs: list[Any]
     losses: list[float]
+    batches: int = 0  # metric batches this rank measured (fewer than all: rejected by the scout)
 
 
 @dataclasses.dataclass
@@ -322,7 +328,7 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
     plan: dict[str, Factorization] = {}
     decisions: list[LayerDecision] = []
     scale_by_role: dict[str, float] = {}
-    probes = skipped = 0
+    probes = skipped = scouted = 0
     reverse = sorted(work, key=lambda s: order[first_node[s.target]], reverse=True)
     for position, site in enumerate(progress(reverse, desc="dwain: layers, last first", enabled=config.show_progress)):
         stats = statistics[site.target]
@@ -332,12 +338,12 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
         predicted = _predicted_loss_increase(spec, moments.get(site.target), stats, prepared.batches)
         role = re.sub(r"\d+", "#", site.target)
 
-        def measure(rank: int) -> Probe:
+        def measure(rank: int, limit: float) -> Probe:
             sub = substitute(state.graph, site, nodes_of[site.target], spec, bias, rank)
             overrides = {**state.overrides, **sub.overrides}
             replacements = {**state.replacements, **sub.replacements}
             outputs, losses, diffs, nsrs = [], [], [], []
-            for b in state.batches:
+            for index, b in enumerate(state.batches):
                 out = b.run.replay_from(first_node[site.target], overrides, replacements)
                 loss = float(config.loss_fn(out, b.raw).reshape(()))
                 outputs.append(out)
@@ -346,9 +352,15 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
                 diffs.append(math.expm1(loss - b.loss) if math.isfinite(loss) else math.inf)
                 if strict:  # else measured for the accepted rank only (for the report): it decides nothing
                     nsrs.append(rows_nsr(compared(b.output), compared(out)))
+                if config.predict and index == 0 and len(state.batches) > 1:
+                    # the scout: a rank whose first metric batch (every rank's first, under torch.distributed)
+                    # already exceeds SCOUT times its limit is not measured on the others
+                    first = distributed.means([(diffs[0], 1)])[0]
+                    if first >= SCOUT * limit:
+                        return Probe(rank, first, math.nan, outputs, losses, batches=1)
             # the means over every rank's metric batches (this rank's alone outside torch.distributed)
             ppl_diff, nsr = distributed.means([(sum(diffs), len(diffs)), (sum(nsrs), len(nsrs))])
-            return Probe(rank, ppl_diff, nsr, outputs, losses)
+            return Probe(rank, ppl_diff, nsr, outputs, losses, batches=len(diffs))
 
         accepted: Probe | None = None
         count = 0
@@ -359,8 +371,9 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
                 if guess > SCREEN * limits.ppl_limit(removed):
                     skipped += 1
                     continue
-            probe = measure(rank)
+            probe = measure(rank, limits.ppl_limit(removed))
             count += 1
+            scouted += probe.batches < len(state.batches)
             if predicted is not None and float(predicted[rank]) > 0 and probe.ppl_diff > -1:
                 scale_by_role[role] = math.log1p(max(probe.ppl_diff, 0.0)) / float(predicted[rank]) or 1e-12
             if limits.accepts(probe, removed):
@@ -392,6 +405,7 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
     summary = {
         "probes": probes,
         "ranks_screened_out": skipped,
+        "probes_stopped_by_the_scout": scouted,
         "metric_batches": len(state.batches) * distributed.world(),  # each rank measures on its own
         # the probes' cost in whole forward passes of one metric batch (MACs replayed / MACs of the graph)
         "probe_forward_equivalents": replayed / total_macs if total_macs else None,
