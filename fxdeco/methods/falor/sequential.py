@@ -27,7 +27,9 @@ import torch
 
 from fxdeco.methods.falor.budget import LayerOptions, allocate
 from fxdeco.methods.falor.config import Falor
-from fxdeco.methods.falor.local import _analyse, _Layer, _model_total, falor_local, option_costs, plan_from_ranks
+from fxdeco.methods.falor.local import (_analyse, _Layer, _model_total, _threshold_ranks, option_costs,
+                                        plan_from_ranks)
+from fxdeco.methods.falor.lowrank import output_projection
 from fxdeco.plan import LayerDecision, matches_any, unique_targets
 from fxdeco.sequential import BlockCalibration
 from passes import Factorization, Site, SiteStatistics
@@ -37,28 +39,14 @@ from passes.sites import fetch_attr
 log = logging.getLogger(__name__)
 
 
-def projection_override(site: Site, factors: Factorization, bias: torch.Tensor | None) -> Override:
-    """The factored layer's output from the dense one's: ``y -> U Uᵀ (y − b) + b'`` (``U`` = the second factor,
-    ``b'`` its bias), channels last for a Linear and at dimension 1 for a Conv2d."""
-    basis = factors.second.reshape(site.out_features, -1).to(torch.float64)
-    new_bias = factors.bias if factors.bias is not None else bias
-    conv = site.kind == "conv2d"
-
-    def project(y: torch.Tensor) -> torch.Tensor:
-        rows = y.movedim(1, -1) if conv else y
-        u = basis.to(rows)
-        out = ((rows - bias.reshape(-1).to(rows)) if bias is not None else rows) @ u @ u.T
-        if new_bias is not None:
-            out = out + new_bias.reshape(-1).to(rows)
-        return out.movedim(-1, 1) if conv else out
-
-    return project
-
-
-def _overrides(calibration: BlockCalibration, index: int, plan: Mapping[str, Factorization]) -> dict[str, Override]:
-    gm = calibration.gm
-    return {s.node: projection_override(s, plan[s.target], fetch_attr(gm, s.bias).detach() if s.bias else None)
-            for s in calibration.block_sites(index) if s.target in plan}
+def _overrides(calibration: BlockCalibration, index: int, layers: list[_Layer],
+               chosen: Mapping[str, int | str]) -> dict[str, Override]:
+    """How the block's decomposed layers compute in the next boundary: each call's output projected as its factored
+    form computes it (``lowrank.output_projection``)."""
+    gm, by_target = calibration.gm, {layer.site.target: layer for layer in layers}
+    return {s.node: output_projection(s, by_target[s.target].spec, fetch_attr(gm, s.bias).detach() if s.bias else None,
+                                      chosen[s.target])
+            for s in calibration.block_sites(index) if isinstance(chosen.get(s.target), int)}
 
 
 def _options(layers: list[_Layer], config: Falor) -> tuple[list[LayerOptions], list[list[int | None]]]:
@@ -116,23 +104,22 @@ def falor_sequential(calibration: BlockCalibration, config: Falor
     decisions: dict[str, LayerDecision] = {}
     for index, block in enumerate(calibration.blocks):
         statistics = calibration.statistics(index)
+        targets, layers = _block_layers(calibration, index, statistics, config)
         if shares is None:
-            block_plan, block_decisions = falor_local(calibration.gm, calibration.block_sites(index), statistics,
-                                                      config)
+            chosen = _threshold_ranks(layers, config)
         else:
-            targets, layers = _block_layers(calibration, index, statistics, config)
             options, ranks = _options(layers, config)
             choice = allocate(options, shares[index], 0.0) if options else []
             chosen = {layer.site.target: (r[i] if r[i] is not None else "kept dense by the budget allocation")
                       for layer, r, i in zip(layers, ranks, choice)}
-            block_plan, block_decisions = plan_from_ranks(calibration.gm, targets, statistics, layers, chosen)
+        block_plan, block_decisions = plan_from_ranks(calibration.gm, targets, statistics, layers, chosen)
         for d in block_decisions:
             stats = statistics.get(d.target)
             if stats is not None:
                 d.calib_rows = float(stats.weight if stats.weight is not None else stats.rows)
             decisions[d.target] = d
         plan.update(block_plan)
-        calibration.advance(index, _overrides(calibration, index, block_plan) if block_plan else None)
+        calibration.advance(index, _overrides(calibration, index, layers, chosen) if block_plan else None)
         log.info("falor sequential: block %s: %d of %d layers decomposed", block.name, len(block_plan),
                  len(block_decisions))
     order = [s.target for s in unique_targets(calibration.sites)]
