@@ -144,3 +144,36 @@ def test_the_report_shows_what_each_mode_held() -> None:
     assert one.totals["peak_host_bytes"] > 0
     assert (one.totals["peak_device_bytes"] is None) == (not torch.cuda.is_initialized())
     assert "memory: statistics held at most" in str(seq)
+
+
+def test_a_statistics_mask_applies_block_by_block() -> None:
+    """Padded text: the mask keeps padding out of every block's statistics, as it does one-shot."""
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 32)
+            self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(2))
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            x = self.embed(input_ids)
+            for layer in self.layers:
+                x = x + torch.relu(layer(x))
+            return x * attention_mask.unsqueeze(-1)
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        mask = (torch.arange(12) < torch.randint(3, 12, (8, 1), generator=g)).long()
+        batches.append({"input_ids": torch.randint(0, 50, (8, 12), generator=g) * mask, "attention_mask": mask})
+    options = dict(nsr_threshold=0.01, skip=["layers.0"])  # layer 1 sees the original layer 0 in both modes
+    masked = dict(stat_mask_fn=lambda b: b["attention_mask"], show_progress=False)
+    one = fxdeco.transform(model, batches, fxdeco.Falor(**options), **masked)
+    seq = fxdeco.transform(model, batches, fxdeco.Falor(**options, sequential=True), **masked)
+    unmasked = fxdeco.transform(model, batches, fxdeco.Falor(**options, sequential=True), show_progress=False)
+    rows = {d.target: d.calib_rows for d in model_record(seq).decisions}
+    assert rows["layers.1"] == sum(int(b["attention_mask"].sum()) for b in batches)  # real tokens only
+    assert _ranks(seq) == _ranks(one)
+    assert model_record(unmasked).decisions[1].calib_rows == 3 * 8 * 12
