@@ -277,3 +277,26 @@ def test_a_saved_directory_applies_with_the_same_logits(kind: str, tmp_path: pat
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert relative_error(mine(input_ids=ids).logits, small(input_ids=ids).logits) <= 1e-5
+
+
+def test_peft_lora_wraps_the_factor_layers_of_an_applied_llama() -> None:
+    """LoRA goes on the factor Linears (``down_proj.0`` / ``down_proj.1``): a fresh adapter (B = 0) changes nothing, and a
+    training step moves only the adapter's weights."""
+    peft = pytest.importorskip("peft")
+    model, small = hf_decomposed("llama")
+    mine = fxdeco.apply(model, small)
+    factored = sorted(decomposed_targets(small))
+    assert factored
+    wrapped = peft.get_peft_model(mine, peft.LoraConfig(r=4, target_modules=[f"{t}.1" for t in factored]))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert relative_error(wrapped(input_ids=ids).logits, small(input_ids=ids).logits) <= 1e-5
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in wrapped.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1)
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in wrapped.named_parameters() if n in frozen)
+    with torch.no_grad():
+        assert relative_error(wrapped(input_ids=ids).logits, small(input_ids=ids).logits) > 1e-6  # it trained
