@@ -416,6 +416,14 @@ def _sum_statistics(active: Collective, local: dict[str, SiteStatistics], channe
     return result
 
 
+def _union(gathered: list[dict[str, Any]], key: str) -> dict[str, int]:
+    """Every rank's ``{statistics key: channels}`` under ``key``, merged (a rank that never saw one adds zeros)."""
+    merged: dict[str, int] = {}
+    for theirs in gathered:
+        merged.update({k: v for k, v in theirs[key].items() if k not in merged})
+    return merged
+
+
 def all_reduce_activation_statistics(collected: ActivationStatistics) -> ActivationStatistics:
     """``collected`` summed over the ranks of the running reduction (:func:`reducing`), around common centres;
     ``collected`` itself outside one. What sequential mode reduces for each block (``fxdeco.sequential``)."""
@@ -424,11 +432,7 @@ def all_reduce_activation_statistics(collected: ActivationStatistics) -> Activat
         return collected
     shapes = active.gather({"outputs": {k: s.shifted_sum.shape[0] for k, s in collected.outputs.items()},
                             "inputs": {k: s.shifted_sum.shape[0] for k, s in collected.inputs.items()}})
-    outputs: dict[str, int] = {}
-    inputs: dict[str, int] = {}
-    for theirs in shapes:
-        outputs.update({k: v for k, v in theirs["outputs"].items() if k not in outputs})
-        inputs.update({k: v for k, v in theirs["inputs"].items() if k not in inputs})
+    outputs, inputs = _union(shapes, "outputs"), _union(shapes, "inputs")
     return ActivationStatistics(_sum_statistics(active, collected.outputs, outputs),
                                 _sum_statistics(active, collected.inputs, inputs))
 
@@ -463,11 +467,7 @@ def all_reduce_statistics(prepared: PreparedModel, group: Any = None) -> Prepare
         return prepared
     summaries = active.gather(_local_summary(prepared))
     _check_same_model(summaries)
-    outputs: dict[str, int] = {}
-    inputs: dict[str, int] = {}
-    for theirs in summaries:
-        outputs.update({k: v for k, v in theirs["outputs"].items() if k not in outputs})
-        inputs.update({k: v for k, v in theirs["inputs"].items() if k not in inputs})
+    outputs, inputs = _union(summaries, "outputs"), _union(summaries, "inputs")
     collected = ActivationStatistics(_sum_statistics(active, prepared.collected.outputs, outputs),
                                      _sum_statistics(active, prepared.collected.inputs, inputs))
     moments = None
