@@ -6,7 +6,9 @@ head dimension 128) is decomposed at ``keep_params=0.8`` (``lm_head`` dense) in 
 resident memory (``ru_maxrss``) is its own. Both modes allocate the budget by layer NSR (one-shot's default
 output-gradient weights need a backward pass, which sequential mode does not have), so the table compares
 memory and time of the same criterion. Statistics memory is the float64 sums held at once: all layers' for
-one-shot, the largest block's for sequential.
+one-shot, the largest block's for sequential. "in place" is sequential mode through ``fxdeco.decompose_``:
+the caller's model itself is decomposed, each block's dense layers swapped for factored ones (and freed) as
+soon as the walk is past the block, so no second model is built.
 
 The perplexity rows run falor one-shot (its default weights, and layer NSR) and sequential on the trained byte
 level TinyGPT of :mod:`benchmarks.causal_lm`, on held-out text.
@@ -33,9 +35,12 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "SCALE.md"
 VOCAB, SEQUENCE, BATCH, BATCHES, KEEP = 1024, 128, 4, 8, 0.8
 # (hidden width, layers, modes)
-CASES = [(512, 4, ("one-shot", "sequential")), (1024, 4, ("one-shot", "sequential")),
-         (1024, 8, ("one-shot", "sequential")), (2048, 4, ("one-shot", "sequential")),
-         (4096, 4, ("sequential",))]
+# "in place": fxdeco.decompose_ with sequential=True (each block's dense layers swapped out and freed as it goes)
+CASES = [(512, 4, ("one-shot", "sequential")), (1024, 4, ("one-shot", "sequential", "in place")),
+         (1024, 8, ("one-shot", "sequential", "in place")), (2048, 4, ("one-shot", "sequential")),
+         (4096, 4, ("sequential", "in place"))]
+# the mode each mode's ranks are compared with
+OTHER = {"one-shot": "sequential", "sequential": "one-shot", "in place": "sequential"}
 # 1 against 2 processes (torchrun, gloo)
 DISTRIBUTED = [(1024, 4, "one-shot"), (1024, 4, "sequential")]
 log = logging.getLogger("benchmarks.scale")
@@ -73,17 +78,19 @@ def statistics_bytes(model: torch.nn.Module, example: dict[str, torch.Tensor]) -
 def run_case(hidden: int, layers: int, mode: str) -> dict[str, Any]:
     """One decomposition in this process: its wall time, peak RSS and plan."""
     import fxdeco
+    from fxdeco.metadata import model_record
 
     model = llama(hidden, layers)
     params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(0, VOCAB, (BATCH, SEQUENCE), generator=g)} for _ in range(BATCHES)]
     config = fxdeco.Falor(keep_params=KEEP, skip=["lm_head"], budget_criterion="nsr", budget_rounds=0,
-                          sequential=mode == "sequential")
+                          sequential=mode != "one-shot")
+    decompose = fxdeco.decompose_ if mode == "in place" else fxdeco.transform
     start = time.perf_counter()
-    small = fxdeco.transform(model, batches, config, show_progress=False)
+    small = decompose(model, batches, config, show_progress=False)
     seconds = time.perf_counter() - start
-    record = small.meta["fxdeco"]
+    record = model_record(small)
     summary = record.summary.get("sequential")
     stats = summary["peak_statistics_bytes"] if summary else statistics_bytes(model, batches[0])
     return {"hidden": hidden, "layers": layers, "mode": mode, "params": params, "seconds": seconds,
@@ -173,7 +180,7 @@ def main() -> None:
     by_key = {(r["hidden"], r["layers"], r["mode"]): r for r in results}
     table = []
     for r in results:
-        other = by_key.get((r["hidden"], r["layers"], "one-shot" if r["mode"] == "sequential" else "sequential"))
+        other = by_key.get((r["hidden"], r["layers"], OTHER[r["mode"]]))
         same = "-"
         if other is not None:
             equal = sum(r["ranks"][t] == other["ranks"][t] for t in r["ranks"])
@@ -182,7 +189,7 @@ def main() -> None:
                       _gb(4 * r["params"]), r["mode"], f"{r['seconds']:.0f}", _gb(r["peak_rss"]),
                       _gb(r["statistics"]), f"{r['kept']:.1%}", same])
     depth = []
-    for mode in ("one-shot", "sequential"):
+    for mode in OTHER:
         a, b = by_key.get((1024, 4, mode)), by_key.get((1024, 8, mode))
         if a and b:
             model_growth = 4 * (b["params"] - a["params"])
@@ -212,10 +219,12 @@ def main() -> None:
         f"`keep_params={KEEP}`, `lm_head` dense, budget allocated by layer NSR in both modes, no measured rounds.",
         "",
         tabulate(table, headers=["hidden", "MLP", "layers", "params", "model (GB)", "mode", "wall (s)",
-                                 "peak RSS (GB)", "statistics (GB)", "params kept", "same ranks as other mode"],
+                                 "peak RSS (GB)", "statistics (GB)", "params kept", "same ranks as compared mode"],
                  tablefmt="github"),
         "",
-        "Ranks differ between the modes by design: sequential statistics see the decomposed upstream blocks.",
+        "Compared modes: one-shot with sequential, in place with sequential (the same walk: its ranks must be "
+        "equal). One-shot and sequential ranks differ by design: sequential statistics see the decomposed upstream "
+        "blocks.",
         "",
         "## Depth at fixed width (hidden 1024): peak memory against the model's own growth",
         "",
@@ -224,9 +233,10 @@ def main() -> None:
                                  "model + result growth (GB)", "within model + result growth + 10%"],
                  tablefmt="github"),
         "",
-        "The caller's model and the decomposed model (its own weights: it must not alias the caller's) both exist "
-        "when `transform` returns, so their growth is the floor; the statistics are what sequential mode keeps "
-        "from growing with depth.",
+        "With `transform`, the caller's model and the decomposed model (its own weights: it must not alias the "
+        "caller's) both exist when it returns, so their growth is the floor; the statistics are what sequential "
+        "mode keeps from growing with depth. `decompose_` (in place) changes the caller's model instead, freeing "
+        "each block's dense weights as it goes, so its floor is the model's own growth.",
         "",
         "## One process against two (torchrun, gloo, one thread each)",
         "",

@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (relative to fxdeco)
 _EXPORTS = {
-    "calibrate": "api", "convert": "api", "prepare": "api", "transform": "api",
+    "calibrate": "api", "convert": "api", "decompose_": "api", "prepare": "api", "transform": "api",
     "trace": "capture",
     "CalibrationError": "errors", "CaptureError": "errors", "NonFiniteActivationError": "errors",
     "NoSitesError": "errors", "BudgetError": "methods.falor.budget", "DistributedError": "distributed",
@@ -44,7 +44,7 @@ _SUBMODULES = {"lockd": "methods.lockd", "distributed": "distributed"}
 __all__ = sorted([*_EXPORTS, *_SUBMODULES], key=lambda name: (name[0].islower(), name))
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from fxdeco.api import calibrate, convert, prepare, transform
+    from fxdeco.api import calibrate, convert, decompose_, prepare, transform
     from fxdeco.capture import trace
     from fxdeco.compile.backend import backend
     from fxdeco.errors import CalibrationError, CaptureError, NonFiniteActivationError, NoSitesError

@@ -29,7 +29,10 @@ from fxdeco.plan import LayerDecision, matches_any
 from fxdeco.outputs import OutputFn, select_output
 from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
 from fxdeco.progress import length_of, progress
-from passes import SkippedSite, factorize_sites, find_sites, remove_dead_sites
+from fxdeco.io.apply import FactoredConv2d, FactoredLinear, apply, check_swappable, swap_module
+from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
+from passes.rewrite import factored_module
+from passes.sites import fetch_attr
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +219,14 @@ def _factorized(prepared: PreparedModel, config: MethodConfig, plan: dict, decis
     # a method that trains the graph while it decomposes (dwain's finetune_fn) returns that graph, factored
     new = trained if trained is not None else factorize_sites(prepared.gm, prepared.sites, plan)
     new.delete_all_unused_submodules()
+    _record(new, prepared, config, decisions, summary, start)
+    return new
+
+
+def _record(new: nn.Module, prepared: PreparedModel, config: MethodConfig, decisions: list[LayerDecision],
+            summary: dict, start: float) -> None:
+    """Attach the model record of a decomposition to ``new`` (the decomposed graph, or the caller's model
+    decomposed in place)."""
     saved_params = sum(d.params_before - d.params_after for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
     captured = capture_record(prepared.gm)
@@ -231,7 +242,6 @@ def _factorized(prepared: PreparedModel, config: MethodConfig, plan: dict, decis
         calibration_batches=prepared.batches, summary=dict(summary)))
     log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", config.name,
              sum(d.decomposed for d in decisions), len(decisions), time.perf_counter() - start, saved_params)
-    return new
 
 
 def _record_calibration_rows(decisions: list[LayerDecision], statistics: dict[str, Any]) -> None:
@@ -390,6 +400,72 @@ def transform(
         >>> print(fxdeco.report(small).totals["params_after"] < 2192)
         True
     """
+    return _decompose(False, model, calib_loader, config, method=method, example_inputs=example_inputs, input_fn=input_fn, skip=skip, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn, output_fn=output_fn, stat_dtype=stat_dtype, show_progress=show_progress, process_group=process_group, **method_options)
+
+
+def decompose_(
+    model: nn.Module,
+    calib_loader: Iterable[Any],
+    config: MethodConfig | None = None,
+    *,
+    method: str = "falor",
+    example_inputs: Any = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    skip: Iterable[str] = (),
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+    capture: str = "auto",
+    stat_mask_fn: StatMaskFn | None = None,
+    output_fn: OutputFn | None = None,
+    stat_dtype: torch.dtype | None = None,
+    show_progress: bool | None = None,
+    process_group: Any = None,
+    **method_options: Any,
+) -> nn.Module:
+    """Decompose ``model`` in place: :func:`transform`'s decomposition, with each decomposed layer of the model
+    swapped for a :class:`fxdeco.io.apply.FactoredLinear` / ``FactoredConv2d`` module; returns ``model``.
+
+    The model keeps its class and everything else (a Hugging Face causal LM
+    keeps ``generate()``), as with :func:`fxdeco.apply`, but no copy of the model
+    is made. With ``Falor(..., sequential=True)`` each block's layers are
+    swapped as soon as the walk is past the block, and their dense weights
+    are freed then, so the peak memory is the model and one block's
+    statistics and activations: the way to decompose a model that does not
+    fit in memory twice. ``fxdeco.report(model)`` works on the result.
+
+    Every decomposable layer must be the call of an ``nn.Linear``,
+    ``nn.Conv2d`` or transformers ``Conv1D`` module used nowhere else in the
+    graph: this is checked after the capture, before any batch is read, and
+    raises :class:`fxdeco.ApplyError` naming the first layer that is not
+    (``skip`` it). In sequential mode an error in the middle of the walk (a
+    batch that cannot run) leaves the blocks before it decomposed, each one
+    a correct factored layer; the other modes change the model only at the
+    end. lockd (which trains the whole graph) is refused: use
+    ``fxdeco.apply(model, fxdeco.transform(...))``.
+
+    Example:
+        >>> import torch, fxdeco
+        >>> torch.manual_seed(0) and None
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        >>> data = [torch.randn(32, 4) @ torch.randn(4, 64) for _ in range(4)]   # rank-4 inputs
+        >>> same = fxdeco.decompose_(model, data, fxdeco.Falor(nsr_threshold=0.01, sequential=True))
+        >>> same is model, type(model[0]).__name__, model[0].rank
+        (True, 'FactoredLinear', 16)
+        >>> fxdeco.report(model).totals["params_after"], sum(p.numel() for p in model.parameters())
+        (6144, 6144)
+    """
+    return _decompose(True, model, calib_loader, config, method=method, example_inputs=example_inputs, input_fn=input_fn, skip=skip, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn, output_fn=output_fn, stat_dtype=stat_dtype, show_progress=show_progress, process_group=process_group, **method_options)
+
+
+def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], config: MethodConfig | None = None, *,
+               method: str = "falor", example_inputs: Any = None, input_fn: Callable[[Any], Any] | None = None,
+               skip: Iterable[str] = (), leaf_modules: Iterable[type[nn.Module]] = (),
+               autowrap_functions: Iterable[Callable[..., Any]] = (), capture: str = "auto",
+               stat_mask_fn: StatMaskFn | None = None, output_fn: OutputFn | None = None,
+               stat_dtype: torch.dtype | None = None, show_progress: bool | None = None, process_group: Any = None,
+               **method_options: Any) -> nn.Module:
+    """transform (``inplace=False``: returns the decomposed GraphModule) or decompose_ (``inplace=True``: returns
+    ``model``, decomposed in place)."""
     # Before calibration: a typo must not cost a calibration run.
     config = method_config(config if config is not None else method, **method_options)
     active = distributed.collective(process_group)
@@ -404,6 +480,9 @@ def transform(
     if total is not None and total < config.kept_batches and getattr(config, "mode", None) == "final-output":
         raise ValueError(f"num_metric_batches={config.kept_batches} but the calibration loader holds {total} "
                          "batch(es); lower num_metric_batches or give more batches")
+    if isinstance(config, Lockd) and inplace:
+        raise ValueError("decompose_ does not run lockd: it trains the whole graph, so the result is made at the end "
+                         "anyway; use fxdeco.apply(model, fxdeco.transform(model, loader, fxdeco.Lockd(...)))")
     if isinstance(config, Lockd):
         unused = [name for name, value in (("stat_mask_fn", stat_mask_fn), ("output_fn", output_fn),
                                            ("stat_dtype", stat_dtype)) if value is not None]
@@ -428,42 +507,85 @@ def transform(
                                      example_inputs=example_inputs, input_fn=input_fn, skip=skip,
                                      leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                                      capture=capture, stat_mask_fn=stat_mask_fn, stat_dtype=stat_dtype,
-                                     show_progress=show_progress, active=active)
+                                     show_progress=show_progress, active=active, inplace=inplace)
     prepared = prepare(model, example_inputs, skip=skip, leaf_modules=leaf_modules,
                        autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
                        sensitivity=config.needs_sensitivity, output_fn=output_fn, keep_batches=config.kept_batches,
                        stat_dtype=stat_dtype,
                        sensitivity_loss=getattr(config, "loss_fn", None) if config.needs_sensitivity else None)
+    if inplace:  # before any batch is read: every layer that may be decomposed can be swapped in the model
+        check_swappable(model, prepared.gm, _decomposable(prepared, config))
     with distributed.reducing(active):  # a latency budget checked on the first batch is timed on rank 0
         _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
                    after_first=_first_batch_checks(prepared, config))
-    return convert(prepared, config, process_group=active if active is not None else False)
+    small = convert(prepared, config, process_group=active if active is not None else False)
+    if not inplace:
+        return small
+    apply(model, small, inplace=True)
+    record = dataclasses.replace(model_record(small), params_after=sum(p.numel() for p in model.parameters()))
+    set_model_record(model, record)
+    return model
+
+
+def _decomposable(prepared: PreparedModel, config: MethodConfig) -> list[Site]:
+    """The sites a method may decompose: the prepared ones its own ``skip`` patterns leave."""
+    patterns = tuple(getattr(config, "skip", ()))
+    return [s for s in prepared.sites if not matches_any(s.target, patterns)]
 
 
 def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falor, *, total: int | None,
                           input_fn: Callable[[Any], Any] | None, show_progress: bool | None,
-                          active: distributed.Collective | None, **prepare_options: Any) -> torch.fx.GraphModule:
+                          active: distributed.Collective | None, inplace: bool = False,
+                          **prepare_options: Any) -> nn.Module:
     """transform with ``Falor(sequential=True)``: the batches cached, then each block calibrated and decomposed on the
     outputs of the ones before (``fxdeco.methods.falor.sequential``). Under torch.distributed (``active``) each
-    block's statistics are summed over the ranks before its ranks are decided."""
+    block's statistics are summed over the ranks before its ranks are decided. ``inplace``: each block's layers are
+    swapped in ``model`` as soon as the walk is past the block (:func:`decompose_`), and ``model`` is returned."""
     from fxdeco.methods.falor.sequential import falor_sequential  # the block walk, only when asked for
     from fxdeco.sequential import BlockCalibration
 
     prepared = prepare(model, keep_batches=0, **prepare_options)
     if config.budget is not None and config.budget[0] == "params":  # MACs need a block's rows: the walk checks
         check_budget_reachable(prepared, config)
+    if inplace:  # before any batch is read
+        check_swappable(model, prepared.gm, _decomposable(prepared, config))
     start = time.perf_counter()
     calibration = BlockCalibration(prepared, batches, input_fn=input_fn, scopes=config.blocks,
                                    spill_dir=config.spill_dir, show_progress=show_progress, total=total)
+    on_block = _swap_into(model, prepared, calibration) if inplace else None
     try:
         with distributed.reducing(active):
             if active is not None:  # budgets in MACs are fractions of rank 0's count, as one process would have
                 prepared.macs_per_sample = original_totals(prepared.gm).macs = active.broadcast(
                     prepared.macs_per_sample)
                 prepared.batches = int(distributed.all_sum([prepared.batches])[0])
-            plan, decisions, summary = falor_sequential(calibration, config)
+            plan, decisions, summary = falor_sequential(calibration, config, on_block=on_block)
             distributed.check_same_plan(decisions)
     finally:
         calibration.close()
     _record_calibration_rows(decisions, {})
+    if inplace:
+        _record(model, prepared, config, decisions, summary, start)
+        return model
     return _factorized(prepared, config, plan, decisions, summary, None, start)
+
+
+def _swap_into(model: nn.Module, prepared: PreparedModel, calibration: Any
+               ) -> Callable[[dict[str, Factorization]], None]:
+    """What :func:`decompose_` does with each block's plan in sequential mode: the factored module goes into the
+    caller's model and into the walk's graph in place of the dense one, whose weights nothing then holds (the
+    walk never runs a finished block again)."""
+    sites = {s.target: s for s in prepared.sites}
+
+    def swap(block_plan: dict[str, Factorization]) -> None:
+        for target, fact in block_plan.items():
+            site, dense = sites[target], model.get_submodule(target)
+            bias = fetch_attr(prepared.gm, site.bias) if site.bias else None
+            layers = factored_module(site, fact, dense.weight, bias)
+            factored = (FactoredConv2d if site.kind == "conv2d" else FactoredLinear)(*layers).train(dense.training)
+            factored.requires_grad_(dense.weight.requires_grad)
+            swap_module(model, target, factored)
+            calibration.replace_module(target, factored)
+        block_plan.clear()  # the factors now live in the modules only
+
+    return swap

@@ -103,14 +103,24 @@ class ModelRecord:
                 {k: v for k, v in totals.items() if k not in cls.TOTALS})
 
 
-def set_model_record(gm: torch.fx.GraphModule, record: ModelRecord) -> None:
-    """Attach ``record`` to a decomposed model."""
-    gm.meta[MODEL_KEY] = record
+# where a model of the caller's own class decomposed in place (fxdeco.decompose_) keeps its record
+MODULE_ATTRIBUTE = "_fxdeco_record"
+
+
+def set_model_record(gm: torch.nn.Module, record: ModelRecord) -> None:
+    """Attach ``record`` to a decomposed model: in a GraphModule's ``meta``, else as an attribute of the module."""
+    if isinstance(gm, torch.fx.GraphModule):
+        gm.meta[MODEL_KEY] = record
+    else:
+        object.__setattr__(gm, MODULE_ATTRIBUTE, record)
 
 
 def find_model_record(gm: Any) -> ModelRecord | None:
     """The :class:`ModelRecord` of a model fxdeco decomposed, or None for any other model."""
-    record = gm.meta.get(MODEL_KEY) if isinstance(gm, torch.fx.GraphModule) else None
+    if isinstance(gm, torch.fx.GraphModule):
+        record = gm.meta.get(MODEL_KEY)
+    else:
+        record = getattr(gm, "__dict__", {}).get(MODULE_ATTRIBUTE)
     return record if isinstance(record, ModelRecord) else None
 
 

@@ -234,6 +234,18 @@ class BlockCalibration:
             raise RuntimeError(f"{len(self.blocks) - self.position} blocks have not run yet")
         return self.run.graph_output(self.boundaries.get(batch))
 
+    def replace_module(self, target: str, module: torch.nn.Module) -> None:
+        """Put ``module`` at ``target`` in the graph once the walk is past its block (``fxdeco.decompose_``: the dense
+        layer's weights are then held by nothing here). A graph that reads weights with ``get_attr`` (exported) may
+        not have the module: nothing to do then."""
+        try:
+            self.gm.get_submodule(target)
+        except AttributeError:
+            return
+        parent_name, _, child = target.rpartition(".")
+        setattr(self.gm.get_submodule(parent_name) if parent_name else self.gm, child, module)
+        self.run.submodules[target] = module  # the interpreter's own table of the graph's modules
+
     def restart(self) -> None:
         """Walk again from the first block, on the graph inputs."""
         for b in range(self.batches):

@@ -41,7 +41,7 @@ import copy
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.metadata import factored_layers, find_model_record
+from passes import Site
 
 __all__ = ["ApplyError", "FactoredConv2d", "FactoredLinear", "apply"]
 
@@ -245,6 +246,40 @@ def _check_factors(gm: torch.fx.GraphModule, swap: _Swap, original: nn.Module, w
                          f"{out}; give apply() the model the graph was made from")
 
 
+def _model_layer(model: nn.Module, node: torch.fx.Node, target: str, weight_shape: tuple[int, ...], conv2d: bool,
+                 what: str) -> tuple[nn.Module, str]:
+    """The module of ``model`` that graph ``node`` calls as layer ``target``, and its kind (see :func:`_layer_kind`).
+    Raises :class:`ApplyError` when the node is not a call of such a module, or the module is not the layer the
+    graph decomposed."""
+    called = _innermost_module(node)
+    if called != target:
+        inside = "outside any module" if called is None else \
+            f"inside {'the model itself' if called == '' else repr(called)}"
+        raise ApplyError(
+            f"{what}: it is not a call of a module of {type(model).__name__} but a functional call on the "
+            f"layer's weight ({inside}, e.g. F.linear(x, self.{target}.weight) or F.conv2d); apply() "
+            "can only swap whole nn.Linear/nn.Conv2d/Conv1D modules. Call the layer as a module in forward, "
+            f"skip it when decomposing (skip=[{target!r}]), or use the decomposed GraphModule itself")
+    try:
+        original = model.get_submodule(target)
+    except AttributeError:
+        raise ApplyError(f"{what}: {type(model).__name__} has no module {target!r}; give apply() the model "
+                         "the graph was made from") from None
+    kind = _layer_kind(original)
+    if kind is None:
+        raise ApplyError(f"{what}: the model's module is a {type(original).__name__}, not an nn.Linear, "
+                         "nn.Conv2d or transformers' Conv1D with its own forward; apply() swaps only those")
+    if original._forward_hooks or original._forward_pre_hooks:
+        raise ApplyError(f"{what}: the model's module has forward hooks or pre-hooks, which its factored "
+                         "replacement would not run; remove them before apply()")
+    shape = _dense_shape(original, kind)
+    if shape != tuple(weight_shape) or (kind == "conv2d") != conv2d:
+        raise ApplyError(f"{what}: the graph decomposed a {'conv2d' if conv2d else 'linear'} weight of shape "
+                         f"{tuple(weight_shape)}, the model's {type(original).__name__} has {shape}; give apply() "
+                         "the model the graph was made from")
+    return original, kind
+
+
 def _swaps(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[dict[str, _Swap], set[str]]:
     """Check every decomposed site of ``gm`` against ``model``, in graph order; return the modules to replace and
     the names of the graph's factor modules. Raises :class:`ApplyError` naming the first site that does not fit."""
@@ -253,32 +288,7 @@ def _swaps(model: nn.Module, gm: torch.fx.GraphModule) -> tuple[dict[str, _Swap]
     for node, info in factored_layers(gm):
         what = f"decomposed layer {info.target!r} (graph node {node.name!r})"
         parent, chain = _factor_chain(gm, node, what)
-        called = _innermost_module(node)
-        if called != info.target:
-            inside = "outside any module" if called is None else \
-                f"inside {'the model itself' if called == '' else repr(called)}"
-            raise ApplyError(
-                f"{what}: it is not a call of a module of {type(model).__name__} but a functional call on the "
-                f"layer's weight ({inside}, e.g. F.linear(x, self.{info.target}.weight) or F.conv2d); apply() "
-                "can only swap whole nn.Linear/nn.Conv2d/Conv1D modules. Call the layer as a module in forward, "
-                f"skip it when decomposing (skip=[{info.target!r}]), or use the decomposed GraphModule itself")
-        try:
-            original = model.get_submodule(info.target)
-        except AttributeError:
-            raise ApplyError(f"{what}: {type(model).__name__} has no module {info.target!r}; give apply() the model "
-                             "the graph was made from") from None
-        kind = _layer_kind(original)
-        if kind is None:
-            raise ApplyError(f"{what}: the model's module is a {type(original).__name__}, not an nn.Linear, "
-                             "nn.Conv2d or transformers' Conv1D with its own forward; apply() swaps only those")
-        if original._forward_hooks or original._forward_pre_hooks:
-            raise ApplyError(f"{what}: the model's module has forward hooks or pre-hooks, which its factored "
-                             "replacement would not run; remove them before apply()")
-        shape = _dense_shape(original, kind)
-        if shape != tuple(info.weight_shape) or (kind == "conv2d") != (info.kind == "conv2d"):
-            raise ApplyError(f"{what}: the graph decomposed a {info.kind} weight of shape {tuple(info.weight_shape)}, "
-                             f"the model's {type(original).__name__} has {shape}; give apply() the model the graph "
-                             "was made from")
+        original, kind = _model_layer(model, node, info.target, tuple(info.weight_shape), info.kind == "conv2d", what)
         swap = _Swap(info.target, parent, kind, len(chain), node.name)
         known = swaps.get(info.target)
         if known is None:
@@ -308,6 +318,25 @@ def _refuse_dense_calls(gm: torch.fx.GraphModule, swaps: dict[str, _Swap], chain
         raise ApplyError(f"decomposed layer {module!r} (graph node {swaps[module].node!r}): the module is called at "
                          f"several places with a different factorization: node {node.name!r} still uses it dense; "
                          "one module can hold only one form")
+
+
+def check_swappable(model: nn.Module, gm: torch.fx.GraphModule, sites: Iterable[Site]) -> None:
+    """Before decomposing ``model`` in place (:func:`fxdeco.decompose_`): every site of the captured ``gm`` that
+    may be decomposed is the call of one of ``model``'s Linear/Conv2d/Conv1D modules. Raises :class:`ApplyError`
+    naming the first site that is not, so nothing has been changed yet. (A layer whose weight the graph also reads
+    elsewhere is not a site: ``passes.find_sites`` keeps it dense.)
+
+    Example:
+        >>> import torch, fxdeco
+        >>> from fxdeco.io.apply import check_swappable
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> prepared = fxdeco.prepare(model)
+        >>> check_swappable(model, prepared.gm, prepared.sites)   # nothing to say
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for site in sites:
+        what = f"layer {site.target!r} (graph node {site.node!r})"
+        _model_layer(model, by_name[site.node], site.target, tuple(site.weight_shape), site.kind == "conv2d", what)
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -371,12 +400,14 @@ def _tensors_to_copy(model: nn.Module, gm: torch.fx.GraphModule, swaps: dict[str
 # ---------------------------------------------------------------------------------------------- apply
 
 
-def _factored_module(gm: torch.fx.GraphModule, swap: _Swap, original: nn.Module) -> nn.Module:
-    """Copies of the graph's factor layers, as a Factored* module on the original layer's device and dtype."""
+def _factored_module(gm: torch.fx.GraphModule, swap: _Swap, original: nn.Module, share: bool = False) -> nn.Module:
+    """The graph's factor layers (copies, or the graph's own with ``share``), as a Factored* module on the original
+    layer's device and dtype."""
     weight = original.weight
     layers = []
     for i in range(swap.length):
-        layer = copy.deepcopy(gm.get_submodule(f"{swap.factors}.{i}"))
+        layer = gm.get_submodule(f"{swap.factors}.{i}")
+        layer = layer if share else copy.deepcopy(layer)
         layer.to(device=weight.device, dtype=weight.dtype)
         layer.requires_grad_(weight.requires_grad)
         layers.append(layer)
@@ -384,8 +415,15 @@ def _factored_module(gm: torch.fx.GraphModule, swap: _Swap, original: nn.Module)
     return module.train(original.training)
 
 
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at the qualified ``name`` in ``root`` (the module there is dropped)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
 def apply(model: nn.Module, decomposed: torch.fx.GraphModule | str | os.PathLike, *,
-          example_inputs: Any = None) -> nn.Module:
+          example_inputs: Any = None, inplace: bool = False) -> nn.Module:
     """A copy of ``model``, of its own class, computing what the decomposed graph computes.
 
     ``decomposed`` is the GraphModule of ``fxdeco.transform``, ``convert``,
@@ -404,7 +442,15 @@ def apply(model: nn.Module, decomposed: torch.fx.GraphModule | str | os.PathLike
     graph changed (dwain's ``finetune_fn``, ``fxdeco.finetune``) are copied
     in by name. Everything else -- class, config, other methods
     (``generate()`` with its key/value cache), hooks elsewhere, training mode
-    -- is the model's. ``model`` itself is never modified.
+    -- is the model's. ``model`` itself is not modified.
+
+    ``inplace=True`` changes ``model`` itself instead of a copy and returns it:
+    its decomposed modules are swapped for Factored* modules holding the
+    graph's own factor layers (shared with ``decomposed``, not copied), so a
+    model that fits in memory once or twice, not three times, can be
+    converted (``del decomposed`` afterwards frees the rest of the graph). The
+    checks below all run before the first change. To decompose a large model
+    in place as it goes, see :func:`fxdeco.decompose_`.
 
     Raises :class:`ApplyError` before anything is built when a decomposed site
     is not the call of one such module of ``model`` (a functional ``F.linear``
@@ -430,6 +476,8 @@ def apply(model: nn.Module, decomposed: torch.fx.GraphModule | str | os.PathLike
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply() puts a decomposition back into the original model (an nn.Module), got "
                         f"{type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
     if isinstance(decomposed, (str, os.PathLike)):
         from fxdeco.io.serialize import load
         decomposed = load(decomposed, model, example_inputs=example_inputs)
@@ -442,12 +490,10 @@ def apply(model: nn.Module, decomposed: torch.fx.GraphModule | str | os.PathLike
     swaps, factor_modules = _swaps(model, decomposed)
     copies = _tensors_to_copy(model, decomposed, swaps, factor_modules)
 
-    result = copy.deepcopy(model)  # everything checked: nothing below depends on the caller's model
+    # everything checked: nothing below can fail on the model's structure
+    result = model if inplace else copy.deepcopy(model)
     for name, swap in swaps.items():
-        original = result.get_submodule(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = result.get_submodule(parent_name) if parent_name else result
-        setattr(parent, child, _factored_module(decomposed, swap, original))
+        swap_module(result, name, _factored_module(decomposed, swap, result.get_submodule(name), share=inplace))
     targets = dict(_named_tensors(result))
     with torch.no_grad():
         for name, tensor in copies.items():

@@ -21,7 +21,7 @@ statistics exist at once.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -91,11 +91,14 @@ def _block_shares(calibration: BlockCalibration, config: Falor) -> list[float]:
     return shares
 
 
-def falor_sequential(calibration: BlockCalibration, config: Falor
+def falor_sequential(calibration: BlockCalibration, config: Falor,
+                     on_block: Callable[[dict[str, Factorization]], None] | None = None
                      ) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:
     """Plan every block in order on compensated statistics; return the plan, decisions and a summary.
 
-    ``calibration`` must not have run any block yet.
+    ``calibration`` must not have run any block yet. ``on_block``, when given, receives each block's plan once
+    the walk is past the block (``fxdeco.decompose_`` factors it into the model then, so its dense weights are
+    freed as the walk goes), and the plan returned is empty.
     """
     shares = _block_shares(calibration, config) if config.mode == "budget" else None
     if shares is not None:
@@ -118,8 +121,11 @@ def falor_sequential(calibration: BlockCalibration, config: Falor
             if stats is not None:
                 d.calib_rows = float(stats.weight if stats.weight is not None else stats.rows)
             decisions[d.target] = d
-        plan.update(block_plan)
         calibration.advance(index, _overrides(calibration, index, layers, chosen) if block_plan else None)
+        if on_block is not None:
+            on_block(block_plan)
+        else:
+            plan.update(block_plan)
         log.info("falor sequential: block %s: %d of %d layers decomposed", block.name, len(block_plan),
                  len(block_decisions))
     order = [s.target for s in unique_targets(calibration.sites)]

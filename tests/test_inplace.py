@@ -1,0 +1,169 @@
+"""fxdeco.decompose_: the caller's model decomposed in place, block by block in sequential mode."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdeco
+from fxdeco.io.apply import ApplyError, FactoredLinear
+from fxdeco.metadata import model_record
+from fxdeco.sequential import BlockCalibration
+from tests.io.test_apply import hf_causal_lm, relative_error, snapshot, token_batches
+from tests.passes.test_blocks import Stack
+
+
+def _data(n: int = 4, rows: int = 64, width: int = 32, rank: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(rank, width, generator=g)
+    return [torch.randn(rows, rank, generator=g) @ basis + 0.05 * torch.randn(rows, width, generator=g)
+            for _ in range(n)]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return Stack(depth=3, width=32).eval()
+
+
+def _ranks(model: nn.Module) -> dict[str, int | None]:
+    return {d.target: d.rank for d in model_record(model).decisions}
+
+
+def _dense_weights(model: nn.Module) -> dict[str, weakref.ref]:
+    return {name: weakref.ref(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("options", [{"nsr_threshold": 0.02}, {"keep_params": 0.6}], ids=["local", "budget"])
+def test_in_place_sequential_is_the_sequential_transform_on_the_callers_model(options: dict) -> None:
+    config = fxdeco.Falor(sequential=True, show_progress=False, **options)
+    reference = fxdeco.transform(_model(), _data(), config)
+    model = _model()
+    weights = _dense_weights(model)
+    same = fxdeco.decompose_(model, _data(), config)
+    gc.collect()
+    assert same is model and type(model) is Stack
+    assert _ranks(model) == _ranks(reference) and any(_ranks(model).values())
+    decomposed = {t for t, r in _ranks(model).items() if r is not None}
+    assert all(isinstance(model.get_submodule(t), FactoredLinear) for t in decomposed)
+    # the dense weights of the decomposed layers are gone; the others are the model's own, untouched
+    assert {t for t, ref in weights.items() if ref() is None} == decomposed
+    x = _data(1)[0]
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x)) <= 1e-6
+    record = fxdeco.report(model).totals
+    assert record["params_after"] == sum(p.numel() for p in model.parameters()) < record["params_before"]
+
+
+def test_each_blocks_dense_weights_are_freed_while_the_walk_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model()
+    weights = _dense_weights(model)
+    alive_at_block: list[set[str]] = []
+    statistics = BlockCalibration.statistics
+
+    def spy(self: BlockCalibration, index: int, advance: bool = False) -> dict:
+        gc.collect()
+        alive_at_block.append({t for t, ref in weights.items() if ref() is not None})
+        return statistics(self, index, advance)
+
+    monkeypatch.setattr(BlockCalibration, "statistics", spy)
+    fxdeco.decompose_(model, _data(), fxdeco.Falor(nsr_threshold=0.02, sequential=True, show_progress=False))
+    decomposed = {t for t, r in _ranks(model).items() if r is not None}
+    first = next(t for t in weights if t in decomposed)
+    assert first in alive_at_block[0]
+    assert first not in alive_at_block[-1]  # freed before the last block was calibrated
+
+
+def test_one_shot_in_place_shares_the_graphs_factors_and_matches_apply() -> None:
+    config = fxdeco.Falor(nsr_threshold=0.02, show_progress=False)
+    original = _model()
+    copied = fxdeco.apply(original, fxdeco.transform(original, _data(), config))
+    model = _model()
+    fxdeco.decompose_(model, _data(), config)
+    assert _ranks(model) and any(isinstance(m, FactoredLinear) for m in model.modules())
+    x = _data(1)[0]
+    with torch.no_grad():
+        assert torch.equal(model(x), copied(x))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_hugging_face_causal_lms_in_place_keep_generate(kind: str) -> None:
+    config = fxdeco.Falor(nsr_threshold=0.05, sequential=True, skip=["lm_head"], show_progress=False)
+    reference = fxdeco.transform(hf_causal_lm(kind), token_batches(), config, output_fn=lambda out: out.logits)
+    model = hf_causal_lm(kind)
+    fxdeco.decompose_(model, token_batches(), config, output_fn=lambda out: out.logits)
+    assert _ranks(model) == _ranks(reference) and any(_ranks(model).values())
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert relative_error(model(input_ids=ids).logits, reference(input_ids=ids).logits) <= 1e-5
+        out = model.generate(ids[:, :6], attention_mask=torch.ones(2, 6, dtype=torch.long), max_new_tokens=3,
+                             do_sample=False)
+    assert out.shape == (2, 9)
+
+
+class _Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.fc(x), self.out.weight, self.out.bias)  # not self.out(...)
+
+
+class _Counting:
+    """A loader that counts the batches read from it."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self.batches, self.read = batches, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.read += 1
+            yield b
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_layer_that_cannot_be_swapped_fails_before_calibration_and_changes_nothing(sequential: bool) -> None:
+    torch.manual_seed(0)
+    model = _Functional()
+    before = snapshot(model)
+    loader = _Counting(_data(4))
+    with pytest.raises(ApplyError, match="'out'.*skip"):
+        fxdeco.decompose_(model, loader, fxdeco.Falor(nsr_threshold=0.02, sequential=sequential))
+    assert loader.read <= 1  # the first batch is the capture's example, nothing was calibrated
+    assert type(model.out) is nn.Linear and all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
+    fxdeco.decompose_(model, _data(4), fxdeco.Falor(nsr_threshold=0.02, sequential=sequential, skip=["out"]))
+    assert type(model.out) is nn.Linear
+
+
+def test_a_layer_whose_weight_is_read_elsewhere_stays_dense_and_correct() -> None:
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc(x) + x @ self.fc.weight.T)  # fc's weight read outside its call too
+
+    torch.manual_seed(0)
+    model, x = Reused(), _data(1)[0]
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match="'fc' is not decomposed: weight also used"):
+        fxdeco.decompose_(model, _data(2), fxdeco.Falor(nsr_threshold=0.02, sequential=True))
+    assert type(model.fc) is nn.Linear and type(model.out) is FactoredLinear
+    with torch.no_grad():
+        assert relative_error(model(x), expected) <= 0.2
+
+
+def test_lockd_and_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="decompose_ does not run lockd"):
+        fxdeco.decompose_(_model(), _data(2), fxdeco.Lockd(steps=1))
+    model = _model()
+    small = fxdeco.transform(model, _data(2), nsr_threshold=0.02)
+    with pytest.raises(TypeError, match="inplace must be True or False"):
+        fxdeco.apply(model, small, inplace="yes")
