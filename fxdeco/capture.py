@@ -134,6 +134,10 @@ def trace(
     if capture != "export":
         timm_modules, timm_functions = _timm_notrace()
         try:
+            hooks = _root_hooks(model)
+            if hooks:  # the tracer calls forward itself, not model(...): the graph would silently lack them
+                raise RuntimeError(f"{type(model).__name__} has {hooks} on the model itself, which symbolic tracing "
+                                   "does not run (it calls forward directly); torch.export runs them")
             # Tracing runs Python code: ``self.training`` read there is baked into the graph, so trace in eval mode.
             constants = dict(constant_inputs) if constant_inputs is not None \
                 else _left_out_constant_inputs(model, example_inputs)
@@ -176,6 +180,22 @@ def trace(
     _warn_training_behaviour(gm, model)
     _guard_batch_of_one(model, gm, args, kwargs)
     return gm
+
+
+def _root_hooks(model: nn.Module) -> str:
+    """The forward hooks and pre-hooks registered on ``model`` itself, described (empty: none).
+
+    Example:
+        >>> m = nn.Linear(2, 2)
+        >>> _root_hooks(m)
+        ''
+        >>> _ = m.register_forward_pre_hook(lambda mod, args: None)
+        >>> _root_hooks(m)
+        'a forward pre-hook'
+    """
+    kinds = [what for what, hooks in (("a forward hook", model._forward_hooks),
+                                      ("a forward pre-hook", model._forward_pre_hooks)) if hooks]
+    return " and ".join(kinds)
 
 
 @contextlib.contextmanager

@@ -837,3 +837,22 @@ def test_varargs_model_is_captured_by_export() -> None:
     x = (torch.randn(5, 32), torch.randn(5, 32))
     with torch.no_grad():
         torch.testing.assert_close(small(*x), model(*x), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre"])
+def test_a_hook_on_the_model_itself_is_captured_not_dropped(hook: str) -> None:
+    """Symbolic tracing calls forward directly, so a hook on the root module would silently vanish from the graph:
+    auto capture goes to torch.export (which runs it), a forced symbolic capture is refused with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    if hook == "forward":
+        model.register_forward_hook(lambda module, args, out: out + 1.0)
+    else:
+        model.register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    x = torch.randn(32, 16)
+    small = fxdeco.transform(model, [x], nsr_threshold=1e-9, show_progress=False)
+    assert small.meta["fxdeco"].capture == "export"
+    with torch.no_grad():
+        assert torch.allclose(small(x), model(x), atol=1e-5)
+    with pytest.raises(fxdeco.CaptureError, match="on the model itself, which symbolic tracing does not run"):
+        fxdeco.trace(model, x, capture="symbolic")
