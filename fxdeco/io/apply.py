@@ -48,6 +48,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxdeco.errors import warn_user
 from fxdeco.metadata import factored_layers, find_model_record
 from passes import Site
 
@@ -394,7 +395,25 @@ def _tensors_to_copy(model: nn.Module, gm: torch.fx.GraphModule, swaps: dict[str
             if theirs is not None else f"has no counterpart in {type(model).__name__}"
         raise ApplyError(f"graph tensor {name!r} differs from the model's and {where}, so its values cannot be "
                          "put into the model; apply() copies only factors and tensors whose names the model has")
+    _warn_parameters_outside_the_graph(model, gm, replaced)
     return copies
+
+
+def _warn_parameters_outside_the_graph(model: nn.Module, gm: torch.fx.GraphModule, replaced: set[str]) -> None:
+    """Warn about parameters of ``model`` the graph has no counterpart for (by name, or by value for a tied weight):
+    a model with more layers than the one decomposed would keep computing with them. A warning, not an error: a
+    module the forward never calls is legitimately absent from a captured graph."""
+    graph_tensors = dict(_named_tensors(gm))
+    by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for t in graph_tensors.values():
+        by_shape.setdefault(tuple(t.shape), []).append(t)
+    missing = [name for name, p in model.named_parameters(remove_duplicate=False)
+               if name not in graph_tensors and not _under(name, replaced)
+               and not any(_same(t, p) for t in by_shape.get(tuple(p.shape), []))]
+    if missing:
+        warn_user(f"apply(): {len(missing)} parameter(s) of {type(model).__name__} are not in the decomposed graph "
+                  f"(first: {missing[0]!r}); if forward uses them, the result computes something else than the graph "
+                  "-- was the graph made from another model (e.g. with fewer layers)?")
 
 
 # ---------------------------------------------------------------------------------------------- apply

@@ -300,3 +300,19 @@ def test_peft_lora_wraps_the_factor_layers_of_an_applied_llama() -> None:
     assert all(torch.equal(p, frozen[n]) for n, p in wrapped.named_parameters() if n in frozen)
     with torch.no_grad():
         assert relative_error(wrapped(input_ids=ids).logits, small(input_ids=ids).logits) > 1e-6  # it trained
+
+
+def test_a_model_with_layers_the_graph_lacks_is_warned_about() -> None:
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    model, small = hf_decomposed("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxdeco.apply(model, small)
+    assert not [w for w in caught if "apply():" in str(w.message)]
+    deeper = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**model.config.to_dict(),
+                                                                      "num_hidden_layers": 3})).eval()
+    with pytest.warns(UserWarning, match=r"apply\(\): \d+ parameter\(s\) of LlamaForCausalLM are not in the "
+                                         r"decomposed graph \(first: 'model.layers.2"):
+        fxdeco.apply(deeper, small)
