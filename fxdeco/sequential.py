@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -91,11 +92,10 @@ class _Boundaries:
         return {self.nodes[name]: v for name, v in saved.items()}
 
     def close(self) -> None:
+        """Remove the spilled files and their directory (created here: nothing else is in it). Idempotent."""
         if self.directory is not None:
-            for path in self.directory.glob("batch*.pt"):
-                path.unlink()
-            self.directory.rmdir()
-            self.directory = None
+            directory, self.directory = self.directory, None
+            shutil.rmtree(directory)
 
 
 @dataclasses.dataclass
@@ -113,8 +113,10 @@ class BlockCalibration:
     turned into graph inputs at once (a batch that does not fit the model fails
     here, naming it) and the first one is run through the cost pass (the model's
     MACs, as ``fxdeco.prepare`` records them). ``scopes`` override the automatic
-    blocks (``passes.blocks.find_blocks``); ``spill_dir`` keeps boundaries on
-    disk instead of in memory.
+    blocks (``passes.blocks.find_blocks``; one that holds no layer is refused
+    before any batch is read); ``spill_dir`` keeps boundaries on disk instead of
+    in memory, in directories removed by :meth:`close`, or here if the
+    constructor fails.
     """
 
     def __init__(self, prepared: Any, batches: Iterable[Any], *, input_fn: Callable[[Any], Any] | None = None,
@@ -123,27 +125,37 @@ class BlockCalibration:
         self.prepared = prepared
         self.gm: torch.fx.GraphModule = prepared.gm
         self.sites: list[Site] = list(prepared.sites)
-        self.blocks: list[Block] = find_blocks(self.gm, self.sites, scopes)
+        self.blocks: list[Block] = find_blocks(self.gm, self.sites, scopes)  # a scope holding no layer fails here
         self.run = BlockRun(self.gm, self.blocks)
         self.show_progress = show_progress
         self.row_weights: list[Any] = []  # per batch: the statistics' row weights (a stat_mask_fn's mask)
-        nodes = {n.name: n for n in self.gm.graph.nodes}
-        self.boundaries = _Boundaries(nodes, spill_dir)
-        self.starts = _Boundaries(nodes, spill_dir)  # the graph inputs of every batch, to walk again (restart)
         self.peak_statistics_bytes = 0
         self.position = 0  # the next block to run
-        if scopes is not None and not any(b.name in scopes for b in self.blocks):
-            raise ValueError(f"no layer is inside any of the scopes {list(scopes)[:3]}: give qualified module names "
-                             f"such as {self._example_scope()!r}")
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        self.boundaries = self.starts = _Boundaries(nodes, None)  # nothing to remove until the spill dirs exist
+        try:  # whatever fails from here (a batch, the loader, Ctrl-C), no spilled file is left behind
+            self.boundaries = _Boundaries(nodes, spill_dir)
+            self.starts = _Boundaries(nodes, spill_dir)  # the graph inputs of every batch, to walk again (restart)
+            self._cache(batches, input_fn, total)
+        except BaseException:
+            self._close_quietly()
+            raise
+        log.info("sequential calibration: %d blocks, %d batches", len(self.blocks), self.batches)
+
+    def _cache(self, batches: Iterable[Any], input_fn: Callable[[Any], Any] | None, total: int | None) -> None:
+        """Turn every batch into graph inputs and keep them as the first boundary."""
         with eval_mode(self.gm), torch.no_grad():
-            for raw in progress(batches, desc="caching calibration inputs", total=total, enabled=show_progress):
+            for raw in progress(batches, desc="caching calibration inputs", total=total, enabled=self.show_progress):
                 self._add(adapt_batch(raw, input_fn, self.batches))
         if self.batches == 0:
             raise no_batches(batches)
-        log.info("sequential calibration: %d blocks, %d batches", len(self.blocks), self.batches)
 
-    def _example_scope(self) -> str:
-        return self.blocks[0].name if self.blocks else "model.layers.0"
+    def _close_quietly(self) -> None:
+        """:meth:`close` on a failure path: a file that cannot be removed is logged, not raised over the failure."""
+        try:
+            self.close()
+        except OSError as exc:
+            log.warning("could not remove the spilled calibration inputs: %s", exc)
 
     @property
     def batches(self) -> int:
@@ -254,8 +266,10 @@ class BlockCalibration:
 
     def close(self) -> None:
         """Drop the cached boundaries (and their files)."""
-        self.boundaries.close()
-        self.starts.close()
+        try:
+            self.boundaries.close()
+        finally:  # the inputs' files go even where the boundaries' could not
+            self.starts.close()
 
     def _check_position(self, index: int) -> None:
         if index != self.position:

@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -83,13 +84,51 @@ def block_scope(target: str, scopes: Sequence[str] | None = None) -> str:
         'encoder'
     """
     if scopes is not None:
-        inside = [s for s in scopes if target == s or target.startswith(s + ".")]
+        inside = [s for s in scopes if _holds(s, target)]
         return max(inside, key=len) if inside else target
     parts = target.split(".")
     for i, part in enumerate(parts[:-1]):
         if part.isdigit():
             return ".".join(parts[: i + 1])
     return target
+
+
+def _holds(scope: str, target: str) -> bool:
+    """Whether the module ``scope`` holds the layer ``target`` (or is it)."""
+    return target == scope or target.startswith(scope + ".")
+
+
+def unmatched_scopes(sites: Iterable[Site], scopes: Sequence[str]) -> dict[str, list[str]]:
+    """Each of ``scopes`` that holds no site, with up to three scopes that do hold one, closest first.
+
+    The candidates are every module path above a site (``model``, ``model.layers``, ``model.layers.1``, ...):
+    a misspelt scope is otherwise silently no block at all, and its layers become blocks of their own.
+
+    Example:
+        >>> from passes.sites import Site
+        >>> sites = [Site(f"n{i}", "linear", f"model.layers.{i}.up", "w", None, (4, 4)) for i in range(2)]
+        >>> unmatched_scopes(sites, ["model.layers.0", "model.layer.1"])
+        {'model.layer.1': ['model.layers.1', 'model.layers.0', 'model.layers']}
+    """
+    targets = [s.target for s in sites]
+    held = dict.fromkeys(".".join(t.split(".")[: i + 1]) for t in targets for i in range(t.count(".") + 1))
+    return {scope: difflib.get_close_matches(scope, list(held), n=3)
+            for scope in dict.fromkeys(scopes) if not any(_holds(scope, t) for t in targets)}
+
+
+def check_scopes(sites: Sequence[Site], scopes: Sequence[str]) -> None:
+    """Raise ValueError naming every one of ``scopes`` that holds no site (see :func:`unmatched_scopes`), or
+    saying that none was given."""
+    example = block_scope(sites[0].target) if sites else "model.layers.0"
+    if not scopes:
+        raise ValueError(f"blocks: no block scope was given; give qualified module names such as {example!r}, or "
+                         "None for automatic blocks")
+    missing = unmatched_scopes(sites, scopes)
+    if missing:
+        named = "; ".join(f"no layer is inside {scope!r}" + (f" (closest: {', '.join(map(repr, close))})"
+                                                             if close else "") for scope, close in missing.items())
+        raise ValueError(f"blocks: {named}; give qualified module names that hold decomposable layers, such as "
+                         f"{example!r}")
 
 
 def _node_scopes(node: torch.fx.Node) -> list[str]:
@@ -107,11 +146,14 @@ def find_blocks(gm: torch.fx.GraphModule, sites: Iterable[Site], scopes: Sequenc
     add, its last norm), before the next block's first site; the last block's
     segment runs to the output. ``scopes`` (qualified module names, e.g. the
     transformer layers) override the automatic blocks; a site in none of them
-    is a block of its own.
+    is a block of its own; a scope that holds no site is refused (ValueError,
+    :func:`check_scopes`).
     """
     nodes = list(gm.graph.nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
     sites = sorted(sites, key=lambda s: position[s.node])
+    if scopes is not None:
+        check_scopes(sites, scopes)
     if not sites:
         return []
     runs: list[tuple[str, list[Site]]] = []

@@ -52,6 +52,30 @@ def test_falor_is_validated_at_construction(options: dict[str, Any], match: str)
         fxdeco.Falor(**options)
 
 
+def test_spill_dir_is_checked_at_construction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing directory or a file failed only after capture, as an OSError naming a generated subdirectory."""
+    missing, a_file = tmp_path / "missing", tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=f"spill_dir='{missing}' does not exist"):
+        fxdeco.Falor(sequential=True, spill_dir=str(missing))
+    with pytest.raises(ValueError, match=f"spill_dir='{a_file}' is not a directory"):
+        fxdeco.Falor(sequential=True, spill_dir=str(a_file))
+    with pytest.raises(TypeError, match="spill_dir must be a directory path"):
+        fxdeco.Falor(sequential=True, spill_dir=3)
+    assert fxdeco.Falor(sequential=True, spill_dir=tmp_path).spill_dir == str(tmp_path)  # a Path, kept as text
+    with pytest.raises(ValueError, match="spill_dir is an option of sequential mode"):  # before the filesystem
+        fxdeco.Falor(spill_dir=str(missing))
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # root may write anywhere: pretend it may not
+    with pytest.raises(ValueError, match="is not writable"):
+        fxdeco.Falor(sequential=True, spill_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("blocks", [[], ["layers.0", ""], ["layers.0", 1]])
+def test_blocks_must_name_modules(blocks: list[Any]) -> None:
+    with pytest.raises(ValueError, match="blocks must be a non-empty list of qualified module names"):
+        fxdeco.Falor(sequential=True, blocks=blocks)
+
+
 def test_falor_is_frozen_and_says_what_calibration_it_needs() -> None:
     config = fxdeco.Falor(keep_params=0.5)
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from passes.blocks import BlockRun, block_scope, find_blocks
+from passes.blocks import BlockRun, block_scope, find_blocks, unmatched_scopes
 from passes.sites import find_sites
 from passes.stats import StatsInterpreter, ActivationStatistics
 
@@ -66,6 +66,19 @@ def test_given_scopes_override_and_unlisted_layers_are_blocks_of_their_own() -> 
     blocks = find_blocks(gm, sites, scopes=["layers"])
     assert [b.name for b in blocks] == ["layers", "head"]
     assert block_scope("head", ["layers"]) == "head"
+
+
+def test_a_scope_that_holds_no_layer_is_refused_naming_the_closest() -> None:
+    """A misspelt scope beside a good one was silently no block, its layers blocks of their own."""
+    gm, sites = _graph(Stack().eval())
+    with pytest.raises(ValueError) as error:
+        find_blocks(gm, sites, scopes=["layers.0", "layer.1", "norm_f"])
+    message = str(error.value)
+    assert "no layer is inside 'layer.1' (closest: 'layers.1'" in message
+    assert "no layer is inside 'norm_f'" in message and "inside 'layers.0'" not in message
+    with pytest.raises(ValueError, match="no block scope was given"):
+        find_blocks(gm, sites, scopes=[])
+    assert unmatched_scopes(sites, ["layers", "layers.0.up", "head"]) == {}  # a layer is a scope of itself
 
 
 def test_a_layer_called_from_two_blocks_merges_them() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from fxdeco.checks import check_count, check_number
@@ -19,6 +20,30 @@ MODE_OPTIONS = {
                "loss_fn"),
     "final-output": ("nsr_final_threshold", "kl_final_threshold", "num_metric_batches", "max_probes", "rank_tolerance"),
 }
+
+
+def _spill_dir(path: Any) -> str:
+    """``spill_dir`` as a string, refused now if it is no writable directory (else the walk would fail after
+    capture, naming a generated subdirectory).
+
+    Example:
+        >>> _spill_dir("/no/such/dir")
+        Traceback (most recent call last):
+        ...
+        ValueError: spill_dir='/no/such/dir' does not exist: give a writable directory for the cached block inputs
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"spill_dir must be a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        problem = "does not exist"
+    elif not os.path.isdir(path):
+        problem = "is not a directory"
+    elif not os.access(path, os.W_OK | os.X_OK):  # mkdtemp needs to create an entry there
+        problem = "is not writable"
+    else:
+        return path
+    raise ValueError(f"spill_dir={path!r} {problem}: give a writable directory for the cached block inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +129,8 @@ class Falor(MethodConfig):
     # sequential mode: the blocks, as qualified module names ("model.layers.0", ...); None: each layer's name cut
     # after its first numeric component (model.layers.3.mlp.up_proj -> model.layers.3)
     blocks: tuple[str, ...] | None = None
-    # sequential mode: a directory where the batches' cached block inputs are kept (None: host memory)
+    # sequential mode: a directory where the batches' cached block inputs are kept (None: host memory); it must
+    # exist and be writable (checked here)
     spill_dir: str | None = None
     # a progress bar (None: on a terminal; elsewhere periodic lines)
     show_progress: bool | None = None
@@ -162,11 +188,16 @@ class Falor(MethodConfig):
                             f"write blocks=[{self.blocks!r}]")
         if self.blocks is not None:
             object.__setattr__(self, "blocks", tuple(self.blocks))
+            if not self.blocks or not all(isinstance(b, str) and b for b in self.blocks):
+                raise ValueError(f"blocks must be a non-empty list of qualified module names ('model.layers.0'), "
+                                 f"got {list(self.blocks)!r}; None: automatic blocks")
         if not self.sequential:
             given = [n for n in ("blocks", "spill_dir") if getattr(self, n) is not None]
             if given:
                 raise ValueError(f"{given[0]} is an option of sequential mode: add sequential=True or drop it")
             return
+        if self.spill_dir is not None:
+            object.__setattr__(self, "spill_dir", _spill_dir(self.spill_dir))
         if self.mode == "final-output":
             raise ValueError("sequential=True decomposes block by block; final-output thresholds (nsr_final_threshold"
                              " / kl_final_threshold) measure each layer at the whole model's output: use "

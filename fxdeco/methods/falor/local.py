@@ -113,11 +113,22 @@ def check_budget_reachable(prepared: Any, config: Falor) -> None:
         if latency.retime_original(time_models({"original": prepared.gm}, latency.call)["original"]):
             floor, total = _budget_floor(prepared, config, latency)
     if floor > keep * total * (1 + 1e-12):
-        name = f"keep_{measure}"
-        raise BudgetError(f"{name}={keep:g} cannot be reached: decomposing every layer at its smallest rank keeps "
-                          f"{floor / total:.4f} of the model's {measure} ({name} >= {floor / total:.4f} is "
-                          "reachable; layers that are not Linear/Conv2d, skipped or too small to save anything "
-                          "stay as they are)")
+        raise unreachable_budget(measure, keep, floor, total)
+
+
+def unreachable_budget(measure: str, keep: float, floor: float, total: float) -> BudgetError:
+    """The refusal of a budget below ``floor``, the model's ``measure`` with every layer at its smallest rank
+    (one-shot and sequential mode say it alike).
+
+    Example:
+        >>> print(unreachable_budget("params", 0.1, 30.0, 100.0))
+        keep_params=0.1 cannot be reached: decomposing every layer at its smallest rank keeps 0.3000 of the model's params (keep_params >= 0.3000 is reachable; layers that are not Linear/Conv2d, skipped or too small to save anything stay as they are)
+    """
+    name = f"keep_{measure}"
+    return BudgetError(f"{name}={keep:g} cannot be reached: decomposing every layer at its smallest rank keeps "
+                       f"{floor / total:.4f} of the model's {measure} ({name} >= {floor / total:.4f} is "
+                       "reachable; layers that are not Linear/Conv2d, skipped or too small to save anything "
+                       "stay as they are)")
 
 
 def _budget_floor(prepared: Any, config: Falor, latency: LatencyModel | None) -> tuple[float, float]:

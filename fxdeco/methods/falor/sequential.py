@@ -16,19 +16,25 @@ statistics exist at once.
   with their fresh curves. Cost: three forward passes per block instead of one.
   The curves are layer NSRs: the output-gradient weights of one-shot budget mode
   need a backward pass through the whole model, which a block walk does not have.
+  A budget below what every layer at its smallest rank keeps is refused before
+  the first walk, as one-shot refuses it after its first batch (MACs per sample:
+  from the layers' output shapes on the first batch, which the cost pass kept).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from typing import Any, Callable, Mapping
 
 import torch
 
+from fxdeco import distributed
 from fxdeco.methods.falor.budget import LayerOptions, allocate
 from fxdeco.methods.falor.config import Falor
 from fxdeco.methods.falor.local import (_analyse, _Layer, _model_total, _threshold_ranks, option_costs,
-                                        plan_from_ranks)
+                                        plan_from_ranks, unreachable_budget)
 from fxdeco.methods.falor.lowrank import output_projection
 from fxdeco.plan import LayerDecision, matches_any, unique_targets
 from fxdeco.sequential import BlockCalibration
@@ -70,6 +76,57 @@ def _block_layers(calibration: BlockCalibration, index: int, statistics: Mapping
     return targets, _analyse(calibration.gm, kept, dict(statistics), config)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rows:
+    """A layer's rows per sample: all that ``option_costs`` reads of its statistics to count MACs."""
+
+    rows_per_sample: float
+
+
+def _first_batch_rows(calibration: BlockCalibration) -> dict[str, _Rows] | None:
+    """Each layer's rows per sample as its statistics will count them (rows over batch elements, summed over its
+    calls), from the output shapes the cost pass recorded on the first batch; None where a layer's shape is not
+    known (the walk's allocation checks the budget then).
+
+    Under torch.distributed the counts are summed over the ranks first, so every rank decides alike (one refusing
+    alone would leave the others waiting in the next collective).
+    """
+    nodes = {n.name: n for n in calibration.gm.graph.nodes}
+    counts: dict[str, tuple[float, float]] = {}  # target -> (rows, batch elements) over its calls
+    unknown: set[str] = set()
+    for site in calibration.sites:
+        shape = getattr(nodes[site.node].meta.get("cost"), "shape", None)
+        if not (isinstance(shape, tuple) and shape and all(isinstance(d, int) for d in shape)):
+            unknown.add(site.target)
+        rows, samples = counts.get(site.target, (0.0, 0.0))
+        counts[site.target] = (0.0, 0.0) if site.target in unknown else \
+            (rows + math.prod(shape) / site.out_features, samples + shape[0])
+    per_sample = distributed.means(list(counts.values()))  # NaN: no rank knows the layer's shape
+    if any(math.isnan(r) for r in per_sample):
+        return None
+    return {target: _Rows(r) for target, r in zip(counts, per_sample)}
+
+
+def check_reachable(calibration: BlockCalibration, config: Falor) -> None:
+    """Raise :class:`BudgetError` before any block runs if the budget is below what every layer at its smallest
+    candidate rank keeps (MACs: rows per sample of the first batch, see :func:`_first_batch_rows`; where those are
+    not known, the first walk's allocation refuses it)."""
+    if config.budget is None:
+        return
+    measure, keep = config.budget
+    rows = _first_batch_rows(calibration) if measure == "macs" else {}
+    if rows is None:
+        return
+    total = _model_total(calibration.gm, measure)
+    floor = total
+    for site in unique_targets(calibration.sites):
+        if not matches_any(site.target, config.skip):
+            costs = option_costs(site, rows.get(site.target), config.candidate_ranks(site), measure, config.center)
+            floor -= costs[0] - min(costs)
+    if floor > keep * total * (1 + 1e-12):
+        raise unreachable_budget(measure, keep, floor, total)
+
+
 def _block_shares(calibration: BlockCalibration, config: Falor) -> list[float]:
     """The first walk: each block's share of the global budget (see the module docstring)."""
     measure, keep = config.budget
@@ -83,6 +140,9 @@ def _block_shares(calibration: BlockCalibration, config: Falor) -> list[float]:
         owner += [index] * len(block_options)
     total = _model_total(calibration.gm, measure)
     fixed = total - sum(float(o.costs[0]) for o in options)
+    floor = fixed + sum(float(o.costs.min()) for o in options)
+    if floor > keep * total * (1 + 1e-12):  # on every batch's rows: the first batch's check may have passed
+        raise unreachable_budget(measure, keep, floor, total)
     choice = allocate(options, keep * total, fixed)
     shares = [0.0] * len(calibration.blocks)
     for o, i, block in zip(options, choice, owner):
@@ -100,6 +160,7 @@ def falor_sequential(calibration: BlockCalibration, config: Falor,
     the walk is past the block (``fxdeco.decompose_`` factors it into the model then, so its dense weights are
     freed as the walk goes), and the plan returned is empty.
     """
+    check_reachable(calibration, config)  # before the first walk: it costs a forward pass per block
     shares = _block_shares(calibration, config) if config.mode == "budget" else None
     if shares is not None:
         calibration.restart()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from typing import Any
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
 
 import fxdeco
 from fxdeco.metadata import model_record
+from fxdeco.methods.falor import sequential as falor_sequential_module
+from fxdeco.methods.falor.budget import BudgetError
+from fxdeco.sequential import BlockCalibration
 from tests.passes.test_blocks import Stack
 
 
@@ -177,3 +184,114 @@ def test_a_statistics_mask_applies_block_by_block() -> None:
     assert rows["layers.1"] == sum(int(b["attention_mask"].sum()) for b in batches)  # real tokens only
     assert _ranks(seq) == _ranks(one)
     assert model_record(unmasked).decisions[1].calib_rows == 3 * 8 * 12
+
+
+def test_a_misspelt_block_is_refused_before_any_batch_is_read() -> None:
+    """blocks=["layers.0", "layer.1"] ran, with layer 1's Linears each a block of its own."""
+    model, data = _model(), _data(width=32)
+    read = []
+
+    def loader():
+        for x in data:
+            read.append(x)
+            yield x
+
+    prepared = fxdeco.prepare(model, data[0], keep_batches=0)
+    with pytest.raises(ValueError, match="no layer is inside 'layer.1' \\(closest: 'layers.1'"):
+        BlockCalibration(prepared, loader(), scopes=["layers.0", "layer.1"])
+    assert read == []
+    with pytest.raises(ValueError, match="inside 'layer.1'"):  # the same through transform
+        fxdeco.transform(model, data, fxdeco.Falor(sequential=True, blocks=["layers.0", "layer.1"]),
+                         show_progress=False)
+
+
+def _failing(case: str, data: list[torch.Tensor]) -> tuple[Any, dict[str, Any], dict[str, Any], type]:
+    """(batches, Falor options, transform options, the error expected) for a sequential run that fails."""
+
+    def interrupted():
+        yield from data[:2]
+        raise KeyboardInterrupt
+
+    masks = []
+
+    def failing_mask(batch: torch.Tensor) -> torch.Tensor:
+        masks.append(batch)
+        if len(masks) == 3:
+            raise RuntimeError("no mask for this batch")
+        return torch.ones(batch.shape[0])
+
+    return {
+        "loader raises": ((x if i < 3 else 1 / 0 for i, x in enumerate(data)), {}, {}, ZeroDivisionError),
+        "Ctrl-C": (interrupted(), {}, {}, KeyboardInterrupt),
+        "batch does not fit": ([*data[:2], (data[2], data[2])], {}, {}, fxdeco.CalibrationError),  # 2 inputs, not 1
+        "stat_mask_fn fails": (data, {}, {"stat_mask_fn": failing_mask}, fxdeco.CalibrationError),
+        "bad blocks": (data, {"blocks": ["nowhere"]}, {}, ValueError),
+        "NaN in the walk": ([*data[:2], torch.full_like(data[2], float("nan"))], {}, {}, Exception),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["loader raises", "Ctrl-C", "batch does not fit", "stat_mask_fn fails",
+                                  "bad blocks", "NaN in the walk"])
+def test_failures_leave_no_spilled_files(case: str, tmp_path) -> None:
+    """spill_dir kept fxdeco-boundaries-* directories (with batch*.pt files) when caching failed."""
+    model, data = _model(), _data(width=32)
+    batches, options, call, error = _failing(case, data)
+    created = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(**kwargs: Any) -> str:
+        created.append(real_mkdtemp(**kwargs))
+        return created[-1]
+
+    with mock.patch("tempfile.mkdtemp", mkdtemp), pytest.raises(error):
+        fxdeco.transform(model, batches, fxdeco.Falor(sequential=True, spill_dir=str(tmp_path), **options),
+                         show_progress=False, **call)
+    assert list(tmp_path.iterdir()) == []
+    assert len(created) == (0 if case == "bad blocks" else 2)  # the failure came after the directories were made
+
+
+def test_an_unreachable_macs_budget_is_refused_before_the_walk_as_one_shot(monkeypatch) -> None:
+    """The sequential refusal gave the knapsack's raw numbers, and only after a whole first walk."""
+    model, data = _model(), _data(width=32)
+    with pytest.raises(BudgetError) as one_shot:
+        fxdeco.transform(model, data, fxdeco.Falor(keep_macs=0.01, budget_criterion="nsr"), show_progress=False)
+    assert "keep_macs >= 0." in str(one_shot.value)
+
+    def no_walk(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a block ran before the budget was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(BlockCalibration, "statistics", no_walk)
+        with pytest.raises(BudgetError) as sequential:
+            fxdeco.transform(model, data, fxdeco.Falor(keep_macs=0.01, sequential=True), show_progress=False)
+    assert str(sequential.value) == str(one_shot.value)
+    # where the first batch's rows are not known, the walk refuses it, in the same words
+    monkeypatch.setattr(falor_sequential_module, "_first_batch_rows", lambda calibration: None)
+    with pytest.raises(BudgetError) as walked:
+        fxdeco.transform(model, data, fxdeco.Falor(keep_macs=0.01, sequential=True), show_progress=False)
+    assert str(walked.value) == str(one_shot.value)
+
+
+def test_first_batch_rows_are_what_the_statistics_count() -> None:
+    """The budget check before the walk reads rows per sample off the cost pass's shapes: a convolution's pixels,
+    a Linear's tokens, a layer called twice."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=2)
+            self.proj = nn.Linear(8, 16)
+            self.twice = nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.proj(self.conv(x).flatten(2).transpose(1, 2))
+            return self.twice(torch.relu(self.twice(tokens)))
+
+    torch.manual_seed(0)
+    prepared = fxdeco.prepare(Mixed().eval(), torch.randn(2, 3, 9, 9), keep_batches=0)
+    calibration = BlockCalibration(prepared, [torch.randn(2, 3, 9, 9), torch.randn(2, 3, 9, 9)])
+    rows = falor_sequential_module._first_batch_rows(calibration)
+    counted = {}
+    for index in range(len(calibration.blocks)):
+        counted.update({t: s.rows_per_sample for t, s in calibration.statistics(index, advance=True).items()})
+    assert counted == {t: r.rows_per_sample for t, r in rows.items()} == {"conv": 16, "proj": 16, "twice": 16}
