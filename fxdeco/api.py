@@ -538,13 +538,22 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
                           active: distributed.Collective | None, inplace: bool = False,
                           **prepare_options: Any) -> nn.Module:
     """transform with ``Falor(sequential=True)``: the batches cached, then each block calibrated and decomposed on the
-    outputs of the ones before (``fxdeco.methods.falor.sequential``). Under torch.distributed (``active``) each
-    block's statistics are summed over the ranks before its ranks are decided. ``inplace``: each block's layers are
-    swapped in ``model`` as soon as the walk is past the block (:func:`decompose_`), and ``model`` is returned."""
+    outputs of the ones before (``fxdeco.methods.falor.sequential``). Under torch.distributed (``active``) every
+    rank's model, weights and blocks are compared first (before any batch is read), then each block's statistics
+    are summed over the ranks before its ranks are decided. ``inplace``: each block's layers are swapped in
+    ``model`` as soon as the walk is past the block (:func:`decompose_`), and ``model`` is returned."""
     from fxdeco.methods.falor.sequential import falor_sequential  # the block walk, only when asked for
     from fxdeco.sequential import BlockCalibration
+    from passes.blocks import find_blocks
 
     prepared = prepare(model, keep_batches=0, **prepare_options)
+    if active is not None:  # before any batch is read: another model, other weights or other blocks on one rank
+        try:  # would sum two models' statistics, or put the per-block all-reduces out of step
+            blocks: Any = find_blocks(prepared.gm, prepared.sites, config.blocks)
+        except ValueError as exc:  # a scope that holds no layer: raised once the ranks compared, so none waits
+            blocks = exc
+        with distributed.reducing(active):
+            distributed.check_same_model(prepared, blocks)
     if config.budget is not None and config.budget[0] == "params":  # MACs need a block's rows: the walk checks
         check_budget_reachable(prepared, config)
     if inplace:  # before any batch is read

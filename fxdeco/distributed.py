@@ -17,9 +17,14 @@ the ranks collected, so every rank makes the same plan:
   the plan is timed once, on rank 0's device, and the ranks do not disturb each
   other's timings on a shared machine.
 
-After planning, every rank's plan digest (the rank of every layer) is gathered
-and compared (:func:`check_same_plan`): ranks that would write different models
-raise :class:`DistributedError` instead.
+Before anything is summed, every rank's model is compared (:func:`check_same_model`):
+its layers, parameter count, an exact checksum of every parameter and buffer
+(:func:`weight_checksum`) and, in sequential mode, its blocks; summing the
+statistics of two different models (only rank 0 loaded the checkpoint) would
+give each rank another model without any error. After planning, every rank's
+plan digest (the rank of every layer) is gathered and compared
+(:func:`check_same_plan`): ranks that would write different models raise
+:class:`DistributedError` instead.
 
 Which group: ``fxdeco.convert(prepared, ..., process_group=...)`` and
 ``fxdeco.transform(..., process_group=...)`` take ``None`` (the default: the
@@ -37,6 +42,8 @@ Example (one process; :func:`shard` is what each rank keeps of a list of batches
     [1, 4]
     >>> means([(3.0, 2.0)])   # outside a reducing convert: the local mean
     [1.5]
+    >>> weight_checksum(torch.tensor([1.0, -2.0])) == weight_checksum(torch.tensor([1.0, -2.0]))
+    True
 """
 
 from __future__ import annotations
@@ -66,6 +73,13 @@ T = TypeVar("T")
 # Largest number of float64 elements all-reduced at once (128 MB): statistics are packed into buckets of about
 # this size, so a model with many small layers costs few collectives and one with huge layers no huge buffer.
 BUCKET_ELEMENTS = 1 << 24
+
+# Elements of one tensor a weight checksum sums at once: each chunk is widened to int64 (2 MB, in cache: several
+# times faster than widening a whole matrix), so checking a large embedding never copies the whole of it.
+CHECKSUM_ELEMENTS = 1 << 18
+
+# One parameter or buffer as the ranks compare it: (name, dtype, shape, weight_checksum).
+WeightEntry = tuple[str, str, tuple[int, ...], int | None]
 
 
 class DistributedError(RuntimeError):
@@ -339,12 +353,60 @@ def _picklable_error(exc: Exception, what: str) -> Exception:
 # ----------------------------------------------------------------------------- statistics
 
 
+def weight_checksum(tensor: torch.Tensor) -> int | None:
+    """An exact checksum of ``tensor``'s values: its bytes read as integers and summed in int64, chunk by chunk.
+
+    Integer sums are exact and do not depend on the order of the additions, so
+    the same values give the same checksum on every rank and device (a float
+    sum may round differently on two devices, and identical weights must never
+    differ). Each chunk's sum is weighted by its position, so values moved
+    between chunks change it too. One pass over the tensor, no copy of it (only
+    one chunk is widened at a time). None for a tensor whose values cannot be
+    read this way (meta, sparse, quantized): its name, dtype and shape are still
+    compared.
+
+    Example:
+        >>> weight_checksum(torch.tensor([1.0, 2.0])) == weight_checksum(torch.tensor([2.0, 1.0]))
+        True
+        >>> weight_checksum(torch.tensor([1.0, 2.0])) == weight_checksum(torch.tensor([1.0, 2.5]))
+        False
+    """
+    if tensor.is_meta or tensor.layout != torch.strided or tensor.is_quantized:
+        return None
+    flat = tensor.detach().reshape(-1)  # the values in logical order, whatever the strides
+    size = flat.element_size()
+    flat = flat.view(torch.int8 if size == 1 else torch.int16 if size == 2 else torch.int32)  # int32: no overflow
+    chunks = [flat[begin: begin + CHECKSUM_ELEMENTS].sum(dtype=torch.int64)
+              for begin in range(0, flat.numel(), CHECKSUM_ELEMENTS)]
+    if not chunks:
+        return 0
+    # one transfer per tensor (on a GPU: one synchronisation); Python integers: the weighted sum cannot overflow
+    return sum((index + 1) * value for index, value in enumerate(torch.stack(chunks).tolist()))
+
+
+def _weights(gm: torch.nn.Module) -> list[WeightEntry]:
+    """``[(name, dtype, shape, checksum)]`` of every parameter and buffer of ``gm``, in registration order."""
+    tensors = itertools.chain(gm.named_parameters(), gm.named_buffers())
+    return [(name, str(t.dtype), tuple(t.shape), weight_checksum(t)) for name, t in tensors]
+
+
+def _model_summary(prepared: PreparedModel, blocks: Sequence[Any] | Exception = ()) -> dict[str, Any]:
+    """What every rank must share before anything is summed: the layers, their weights and (sequential) blocks,
+    or the error finding the blocks raised (a string)."""
+    return {
+        "sites": sorted({s.target for s in prepared.sites}),
+        "params": prepared.params_original,
+        "blocks": f"{type(blocks).__name__}: {blocks}" if isinstance(blocks, Exception)
+        else [(b.name, tuple(b.sites)) for b in blocks],
+        "weights": _weights(prepared.gm),
+    }
+
+
 def _local_summary(prepared: PreparedModel) -> dict[str, Any]:
     """What the other ranks need to know of this rank's calibration before anything is summed."""
     moments = prepared.sensitivity_moments
     return {
-        "sites": sorted({s.target for s in prepared.sites}),
-        "params": prepared.params_original,
+        **_model_summary(prepared),
         "outputs": {k: s.shifted_sum.shape[0] for k, s in prepared.collected.outputs.items()},
         "inputs": {k: s.shifted_sum.shape[0] for k, s in prepared.collected.inputs.items()},
         "moments": None if moments is None else {k: tuple(m.shape) for k, m in moments.items()},
@@ -356,8 +418,63 @@ def _local_summary(prepared: PreparedModel) -> dict[str, Any]:
     }
 
 
+def check_same_model(prepared: PreparedModel, blocks: Sequence[Any] | Exception = ()) -> None:
+    """Gather every rank's model summary and raise :class:`DistributedError` (on every rank) if they differ.
+
+    Compared: the layers, the parameter count, the checksum of every parameter
+    and buffer, and ``blocks`` (sequential mode's ``passes.blocks.Block`` cut:
+    the per-block all-reduces must go in step). ``blocks`` may be the error
+    finding them raised on this rank (a ``blocks=`` scope that holds no layer):
+    it is raised here once the summaries are gathered, and a DistributedError
+    naming it on the other ranks, so no rank waits for one that left.
+    :func:`all_reduce_statistics` does this for one-shot mode; sequential mode
+    calls it before its block walk. Outside a reducing convert only ``blocks``'s
+    error is raised.
+    """
+    active = current()
+    if active is None:  # one process: nothing to compare (and no pass over the weights)
+        if isinstance(blocks, Exception):
+            raise blocks
+        return
+    summaries = active.gather(_model_summary(prepared, blocks))
+    if isinstance(blocks, Exception):  # the others know it now
+        raise blocks
+    for r, theirs in enumerate(summaries):
+        if isinstance(theirs["blocks"], str):
+            raise DistributedError(f"rank {r} could not cut the model into blocks ({theirs['blocks']}): pass the same "
+                                   "blocks= on every rank")
+    _check_same_model(summaries)
+
+
+def _first_weight_difference(first: list[WeightEntry], theirs: list[WeightEntry]
+                             ) -> tuple[str, tuple | None, tuple | None] | None:
+    """The first tensor (in rank 0's order) whose dtype, shape or checksum differs, or that one rank lacks."""
+    mine, other = {e[0]: tuple(e[1:]) for e in first}, {e[0]: tuple(e[1:]) for e in theirs}
+    for name in dict.fromkeys([*mine, *other]):
+        if mine.get(name) != other.get(name):
+            return name, mine.get(name), other.get(name)
+    return None
+
+
+def _check_same_weights(r: int, first: list[WeightEntry], theirs: list[WeightEntry]) -> None:
+    """Rank ``r`` holds the weights of rank 0 (``[(name, dtype, shape, checksum)]`` each), else an error."""
+    differing = _first_weight_difference(first, theirs)
+    if differing is None:
+        return
+    name, mine, other = differing
+
+    def shown(entry: tuple | None) -> str:
+        return "absent" if entry is None else f"{entry[0]} {tuple(entry[1])}"
+
+    values_only = mine is not None and other is not None and mine[:2] == other[:2]  # same dtype and shape
+    detail = "" if values_only else f"; {shown(mine)} on rank 0, {shown(other)} on rank {r}"
+    raise DistributedError(f"rank {r}'s weights differ from rank 0's (first: {name!r}{detail}): load the same "
+                           "checkpoint on every rank before calling fxdeco")
+
+
 def _check_same_model(summaries: list[dict[str, Any]]) -> None:
-    """Every rank prepared the same model with the same statistics switched on (else an error on every rank)."""
+    """Every rank prepared the same model, with the same weights, blocks and statistics switched on (else an
+    error on every rank: each rank compares the same gathered summaries, so all raise alike)."""
     first = summaries[0]
     for r, theirs in enumerate(summaries[1:], start=1):
         if theirs["sites"] != first["sites"] or theirs["params"] != first["params"]:
@@ -366,8 +483,13 @@ def _check_same_model(summaries: list[dict[str, Any]]) -> None:
                 f"rank {r} prepared another model than rank 0 ({theirs['params']} vs {first['params']} parameters"
                 + (f"; layers on one rank only: {only}" if only else "") + "): every rank must prepare the same "
                 "model with the same options")
-        if (theirs["moments"] is None) != (first["moments"] is None):
-            raise DistributedError(f"rank {r} {'did not collect' if theirs['moments'] is None else 'collected'} "
+        if theirs.get("blocks") != first.get("blocks"):
+            names = [[name for name, _ in summary["blocks"]] for summary in (first, theirs)]
+            raise DistributedError(f"rank {r} cut the model into other blocks than rank 0 ({names[1][:4]} vs "
+                                   f"{names[0][:4]}): pass the same blocks= on every rank")
+        _check_same_weights(r, first["weights"], theirs["weights"])
+        if (theirs.get("moments") is None) != (first.get("moments") is None):
+            raise DistributedError(f"rank {r} {'did not collect' if theirs.get('moments') is None else 'collected'} "
                                    "output-gradient moments and rank 0 did the opposite: prepare every rank with "
                                    "the same options (sensitivity=, sensitivity_loss=)")
 

@@ -7,6 +7,7 @@ compare the ranks with each other and with one process calibrated on the union o
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pathlib
 import signal
@@ -68,6 +69,13 @@ def _statistics(prepared: fxdeco.PreparedModel) -> dict[str, Any]:
                                                                     ("in", prepared.collected.inputs))
            for k, s in stats.items()}
     return {"per_site": per_site, "raw": raw, "batches": prepared.batches}
+
+
+def _stack(depth: int) -> torch.nn.Sequential:
+    """``depth`` blocks of two Linear layers (``0.0``, ``0.2``, ``1.0``, ...): one block each in sequential mode."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.ReLU(), torch.nn.Linear(24, 24))
+                                 for _ in range(depth)]).eval()
 
 
 def _prepared(batches: list[tuple], **options: Any) -> fxdeco.PreparedModel:
@@ -166,6 +174,24 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
         finally:
             api.RUNNERS["falor"] = falor
 
+    def other_weights(sequential: bool) -> Callable[[], None]:
+        def run() -> None:  # the classic mistake: only rank 0 loaded the checkpoint
+            model = _model()
+            if rank == 0:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.mul_(3.0)
+            fxdeco.transform(model, shard, fxdeco.Falor(nsr_threshold=10.0, sequential=sequential,
+                                                        show_progress=False), input_fn=_inputs)
+        return run
+
+    def sequential_other_model(depth: int, blocks: list[str] | None) -> Callable[[], None]:
+        def run() -> None:  # rank 1 has another model or cuts it otherwise: the per-block all-reduces went astray
+            fxdeco.transform(_stack(depth if rank == 1 else 2), shard,
+                             fxdeco.Falor(nsr_threshold=0.05, sequential=True, blocks=blocks if rank == 1 else None,
+                                          show_progress=False), input_fn=lambda batch: batch[0])
+        return run
+
     def finetune_refused() -> None:
         config = fxdeco.Dwain(_loss, min_rank=4, finetune_fn=lambda graph, names: None, show_progress=False)
         fxdeco.transform(_model(), shard, config, input_fn=_inputs)
@@ -176,7 +202,10 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
     return {"statistics": statistics, "local_and_budget": local_and_budget, "budget_loss": budget_loss,
             "sequential": sequential,
             "final": final, "dwain": dwain, "latency": latency, "mismatch": mismatch, "finetune_refused": finetune_refused,
-            "lockd_refused": lockd_refused}
+            "lockd_refused": lockd_refused, "other_weights": other_weights(False),
+            "other_weights_sequential": other_weights(True), "extra_block_sequential": sequential_other_model(3, None),
+            "other_blocks_sequential": sequential_other_model(2, ["0.0", "0.2", "1"]),
+            "misspelt_blocks_sequential": sequential_other_model(2, ["3"])}
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -305,6 +334,32 @@ def test_different_plans_raise_on_every_rank(ranks: list[dict[str, Any]]) -> Non
         assert "different plans" in message and "on rank 1" in message
 
 
+def test_different_weights_raise_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    """Rank 0 alone loaded the checkpoint: the statistics of two models must not be summed (one-shot and
+    sequential), even when the ranks would happen to choose the same ranks."""
+    for scenario in ("other_weights", "other_weights_sequential"):
+        for kind, message in _error(ranks, scenario):
+            assert kind == "DistributedError", (scenario, message)
+            assert "rank 1's weights differ from rank 0's (first: 'inp.weight')" in message, (scenario, message)
+            assert "load the same checkpoint on every rank" in message
+
+
+def test_sequential_mode_checks_the_same_model_before_its_walk(ranks: list[dict[str, Any]]) -> None:
+    """A rank with an extra block, or other ``blocks=``, fails clearly on every rank before the first block's
+    all-reduce (which would otherwise pair one rank's block with another's)."""
+    for kind, message in _error(ranks, "extra_block_sequential"):
+        assert kind == "DistributedError", message
+        assert "rank 1 prepared another model than rank 0" in message and "'2.0'" in message
+    for kind, message in _error(ranks, "other_blocks_sequential"):
+        assert kind == "DistributedError", message
+        assert "rank 1 cut the model into other blocks than rank 0" in message and "blocks=" in message
+    # a scope holding no layer on rank 1 only: rank 1 says so, rank 0 does not wait for it
+    (kind0, message0), (kind1, message1) = _error(ranks, "misspelt_blocks_sequential")
+    assert kind0 == "DistributedError" and "rank 1" in message0 and "blocks=" in message0, message0
+    # (passes.blocks refuses the scope on rank 1; were it to give every layer a block of its own, the blocks differ)
+    assert ("'3'" in message1) if kind1 == "ValueError" else (kind1 == "DistributedError" and "blocks=" in message1)
+
+
 def test_unsupported_options_fail_fast_on_every_rank(ranks: list[dict[str, Any]]) -> None:
     for kind, message in _error(ranks, "finetune_refused"):
         assert kind == "ValueError" and "finetune_fn" in message and "process_group=False" in message
@@ -321,6 +376,21 @@ def test_one_process_is_left_alone() -> None:
         distributed.collective(object())
     prepared = _prepared(_data()[:2])
     assert distributed.all_reduce_statistics(prepared, False) is prepared
+
+
+def test_weight_checksum_is_exact() -> None:
+    """Equal values give equal checksums whatever the layout; one changed bit or moved value changes it."""
+    weight = torch.randn(300, 1000, dtype=torch.float64)
+    checksum = distributed.weight_checksum(weight)
+    assert distributed.weight_checksum(weight.t().contiguous().t()) == checksum
+    nudged = weight.clone()
+    nudged[123, 456] = torch.nextafter(nudged[123, 456], torch.tensor(math.inf, dtype=torch.float64))
+    assert distributed.weight_checksum(nudged) != checksum
+    moved = weight.reshape(-1).roll(distributed.CHECKSUM_ELEMENTS).reshape(weight.shape)  # the same values elsewhere
+    assert distributed.weight_checksum(moved) != checksum
+    for dtype in (torch.bfloat16, torch.float16, torch.bool, torch.uint8):
+        assert distributed.weight_checksum(weight.to(dtype)) == distributed.weight_checksum(weight.to(dtype).clone())
+    assert distributed.weight_checksum(torch.empty(3, device="meta")) is None
 
 
 def test_shard_gives_batch_i_to_rank_i_mod_world() -> None:
