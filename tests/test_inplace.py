@@ -15,19 +15,12 @@ from fxdeco.io.apply import ApplyError, FactoredLinear
 from fxdeco.metadata import model_record
 from fxdeco.sequential import BlockCalibration
 from tests.io.test_apply import hf_causal_lm, relative_error, snapshot, token_batches
+from tests.methods.falor.test_sequential import _data as low_rank_batches, _model
 from tests.passes.test_blocks import Stack
 
 
-def _data(n: int = 4, rows: int = 64, width: int = 32, rank: int = 3) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    basis = torch.randn(rank, width, generator=g)
-    return [torch.randn(rows, rank, generator=g) @ basis + 0.05 * torch.randn(rows, width, generator=g)
-            for _ in range(n)]
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return Stack(depth=3, width=32).eval()
+def _data(n: int = 4) -> list[torch.Tensor]:
+    return low_rank_batches(n, width=32)
 
 
 def _ranks(model: nn.Module) -> dict[str, int | None]:
