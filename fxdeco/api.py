@@ -400,7 +400,11 @@ def transform(
         >>> print(fxdeco.report(small).totals["params_after"] < 2192)
         True
     """
-    return _decompose(False, model, calib_loader, config, method=method, example_inputs=example_inputs, input_fn=input_fn, skip=skip, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn, output_fn=output_fn, stat_dtype=stat_dtype, show_progress=show_progress, process_group=process_group, **method_options)
+    return _decompose(False, model, calib_loader, config, method=method, example_inputs=example_inputs,
+                      input_fn=input_fn, skip=skip, leaf_modules=leaf_modules,
+                      autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
+                      output_fn=output_fn, stat_dtype=stat_dtype, show_progress=show_progress,
+                      process_group=process_group, **method_options)
 
 
 def decompose_(
@@ -454,7 +458,11 @@ def decompose_(
         >>> fxdeco.report(model).totals["params_after"], sum(p.numel() for p in model.parameters())
         (6144, 6144)
     """
-    return _decompose(True, model, calib_loader, config, method=method, example_inputs=example_inputs, input_fn=input_fn, skip=skip, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn, output_fn=output_fn, stat_dtype=stat_dtype, show_progress=show_progress, process_group=process_group, **method_options)
+    return _decompose(True, model, calib_loader, config, method=method, example_inputs=example_inputs,
+                       input_fn=input_fn, skip=skip, leaf_modules=leaf_modules,
+                       autowrap_functions=autowrap_functions, capture=capture, stat_mask_fn=stat_mask_fn,
+                       output_fn=output_fn, stat_dtype=stat_dtype, show_progress=show_progress,
+                       process_group=process_group, **method_options)
 
 
 def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], config: MethodConfig | None = None, *,
