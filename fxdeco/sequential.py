@@ -43,6 +43,7 @@ import torch.fx
 from fxdeco import distributed
 from fxdeco.batches import adapt_batch, as_call, leading_dim, no_batches
 from fxdeco.errors import CalibrationError
+from fxdeco.io.apply import swap_module
 from fxdeco.metadata import original_totals
 from fxdeco.modes import eval_mode
 from fxdeco.progress import progress
@@ -254,8 +255,7 @@ class BlockCalibration:
             self.gm.get_submodule(target)
         except AttributeError:
             return
-        parent_name, _, child = target.rpartition(".")
-        setattr(self.gm.get_submodule(parent_name) if parent_name else self.gm, child, module)
+        swap_module(self.gm, target, module)
         self.run.submodules[target] = module  # the interpreter's own table of the graph's modules
 
     def restart(self) -> None:
