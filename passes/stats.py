@@ -179,16 +179,20 @@ class SiteStatistics:
                                         self.samples + other.samples, self.weight + other.weight)
 
     def through(self, weight: torch.Tensor) -> "SiteStatistics":
-        """The statistics of ``W x`` given these of ``x`` (``weight``: ``(out, in)`` float64).
+        """The statistics of ``W x`` given these of ``x`` (``weight``: ``(out, in)``, any float dtype; the
+        products are taken in float64).
 
         The centre maps through too (``W y − W c = W (y − c)``), so the shifted sums stay well conditioned.
+        An expanding ``W`` is kept as given (see :class:`ExpandedStatistics`): pass the layer's own weight,
+        not a float64 copy, and no copy of it is held.
         """
-        centre = weight @ self.centre if self.centre is not None else None
-        if weight.shape[0] > weight.shape[1]:  # expanding: the (out, out) sums only when read (see ExpandedStatistics)
-            return ExpandedStatistics(None, weight @ self.shifted_sum, self.rows, self.samples, self.weight, centre,
+        w = weight.to(torch.float64)
+        centre = w @ self.centre if self.centre is not None else None
+        if w.shape[0] > w.shape[1]:  # expanding: the (out, out) sums only when read (see ExpandedStatistics)
+            return ExpandedStatistics(None, w @ self.shifted_sum, self.rows, self.samples, self.weight, centre,
                                       mapped_from=(self, weight))
-        return SiteStatistics(weight @ self.shifted_outer @ weight.T, weight @ self.shifted_sum, self.rows,
-                              self.samples, self.weight, centre, mapped_from=(self, weight))
+        return SiteStatistics(w @ self.shifted_outer @ w.T, w @ self.shifted_sum, self.rows, self.samples,
+                              self.weight, centre)
 
     def _denominator(self) -> float:
         return self.weight if self.weight > 0 else 1.0
@@ -202,7 +206,15 @@ class SiteStatistics:
 
     def variance(self) -> torch.Tensor:
         """Per-channel (population) variance of ``y``; the bias does not change it."""
-        return (self.sum_outer.diagonal() / self._denominator() - self.mean() ** 2).clamp_min(0.0)
+        return (self._sum_squares() / self._denominator() - self.mean() ** 2).clamp_min(0.0)
+
+    def _sum_squares(self) -> torch.Tensor:
+        """``Σ w y_c²`` per channel: the diagonal of :attr:`sum_outer` without forming it (an out x out matrix)."""
+        squares = self.shifted_outer.diagonal()
+        if self.centre is None:
+            return squares.clone()
+        c, s1 = self.centre, self.shifted_sum
+        return squares + 2 * c * s1 + self.weight * c * c
 
     @property
     def rows_per_sample(self) -> float:
@@ -216,7 +228,9 @@ class ExpandedStatistics(SiteStatistics):
     The ``(out, out)`` sums are computed from ``x``'s ``(in, in)`` ones each time
     they are read, never stored: on a LLaMA-7B MLP (4096 -> 11008) that is 0.97 GB
     of float64 per layer that the spectrum (``mapped_from``, a thin solve) and the
-    per-channel variance (its diagonal, below) do without.
+    per-channel variance (its diagonal, below) do without. ``W`` is held as the
+    layer's own weight (its dtype and storage, converted to float64 when read), not
+    as a float64 copy: 0.36 GB less per such layer there.
 
     Example:
         >>> x = SiteStatistics.empty(2); x.update(torch.tensor([[1.0, 2.0], [3.0, -1.0]]))
@@ -229,6 +243,7 @@ class ExpandedStatistics(SiteStatistics):
     @property  # type: ignore[override]
     def shifted_outer(self) -> torch.Tensor:
         source, weight = self.mapped_from
+        weight = weight.to(torch.float64)
         return weight @ source.shifted_outer @ weight.T
 
     @shifted_outer.setter
@@ -237,6 +252,7 @@ class ExpandedStatistics(SiteStatistics):
 
     def variance(self) -> torch.Tensor:
         source, weight = self.mapped_from
+        weight = weight.to(torch.float64)
         diagonal = ((weight @ source.second_moment()) * weight).sum(1)  # diag(W E[x xᵀ] Wᵀ), (out, in) at most
         return (diagonal - self.mean() ** 2).clamp_min(0.0)
 
@@ -328,9 +344,10 @@ class LeadingDimWeights:
         return m.expand(lead).reshape(-1)
 
 
-def weight_matrix(site: Site, weight: torch.Tensor) -> torch.Tensor:
-    """The site's weight as an ``(out, in)`` float64 matrix (conv: ``in * kh * kw``)."""
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+def weight_matrix(site: Site, weight: torch.Tensor, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
+    """The site's weight as an ``(out, in)`` matrix (conv: ``in * kh * kw``) on the CPU, in float64 (``dtype=None``:
+    its own dtype, a view of the parameter where it is on the CPU already)."""
+    w = weight.detach().to(device="cpu", dtype=dtype)
     if site.weight_transposed:
         w = w.T
     return w.reshape(site.out_features, -1)
@@ -387,7 +404,8 @@ class ActivationStatistics:
         for s in sites:
             x = site_input(nodes[s.node])
             if s.target not in result and isinstance(x, torch.fx.Node) and x.name in self.inputs:
-                result[s.target] = self.inputs[x.name].through(weight_matrix(s, fetch_attr(gm, s.weight)))
+                # the layer's own weight, not a float64 copy: an expanding layer's statistics hold it
+                result[s.target] = self.inputs[x.name].through(weight_matrix(s, fetch_attr(gm, s.weight), None))
         return result
 
 

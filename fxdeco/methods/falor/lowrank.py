@@ -37,6 +37,29 @@ class Spectrum:
     eigenvectors: torch.Tensor
     variance: torch.Tensor  # (out,), per-channel variance of the output
     mean: torch.Tensor | None = None  # (out,), set when the spectrum is of the covariance
+    # the number of leading directions kept by truncated(), None when all are (only complete spectra give the error
+    # curves: their tails need every direction)
+    kept: int | None = None
+
+    def truncated(self, rank: int) -> "Spectrum":
+        """The first ``rank`` directions only, in new storage (the rest is freed): all that factors, centred biases and
+        output projections up to ``rank`` read, at a fraction of the memory (a 4096-wide layer's eigenvectors are
+        0.13 GB of float64, and a layer that saves parameters has a rank below half its width).
+
+        Example:
+            >>> s = SiteStatistics.empty(3); s.update(torch.tensor([[3.0, 0.0, 1.0], [0.0, 1.0, 2.0]]))
+            >>> spectrum(s).truncated(1).eigenvectors.shape
+            torch.Size([3, 1])
+        """
+        if rank >= self.eigenvectors.shape[1]:
+            return self
+        return dataclasses.replace(self, eigenvalues=self.eigenvalues[:rank].clone(),
+                                   eigenvectors=self.eigenvectors[:, :rank].clone(), kept=rank)
+
+    def check_complete(self) -> None:
+        if self.kept is not None:
+            raise ValueError(f"the error curves need the whole spectrum; this one was truncated to {self.kept} "
+                             "directions (compute the curves before truncating)")
 
 
 def spectrum(stats: SiteStatistics, damping: float = 0.0, center: bool = False) -> Spectrum:
@@ -55,14 +78,15 @@ def spectrum(stats: SiteStatistics, damping: float = 0.0, center: bool = False) 
     """
     if stats.mapped_from is not None and stats.mapped_from[1].shape[0] > stats.mapped_from[1].shape[1]:
         return _mapped_spectrum(stats, center)
-    m = stats.second_moment()
+    m = stats.second_moment()  # new storage: changed in place below (one out x out matrix, not three)
     mean = stats.mean() if center else None
     if mean is not None:
-        m = m - torch.outer(mean, mean)
+        m.sub_(torch.outer(mean, mean))
     shift = damping * float(m.diagonal().mean()) if damping > 0 else 0.0
     if shift:
-        m = m + shift * torch.eye(m.shape[0], dtype=m.dtype)
+        m.diagonal().add_(shift)
     values, vectors = torch.linalg.eigh(m)
+    del m
     values = (values.flip(0) - shift).clamp_min(0.0)
     return Spectrum(values, vectors.flip(1), stats.variance(), mean)
 
@@ -95,7 +119,7 @@ def _thin_left_singular(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     squares, right = torch.linalg.eigh(z.T @ z)
     squares, right = squares.flip(0).clamp_min(0.0), right.flip(1)
     left = z @ right
-    left = left / left.norm(dim=0).clamp_min(torch.finfo(left.dtype).tiny)
+    left /= left.norm(dim=0).clamp_min(torch.finfo(left.dtype).tiny)  # in place: an (out, in) float64 less
     return left, squares
 
 
@@ -129,12 +153,21 @@ def nsr_by_rank(spec: Spectrum, epsilon: float = NSR_EPSILON) -> torch.Tensor:
     """Layer-output NSR for every rank ``k = 0..out`` (index k), in closed form.
 
     ``nsr(k) = mean_c e_c(k) / (var_c + epsilon)`` — ptdeco's per-channel
-    definition applied to the rank-k projection.
+    definition applied to the rank-k projection. Summed over channels first,
+    ``nsr(k) = Σ_{j>k} λ_j w_j / out`` with ``w_j = Σ_c U[c, j]² / (var_c + epsilon)``:
+    a vector per direction, never an ``out x k`` table (columns are taken in
+    chunks, so the working memory stays small on 4096-wide layers).
     """
-    contributions = spec.eigenvectors.square() * spec.eigenvalues  # [c, j] = λ_j U[c, j]²
-    tail = contributions.flip(1).cumsum(1).flip(1)  # [c, k] = Σ_{j>=k}
-    tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], dim=1)
-    return _pad_ranks((tail / (spec.variance[:, None] + epsilon)).mean(0), spec)
+    spec.check_complete()
+    u = spec.eigenvectors
+    inverse = 1.0 / (spec.variance + epsilon)
+    weights = torch.cat([inverse @ chunk.square() for chunk in u.split(_CHUNK, dim=1)]) * spec.eigenvalues
+    tail = weights.flip(0).cumsum(0).flip(0) / u.shape[0]  # [k] = Σ_{j>=k} λ_j w_j / out
+    return _pad_ranks(torch.cat([tail, tail.new_zeros(1)]), spec)
+
+
+# Columns of the eigenvectors squared at once by nsr_by_rank (bounds its working memory to out x _CHUNK).
+_CHUNK = 512
 
 
 def projection_factors(site: Site, weight: torch.Tensor, spec: Spectrum, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +205,7 @@ def output_error_by_rank(spec: Spectrum, sensitivity: torch.Tensor) -> torch.Ten
         >>> output_error_by_rank(spectrum(s), torch.eye(2, dtype=torch.float64))  # G = I: the tail of λ
         tensor([5.0000, 0.5000, 0.0000], dtype=torch.float64)
     """
+    spec.check_complete()
     u = spec.eigenvectors
     weights = spec.eigenvalues * ((sensitivity.to(u.dtype) @ u) * u).sum(0)
     tail = weights.flip(0).cumsum(0).flip(0)

@@ -8,7 +8,7 @@ from torch import nn
 
 import fxdeco
 from fxdeco.methods.falor.budget import BudgetError, LayerOptions, allocate
-from fxdeco.methods.falor.lowrank import output_error_by_rank
+from fxdeco.methods.falor.lowrank import output_error_by_rank, spectrum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,7 +133,10 @@ def test_budget_rounds_rescale_a_layer_by_its_measurement() -> None:
 
     def measure(ranks, spectra):  # a fake measurement: layer "2" hurts 1000x more than predicted
         calls.append(dict(ranks))
-        layers = {t: output_error_by_rank(spectra[t], prepared.statistics[t].sensitivity) for t in ranks}
+        assert all(spectra[t].eigenvectors.shape[1] >= r for t, r in ranks.items())  # (truncated past the rank)
+        config = fxdeco.Falor()
+        full = {t: spectrum(prepared.statistics[t], config.damping, config.center) for t in ranks}
+        layers = {t: output_error_by_rank(full[t], prepared.statistics[t].sensitivity) for t in ranks}
         return {t: float(layers[t][r]) * (1000.0 if t == "2" else 1.0) for t, r in ranks.items()}
 
     run = lambda rounds: falor_local(prepared.gm, prepared.sites, prepared.statistics, keep_params=0.4,  # noqa: E731
