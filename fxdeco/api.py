@@ -219,8 +219,30 @@ def _factorized(prepared: PreparedModel, config: MethodConfig, plan: dict, decis
     # a method that trains the graph while it decomposes (dwain's finetune_fn) returns that graph, factored
     new = trained if trained is not None else factorize_sites(prepared.gm, prepared.sites, plan)
     new.delete_all_unused_submodules()
+    _restore_buffers(new, prepared, trained is not None)
     _record(new, prepared, config, decisions, summary, start)
     return new
+
+
+def _restore_buffers(new: nn.Module, prepared: PreparedModel, trained: bool) -> None:
+    """Give the decomposed graph the buffers the model had when it was prepared.
+
+    Calibration and a method's measurements run the graph's forward, and a forward
+    may update buffers (a step counter, an exponential average): without this the
+    result would start from the state those runs left, and compute something else
+    than the model. A graph the method trained (dwain's ``finetune_fn``) keeps
+    the buffers its training changed (a BatchNorm's running statistics in train
+    mode): only those still as calibration left them are restored.
+    """
+    current = dict(prepared.gm.named_buffers())
+    with torch.no_grad():
+        for name, buffer in new.named_buffers():
+            initial = prepared.initial_buffers.get(name)
+            if initial is None or initial.shape != buffer.shape or torch.equal(buffer, initial.to(buffer)):
+                continue
+            if trained and not (name in current and torch.equal(buffer, current[name].to(buffer))):
+                continue  # changed by the method's training
+            buffer.copy_(initial)
 
 
 def _record(new: nn.Module, prepared: PreparedModel, config: MethodConfig, decisions: list[LayerDecision],

@@ -143,6 +143,9 @@ class PreparedModel(nn.Module):
         self.sensitivity_loss = sensitivity_loss
         self._projections = torch.Generator().manual_seed(0)
         self.gm = gm
+        # the buffers as the model had them: a forward that updates a buffer (a counter, a running average) updates
+        # the graph's on every calibration batch and measurement; the decomposed model gets these values back
+        self.initial_buffers = {name: b.detach().clone() for name, b in gm.named_buffers()}
         self.sites = sites
         self.skipped = skipped
         self.removed = removed

@@ -130,6 +130,8 @@ class BlockCalibration:
         self.run = BlockRun(self.gm, self.blocks)
         self.show_progress = show_progress
         self.row_weights: list[Any] = []  # per batch: the statistics' row weights (a stat_mask_fn's mask)
+        self.masks: list[Any] = []  # per batch: the stat_mask_fn's mask weights (None without one), to warn when
+        # none fitted any layer once every block has read them
         self.peak_statistics_bytes = 0
         self.position = 0  # the next block to run
         nodes = {n.name: n for n in self.gm.graph.nodes}
@@ -176,7 +178,7 @@ class BlockCalibration:
             flat = flatten_inputs(self.gm, args, kwargs)
         except TypeError as exc:
             raise CalibrationError(f"calibration batch {index} does not fit the model's inputs: {exc}") from exc
-        row_weights, _ = self.prepared._row_weights(mask, index)
+        row_weights, by_mask = self.prepared._row_weights(mask, index)
         if self.prepared.macs_per_sample is None:  # the first batch: the model's MACs (and a whole forward pass)
             try:
                 macs = self.prepared._measure_cost(flat, leading_dim(args, kwargs))
@@ -186,6 +188,7 @@ class BlockCalibration:
             self.prepared.macs_per_sample = original_totals(self.gm).macs = macs
         flat = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat]  # a loader may reuse buffers
         self.row_weights.append(row_weights)
+        self.masks.append(by_mask)
         start = self.run.start(flat)
         self.starts.append(start)
         self.boundaries.append(start)
@@ -226,6 +229,8 @@ class BlockCalibration:
                     self.boundaries.set(b, after)
         if advance:
             self.position = index + 1
+        if index == len(self.blocks) - 1 and not any(m is not None and m.matched for m in self.masks):
+            self.prepared._warn_unmatched(next((m for m in self.masks if m is not None), None))
         # every rank's sums for this block, under torch.distributed (one block at a time, like the statistics)
         collected = distributed.all_reduce_activation_statistics(interpreter.collected)
         nbytes = sum(s.shifted_outer.numel() * 8 for s in (*collected.outputs.values(), *collected.inputs.values()))

@@ -220,3 +220,22 @@ def test_stat_mask_fn_misuse_is_explained() -> None:
     none = fxdeco.prepare(model, stat_mask_fn=lambda b: None)  # None: this batch is unmasked
     fxdeco.calibrate(none, batches[:1])
     assert none.statistics["out"].weight == batches[0]["attention_mask"].numel()
+
+
+def test_sequential_mode_warns_once_about_a_mask_that_fits_no_layer() -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 10, 8, generator=g) for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxdeco.transform(Tokens(), batches, fxdeco.Falor(nsr_threshold=0.05, sequential=True, show_progress=False),
+                         stat_mask_fn=lambda x: torch.ones(10, 4))  # (tokens, batch): transposed
+    messages = [str(w.message) for w in caught if "statistics mask" in str(w.message)]
+    assert len(messages) == 1 and "(10, 4)" in messages[0] and "fits no layer" in messages[0], messages

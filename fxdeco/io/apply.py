@@ -41,6 +41,7 @@ import copy
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -103,6 +104,22 @@ class FactoredLinear(nn.Sequential):
     def out_features(self) -> int:
         return self.second.out_features
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's bias: the last factor's (falor's centred bias included)."""
+        return self.second.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out, in)`` matrix the factors multiply to (``(in, out)`` where the layer replaced a
+        transformers ``Conv1D``), computed on every read, with a warning: for code that reads a layer's weight
+        (T5's feed-forward reads ``self.wo.weight.dtype``), not for computing with."""
+        _warn_dense_read(self)
+        weight = self.first.weight
+        for layer in list(self)[1:]:
+            weight = layer.weight @ weight
+        return weight.T if getattr(self, "_replaces_conv1d", False) else weight
+
 
 class FactoredConv2d(nn.Sequential):
     """A Conv2d computed as a chain of smaller Conv2d layers, ``second(first(x))``.
@@ -142,6 +159,33 @@ class FactoredConv2d(nn.Sequential):
     @property
     def out_channels(self) -> int:
         return self.second.out_channels
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The layer's bias: the last factor's."""
+        return self.second.bias
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``(out, in, kh, kw)`` kernel the factors compose to, computed on every read, with a warning
+        (see :attr:`FactoredLinear.weight`)."""
+        _warn_dense_read(self)
+        weight = self.first.weight
+        for layer in list(self)[1:]:
+            if layer.weight.shape[-2:] == (1, 1):
+                weight = torch.einsum("or,rihw->oihw", layer.weight[:, :, 0, 0], weight)
+            elif weight.shape[-2:] == (1, 1):
+                weight = torch.einsum("orhw,ri->oihw", layer.weight, weight[:, :, 0, 0])
+            else:
+                raise AttributeError("this factored Conv2d chains two convolutions wider than 1x1: it has no "
+                                     "single dense kernel")
+        return weight
+
+
+def _warn_dense_read(layer: nn.Module) -> None:
+    warnings.warn(f"reading .weight of a {type(layer).__name__} multiplies its factors into the dense matrix on "
+                  "every read (its time and memory); code that only needs the dtype or device can read them from "
+                  "the first factor (layer.first.weight)", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -247,13 +291,24 @@ def _check_factors(gm: torch.fx.GraphModule, swap: _Swap, original: nn.Module, w
                          f"{out}; give apply() the model the graph was made from")
 
 
+def _same_module(model: nn.Module, name: str | None, other: str) -> bool:
+    """Whether two qualified names of ``model`` hold one module (torch.export records the name a call used, the
+    graph the first one)."""
+    if name is None:
+        return False
+    try:
+        return model.get_submodule(name) is model.get_submodule(other)
+    except AttributeError:
+        return False
+
+
 def _model_layer(model: nn.Module, node: torch.fx.Node, target: str, weight_shape: tuple[int, ...], conv2d: bool,
                  what: str) -> tuple[nn.Module, str]:
     """The module of ``model`` that graph ``node`` calls as layer ``target``, and its kind (see :func:`_layer_kind`).
     Raises :class:`ApplyError` when the node is not a call of such a module, or the module is not the layer the
     graph decomposed."""
     called = _innermost_module(node)
-    if called != target:
+    if called != target and not _same_module(model, called, target):
         inside = "outside any module" if called is None else \
             f"inside {'the model itself' if called == '' else repr(called)}"
         raise ApplyError(
@@ -312,7 +367,8 @@ def _refuse_dense_calls(gm: torch.fx.GraphModule, swaps: dict[str, _Swap], chain
             continue
         if node.op == "call_module" and node.target in swaps:
             module = node.target
-        elif node.op == "get_attr" and node.target.rpartition(".")[0] in swaps and node.users:
+        elif node.op == "get_attr" and node.target.rpartition(".")[0] in swaps and node.users \
+                and node.target.rpartition(".")[2] in ("weight", "bias"):  # other tensors go with the layer
             module = node.target.rpartition(".")[0]
         else:
             continue
@@ -371,7 +427,7 @@ def _tensors_to_copy(model: nn.Module, gm: torch.fx.GraphModule, swaps: dict[str
     differs from that of a module being replaced, has no place in the result: :class:`ApplyError`.
     """
     mine = dict(_named_tensors(model))
-    replaced = set(swaps)
+    replaced = {alias for name in swaps for alias in module_names(model, name)}
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for t in mine.values():
         by_shape.setdefault(tuple(t.shape), []).append(t)
@@ -407,8 +463,9 @@ def _warn_parameters_outside_the_graph(model: nn.Module, gm: torch.fx.GraphModul
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for t in graph_tensors.values():
         by_shape.setdefault(tuple(t.shape), []).append(t)
+    present = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in graph_tensors}
     missing = [name for name, p in model.named_parameters(remove_duplicate=False)
-               if name not in graph_tensors and not _under(name, replaced)
+               if name not in graph_tensors and id(p) not in present and not _under(name, replaced)
                and not any(_same(t, p) for t in by_shape.get(tuple(p.shape), []))]
     if missing:
         warn_user(f"apply(): {len(missing)} parameter(s) of {type(model).__name__} are not in the decomposed graph "
@@ -434,11 +491,57 @@ def _factored_module(gm: torch.fx.GraphModule, swap: _Swap, original: nn.Module,
     return module.train(original.training)
 
 
+def module_names(root: nn.Module, name: str) -> list[str]:
+    """Every qualified name under which the module at ``name`` is registered in ``root`` (one module shared by two
+    blocks, or assigned to two attributes, has several; a graph calls it under the first).
+
+    Example:
+        >>> shared = nn.Linear(2, 2)
+        >>> module_names(nn.Sequential(shared, nn.ReLU(), shared), "0")
+        ['0', '2']
+    """
+    module = root.get_submodule(name)
+    return [n for n, m in root.named_modules(remove_duplicate=False) if m is module] or [name]
+
+
 def swap_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at the qualified ``name`` in ``root`` (the module there is dropped)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
+    """Put ``new`` at the qualified ``name`` in ``root``, and under every other name of the module there
+    (:func:`module_names`): a module registered twice is one layer, and swapping one of its names only would leave
+    the other computing densely."""
+    carry_attributes(root.get_submodule(name), new)
+    for alias in module_names(root, name):
+        parent_name, _, child = alias.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, new)
+
+
+def carry_attributes(dense: nn.Module, factored: nn.Module) -> None:
+    """Give ``factored`` what else code may read on the ``dense`` layer it replaces: its buffers and parameters
+    other than its weight and bias (a scale its parent multiplies by: ``self.fc.scale``), and its plain
+    attributes (``kernel_size``, ``stride``, Conv1D's ``nf``, one a user set), wherever the factored module does
+    not define the name itself. Reading ``weight`` and ``bias`` is answered by the Factored* classes.
+
+    Example:
+        >>> dense = nn.Linear(4, 4); dense.register_buffer("scale", torch.ones(4)); dense.alpha = 0.5
+        >>> factored = FactoredLinear(nn.Linear(4, 2, bias=False), nn.Linear(2, 4))
+        >>> carry_attributes(dense, factored)
+        >>> factored.alpha, factored.scale.shape, "scale" in factored.state_dict()
+        (0.5, torch.Size([4]), True)
+    """
+    def free(name: str) -> bool:
+        return not hasattr(type(factored), name) and name not in factored.__dict__ and name not in factored._modules
+
+    for name, buffer in dense._buffers.items():
+        if free(name) and name not in factored._buffers:
+            factored.register_buffer(name, buffer, persistent=name not in dense._non_persistent_buffers_set)
+    for name, parameter in dense._parameters.items():
+        if name not in ("weight", "bias") and free(name) and name not in factored._parameters:
+            factored.register_parameter(name, parameter)
+    for name, value in vars(dense).items():
+        if not name.startswith("_") and name != "training" and free(name):
+            setattr(factored, name, value)
+    if _layer_kind(dense) == "conv1d":
+        factored._replaces_conv1d = True  # its dense weight is read (in, out)
 
 
 def apply(model: nn.Module, decomposed: torch.fx.GraphModule | str | os.PathLike, *,
@@ -462,6 +565,14 @@ def apply(model: nn.Module, decomposed: torch.fx.GraphModule | str | os.PathLike
     in by name. Everything else -- class, config, other methods
     (``generate()`` with its key/value cache), hooks elsewhere, training mode
     -- is the model's. ``model`` itself is not modified.
+
+    A module registered under several names (one layer shared by two blocks)
+    is replaced under all of them. What else the model's code may read on a
+    replaced layer goes with its factored form (:func:`carry_attributes`): its
+    other buffers and parameters and its plain attributes; its ``bias`` is the
+    last factor's, and reading its ``weight`` multiplies the factors (with a
+    warning). Buffers hold the values the model had when it was prepared, not
+    those calibration's forward passes left (a counter, a running average).
 
     ``inplace=True`` changes ``model`` itself instead of a copy and returns it:
     its decomposed modules are swapped for Factored* modules holding the
