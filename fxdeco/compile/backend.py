@@ -117,10 +117,24 @@ def _prepare(lifted: torch.fx.GraphModule, sensitivity: bool) -> PreparedModel:
     return prepare(lifted, sensitivity=sensitivity, output_fn=default_logits)
 
 
-def _family_key(lifted: torch.fx.GraphModule) -> tuple:
-    """What recompilations of one graph share: the same layers with the same weight storage."""
+def _family_key(gm: torch.fx.GraphModule, lifted: torch.fx.GraphModule) -> tuple:
+    """What recompilations of one graph share: the same layers with the same weight storage, and the same code
+    (:func:`_code_signature`). Two pieces of a graph-broken forward that call one layer on different inputs are
+    two families: each layer's factors must fit the inputs of the code that calls it."""
     sites, _ = find_sites(lifted)
-    return tuple((s.target, s.kind, s.weight_shape, fetch_attr(lifted, s.weight).data_ptr()) for s in sites)
+    layers = tuple((s.target, s.kind, s.weight_shape, fetch_attr(lifted, s.weight).data_ptr()) for s in sites)
+    return layers, _code_signature(gm)
+
+
+def _code_signature(gm: torch.fx.GraphModule) -> tuple:
+    """Dynamo's graph as code: its tensor inputs (named after their source, ``L_x_``) and tensor computations, in
+    order. What only the input shapes change is left out (symbolic sizes and the integer arithmetic on them), so a
+    recompilation for another batch size, static or dynamic, has the signature of the first graph."""
+    def tensor(node: torch.fx.Node) -> bool:
+        return isinstance(node.meta.get("example_value"), torch.Tensor)
+
+    return tuple((n.op, n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)))
+                 for n in gm.graph.nodes if n.op not in ("get_attr", "output") and tensor(n))
 
 
 def _plan_of(decomposed: torch.fx.GraphModule) -> dict[str, Factorization]:
@@ -308,7 +322,7 @@ class DecompositionBackend:
         """Dynamo's entry point: return the function that runs ``gm``."""
         index = len(self.graphs)
         lifted, kept = lift_parameters(gm, list(example_inputs))
-        family = self._families.setdefault(_family_key(lifted), _Family())
+        family = self._families.setdefault(_family_key(gm, lifted), _Family())
         try:
             graph = GraphDecomposer(self, index, lifted, kept, example_inputs, family)
         except CaptureError as exc:  # e.g. a graph Dynamo captured from a model in train mode

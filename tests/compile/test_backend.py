@@ -354,3 +354,35 @@ def test_inductor_inner_backend():
         out = compiled(x)
         assert torch.allclose(out, deco.graphs[0].decomposed(x)[0], atol=1e-5)
     assert time.perf_counter() - start < 600
+
+
+class _SameLayerTwice(nn.Module):
+    """One Linear called on two inputs, with a graph break between: two graphs of other code, not recompilations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.fc(x)
+        torch._dynamo.graph_break()
+        return a, self.fc(z)
+
+
+def test_graphs_of_other_code_calling_one_layer_are_decomposed_on_their_own_inputs() -> None:
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(1)
+    xs_basis, zs_basis = torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)  # two 4-dim subspaces
+    calls = [(torch.randn(64, 4, generator=g) @ xs_basis, torch.randn(64, 4, generator=g) @ zs_basis)
+             for _ in range(4)]
+    torch.manual_seed(0)
+    model = _SameLayerTwice().eval()
+    decomposer = backend(inner="eager", calib_steps=3, nsr_threshold=0.01)
+    compiled = torch.compile(model, backend=decomposer)
+    with torch.no_grad():
+        for i in range(5):
+            compiled(*calls[i % 4])
+        got, wanted = compiled(*calls[0]), model(*calls[0])
+    assert [g.status for g in decomposer.graphs] == ["decomposed", "decomposed"]  # neither adopts the other's
+    for a, b in zip(got, wanted):
+        assert float((a - b).norm() / b.norm()) < 1e-3
