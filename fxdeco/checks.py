@@ -59,3 +59,41 @@ def check_steps(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     return steps
+
+
+def check_flag(name: str, value: Any, *, optional: bool = False) -> bool | None:
+    """``True`` or ``False`` (or None with ``optional``), else a TypeError naming the option: a string such as
+    ``"no"`` is truthy, and would switch the option on.
+
+    Example:
+        >>> check_flag("center", "no")
+        Traceback (most recent call last):
+        ...
+        TypeError: center must be True or False, got 'no'
+    """
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise TypeError(f"{name} must be True or False{' (or None)' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """A list of glob patterns (strings) as a tuple, else a TypeError naming the option.
+
+    Example:
+        >>> check_patterns("skip", ["head", "blocks.*.fc"])
+        ('head', 'blocks.*.fc')
+        >>> check_patterns("skip", "head")
+        Traceback (most recent call last):
+        ...
+        TypeError: skip must be a list of glob patterns, got the string 'head'; write skip=['head']
+    """
+    if isinstance(value, str):  # a bare string would be read as one pattern per character
+        raise TypeError(f"{name} must be a list of glob patterns, got the string {value!r}; write {name}=[{value!r}]")
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of glob patterns, got {value!r}") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{name} must hold glob patterns (strings) of layer names, got {bad[0]!r}")
+    return patterns

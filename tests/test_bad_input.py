@@ -392,3 +392,33 @@ def test_transform_passing_a_graph_module_does_not_mutate_it() -> None:
     small = fxdeco.transform(gm, good(3), nsr_threshold=0.5)
     assert small is not gm
     assert gm.code == code and all(torch.equal(v, state[k]) for k, v in gm.state_dict().items())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fxdeco.Falor(sequential="no"), lambda: fxdeco.Falor(center="no"), lambda: fxdeco.Falor(show_progress=1),
+    lambda: fxdeco.Dwain(loss_fn=lambda out, batch: out.sum(), center="yes"), lambda: fxdeco.Lockd(amp="no"),
+    lambda: fxdeco.Falor(skip=[1]), lambda: fxdeco.Lockd(skip=["fc", None]),
+], ids=["sequential", "center", "show_progress", "dwain-center", "amp", "skip-int", "skip-none"])
+def test_options_of_the_wrong_type_are_refused_at_construction(make) -> None:
+    """A string like "no" is truthy: accepted, it would switch the option on."""
+    with pytest.raises(TypeError, match=r"must be True or False|glob patterns"):
+        make()
+
+
+def test_whole_number_floats_are_stored_as_counts() -> None:
+    config = fxdeco.Falor(min_rank=2.0, num_metric_batches=1.0, rank_multiple=4.0, nsr_final_threshold=0.05)
+    assert (config.min_rank, config.num_metric_batches, config.rank_multiple) == (2, 1, 4)
+    assert all(type(v) is int for v in (config.min_rank, config.num_metric_batches, config.rank_multiple))
+    assert type(fxdeco.Lockd(eval_batches=2.0).eval_batches) is int
+    with pytest.raises(ValueError, match="entropy_weight"):
+        fxdeco.Lockd(entropy_weight=float("nan"))
+
+
+def test_a_budget_on_batches_of_one_sample_is_allocated_without_the_measured_round() -> None:
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(6, 32, generator=g)
+    batches = [torch.randn(1, 6, generator=g) @ basis for _ in range(40)]
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+    with pytest.warns(UserWarning, match="not refined by measurement"):
+        small = fxdeco.transform(model, batches, keep_params=0.5, show_progress=False)
+    assert sum(p.numel() for p in small.parameters()) <= 0.5 * sum(p.numel() for p in model.parameters())

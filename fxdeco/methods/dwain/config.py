@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from fxdeco.checks import check_count, check_number
+from fxdeco.checks import check_count, check_flag, check_number, check_patterns
 from fxdeco.methods.base import MethodConfig
 
 if TYPE_CHECKING:
@@ -96,17 +96,17 @@ class Dwain(MethodConfig):
         if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
                 or not 0 < self.reduction_factor < 1:
             raise ValueError(f"reduction_factor must be a number in (0.0, 1.0), got {self.reduction_factor!r}")
-        check_count("min_rank", self.min_rank)
-        check_count("num_metric_batches", self.num_metric_batches)
+        object.__setattr__(self, "min_rank", check_count("min_rank", self.min_rank))
+        object.__setattr__(self, "num_metric_batches", check_count("num_metric_batches", self.num_metric_batches))
         if not isinstance(self.predict, bool):
             raise TypeError(f"predict must be True or False, got {self.predict!r}")
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or self.damping < 0 \
                 or math.isnan(self.damping):
             raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
-        if isinstance(self.skip, str):
-            raise TypeError(f"skip must be a list of glob patterns, got the string {self.skip!r}; "
-                            f"write skip=[{self.skip!r}]")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "skip", check_patterns("skip", self.skip))
+        check_flag("center", self.center)
+        check_flag("predict", self.predict)
+        check_flag("show_progress", self.show_progress, optional=True)
 
     @property
     def kept_batches(self) -> int:

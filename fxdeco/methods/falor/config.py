@@ -7,7 +7,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from fxdeco.checks import check_count, check_number
+from fxdeco.checks import check_count, check_flag, check_number, check_patterns
 from fxdeco.methods.base import MethodConfig
 
 if TYPE_CHECKING:
@@ -150,23 +150,23 @@ class Falor(MethodConfig):
         if (self.nsr_final_threshold is not None or self.kl_final_threshold is not None) and budgets:
             raise ValueError("give final-output thresholds (nsr_final_threshold / kl_final_threshold) or a budget "
                              f"({budgets[0]}), not both")
-        check_count("latency_rounds", self.latency_rounds, minimum=0)
+        object.__setattr__(self, "latency_rounds", check_count("latency_rounds", self.latency_rounds, minimum=0))
         if self.acceptance not in ("auto", "params", "faster"):
             raise ValueError(f"acceptance must be 'auto', 'params' or 'faster', got {self.acceptance!r}")
         if self.latency_backend not in ("eager", "inductor"):
             raise ValueError(f"latency_backend must be 'eager' or 'inductor', got {self.latency_backend!r}")
         if not isinstance(self.latency_cache, (bool, str)) and not hasattr(self.latency_cache, "__fspath__"):
             raise TypeError(f"latency_cache must be True, False or a file path, got {self.latency_cache!r}")
-        check_count("num_metric_batches", self.num_metric_batches)
-        check_count("max_probes", self.max_probes)
+        object.__setattr__(self, "num_metric_batches", check_count("num_metric_batches", self.num_metric_batches))
+        object.__setattr__(self, "max_probes", check_count("max_probes", self.max_probes))
         check_number("rank_tolerance", self.rank_tolerance, high=1.0, low_open=False)
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or self.damping < 0 \
                 or math.isnan(self.damping):
             raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
-        check_count("min_rank", self.min_rank)
+        object.__setattr__(self, "min_rank", check_count("min_rank", self.min_rank))
         if self.rank_multiple != "auto":
-            check_count("rank_multiple", self.rank_multiple)
-        check_count("budget_rounds", self.budget_rounds, minimum=0)
+            object.__setattr__(self, "rank_multiple", check_count("rank_multiple", self.rank_multiple))
+        object.__setattr__(self, "budget_rounds", check_count("budget_rounds", self.budget_rounds, minimum=0))
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be a function (output, batch) -> scalar, got {type(self.loss_fn).__name__}")
         if self.loss_fn is not None and self.budget_criterion == "nsr":
@@ -174,10 +174,10 @@ class Falor(MethodConfig):
                              "one of them")
         if self.budget_criterion not in ("auto", "nsr", "output"):
             raise ValueError(f"budget_criterion must be 'auto', 'nsr' or 'output', got {self.budget_criterion!r}")
-        if isinstance(self.skip, str):  # a bare string would be read as one pattern per character
-            raise TypeError(f"skip must be a list of glob patterns, got the string {self.skip!r}; "
-                            f"write skip=[{self.skip!r}]")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "skip", check_patterns("skip", self.skip))
+        check_flag("center", self.center)
+        check_flag("sequential", self.sequential)
+        check_flag("show_progress", self.show_progress, optional=True)
         self._refuse_other_modes()
         self._check_sequential()
 

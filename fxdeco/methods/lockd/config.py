@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from fxdeco.checks import check_count, check_number, check_positive, check_steps
+from fxdeco.checks import check_count, check_flag, check_number, check_patterns, check_positive, check_steps
 from fxdeco.methods.base import MethodConfig
 
 CONV_ORDERS = ("1x1-first", "kxk-first")
@@ -70,15 +70,14 @@ class Lockd(MethodConfig):
         if isinstance(self.init_logit, bool) or not isinstance(self.init_logit, (int, float)) \
                 or not math.isfinite(self.init_logit):
             raise ValueError(f"init_logit must be a finite number, got {self.init_logit!r}")
-        if isinstance(self.skip, str):  # a bare string would be read as one pattern per character
-            raise TypeError(f"skip must be a list of glob patterns, got the string {self.skip!r}; "
-                            f"write skip=[{self.skip!r}]")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "skip", check_patterns("skip", self.skip))
+        check_flag("amp", self.amp)
+        check_flag("show_progress", self.show_progress, optional=True)
         check_steps(self.steps)
         for name in ("lr", "logit_lr", "lmbda"):
             check_positive(name, getattr(self, name))
         if isinstance(self.entropy_weight, bool) or not isinstance(self.entropy_weight, (int, float)) \
-                or self.entropy_weight < 0:
-            raise ValueError(f"entropy_weight must be >= 0, got {self.entropy_weight!r}")
-        check_count("eval_batches", self.eval_batches, minimum=0)
+                or not 0 <= self.entropy_weight < float("inf"):  # (NaN fails the comparison too)
+            raise ValueError(f"entropy_weight must be a finite number >= 0, got {self.entropy_weight!r}")
+        object.__setattr__(self, "eval_batches", check_count("eval_batches", self.eval_batches, minimum=0))
         check_number("proportion_threshold", self.proportion_threshold)
