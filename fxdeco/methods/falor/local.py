@@ -398,7 +398,13 @@ def _budget_meter(prepared: Any, rounds: int, criterion: str) -> Any:
             return None
         return LossMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.kept_raw[:1],
                          prepared.sensitivity_loss)
-    return FinalNsrMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.output_fn)
+    meter = FinalNsrMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], prepared.output_fn)
+    if any(not isinstance(r, torch.Tensor) or r.dim() == 0 or r.shape[0] < 2 for r in meter.references):
+        warn_user("falor budget: the allocation is not refined by measurement: the final-output NSR it measures needs "
+                  "a batch of at least 2 samples, and the first calibration batch has fewer (calibrate with batches "
+                  "of 2 samples or more, or pass budget_rounds=0 to say so)")
+        return None
+    return meter
 
 
 def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, Any]]:

@@ -127,6 +127,13 @@ def _thin_left_singular(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _last_source: tuple[weakref.ref, tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+def _forget(ref: weakref.ref) -> None:
+    """Drop the kept decomposition once its statistics are gone (a sequential walk's block: an in x in matrix)."""
+    global _last_source
+    if _last_source is not None and _last_source[0] is ref:
+        _last_source = None
+
+
 def _source_eigh(source: SiteStatistics, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The eigen-decomposition of an input moment, solved once for consecutive expanding layers reading that input
     (a LLaMA MLP's gate and up projections). Only the last one is kept (one matrix, not one per input), and only
@@ -139,7 +146,7 @@ def _source_eigh(source: SiteStatistics, center: bool) -> tuple[torch.Tensor, to
     if center:
         m = m - torch.outer(source.mean(), source.mean())
     values, vectors = torch.linalg.eigh(m)
-    _last_source = (weakref.ref(source), key, (values, vectors))
+    _last_source = (weakref.ref(source, _forget), key, (values, vectors))  # dropped with the statistics
     return values, vectors
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import fxdeco
 from fxdeco.methods.falor.budget import BudgetError, LayerOptions, allocate
-from fxdeco.methods.falor.lowrank import output_error_by_rank, spectrum
+from fxdeco.methods.falor.lowrank import nsr_by_rank, output_error_by_rank, spectrum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,3 +195,23 @@ def test_a_bad_loss_in_a_budget_fails_on_the_first_batch() -> None:
     with pytest.raises(CalibrationError, match="must return a scalar.*calibration batch 0|calibration batch 0.*scalar"):
         fxdeco.transform(lm_model(), lm_batches(), fxdeco.Falor(keep_params=0.6, loss_fn=lambda out, b: out),
                          input_fn=lambda b: b[0], show_progress=False)
+
+
+@pytest.mark.parametrize("options", [{"nsr_threshold": 0.05}, {"keep_params": 0.4}], ids=["local", "budget"])
+def test_spectra_are_kept_only_up_to_the_largest_rank_a_layer_may_get(options: dict) -> None:
+    """Once a layer's curves are computed, its spectrum is cut (memory); the curves match the full spectrum's."""
+    from fxdeco.methods.falor.local import _analyse
+
+    prepared = fxdeco.calibrate(fxdeco.prepare(_model(), sensitivity=True), _data())
+    config = fxdeco.Falor(**options)
+    layers = _analyse(prepared.gm, prepared.sites, prepared.statistics, config)
+    for layer in layers:
+        full = spectrum(layer.stats, config.damping, config.center)
+        largest = max(config.candidate_ranks(layer.site), default=0)
+        assert layer.spec.eigenvectors.shape[1] == min(largest, full.eigenvectors.shape[1]) < layer.site.out_features
+        torch.testing.assert_close(layer.spec.eigenvectors, full.eigenvectors[:, :largest])
+        torch.testing.assert_close(layer.nsr, nsr_by_rank(full))
+        if config.mode == "budget":
+            torch.testing.assert_close(layer.output_error(), output_error_by_rank(full, layer.stats.sensitivity))
+        with pytest.raises(ValueError, match="truncated"):
+            nsr_by_rank(layer.spec)
