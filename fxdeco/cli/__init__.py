@@ -266,7 +266,14 @@ def _saved_dir(path: str, needed: str) -> pathlib.Path:
 
 def _report(args: argparse.Namespace) -> int:
     folder = _saved_dir(args.dir, REPORT_JSON if args.json else REPORT_TEXT)
-    print((folder / (REPORT_JSON if args.json else REPORT_TEXT)).read_text(encoding="utf-8"), end="")
+    text = (folder / (REPORT_JSON if args.json else REPORT_TEXT)).read_text(encoding="utf-8")
+    if args.json:  # a script reads this: never pass on a damaged file as if it were a report
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"{folder / REPORT_JSON} is not valid JSON ({exc}); write it again with fxdeco "
+                           "decompose --out") from exc
+    print(text, end="")
     return 0
 
 

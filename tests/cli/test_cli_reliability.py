@@ -284,3 +284,20 @@ def test_fxdeco_report_does_not_import_torch(tmp_path: Path) -> None:
     res = _python(code, str(_saved(tmp_path)))
     assert res.returncode == 0, res.stderr
     assert res.stdout == "model: m\nTOTAL (model)\n"
+
+
+def test_python_dash_m_fxdeco_is_the_command(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "fxdeco", "report", str(_saved(tmp_path))], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout == "model: m\nTOTAL (model)\n", res.stderr
+
+
+def test_report_json_of_a_damaged_file_is_an_error_not_output(capsys, tmp_path: Path) -> None:
+    from fxdeco.cli import main
+
+    folder = _saved(tmp_path)
+    (folder / "report.json").write_text("{bad")
+    assert main(["report", str(folder), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "report.json is not valid JSON" in err
