@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.capture import trace
+from fxdeco.errors import warn_user
 from fxdeco.metadata import FactorInfo, ModelRecord, factor_info, factored_layers, model_record, set_model_record
 from fxdeco.methods.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
@@ -254,7 +256,30 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
         "removed": list(info.removed),
         "totals": _jsonable(info.totals()),
         "weights": {"file": WEIGHT_FILES[weights_format], "format": weights_format},
+        "graph": graph_signature(gm),  # load() compares the model it rebuilds (absent in older files)
     }
+
+
+def graph_signature(gm: torch.fx.GraphModule) -> str:
+    """A digest of the graph's computation: each node's kind, what it calls and which earlier nodes it reads
+    (names of nodes left out: they are the capture's choice). Saved in ``plan.json`` so that :func:`load` can tell
+    a model of other code (the same layers wired differently) from the one saved.
+
+    Example:
+        >>> import torch
+        >>> a = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()))
+        >>> b = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()))
+        >>> graph_signature(a) == graph_signature(a), graph_signature(a) == graph_signature(b)
+        (True, False)
+    """
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    lines = []
+    for node in gm.graph.nodes:
+        target = node.target if isinstance(node.target, str) else torch.fx.node._get_qualified_name(node.target)
+        if node.op == "placeholder":
+            target = ""  # an input's name is the capture's choice
+        lines.append(f"{node.op} {target} {[position[n] for n in node.all_input_nodes]}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def _decomposed(gm: Any) -> torch.fx.GraphModule:
@@ -813,6 +838,11 @@ is (6, 8); build the model with the configuration the plan was made for
     new.delete_all_unused_submodules()
     _check_modules(new, plan)
     _check_weights(new, weights)
+    if isinstance(plan.get("graph"), str) and plan["graph"] != graph_signature(new):
+        warn_user(f"fxdeco.load({str(folder)!r}): {type(model).__name__}'s graph, with the saved factors, is not the "
+                  "graph that was saved: the model's code differs from the saved model's (other wiring or "
+                  "operations around the same layers), so the loaded model computes something else than the saved "
+                  "one; load into the model class and version the directory was saved from")
     new.load_state_dict(weights, strict=True)
     _restore_meta(new, plan)
     new.train(bool(plan.get("training", False)))

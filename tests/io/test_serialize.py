@@ -562,3 +562,27 @@ def test_saved_files_get_ordinary_permissions(cnn_saved, tmp_path: pathlib.Path,
     finally:
         os.umask(previous)
     assert first == second == {"plan.json": mode, serialize.WEIGHT_FILES[fmt]: mode}
+
+
+class _Chain(nn.Module):
+    def __init__(self, residual: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.residual = nn.Linear(32, 32), nn.Linear(32, 32), residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h + x if self.residual else h)
+
+
+def test_loading_into_a_model_of_other_code_around_the_same_layers_is_warned_about(tmp_path: pathlib.Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(4, 32, generator=g)
+    batches = [torch.randn(64, 4, generator=g) @ basis for _ in range(3)]
+    torch.manual_seed(0)
+    save(fxdeco.transform(_Chain(), batches, nsr_threshold=0.01, show_progress=False), tmp_path / "saved")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model it was saved from: no warning
+        load(tmp_path / "saved", _Chain())
+    with pytest.warns(UserWarning, match="not the graph that was saved"):
+        load(tmp_path / "saved", _Chain(residual=True))  # same layers and shapes, other wiring
