@@ -261,8 +261,8 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
 
 
 def graph_signature(gm: torch.fx.GraphModule) -> str:
-    """A digest of the graph's computation: each node's kind, what it calls and which earlier nodes it reads
-    (names of nodes left out: they are the capture's choice). Saved in ``plan.json`` so that :func:`load` can tell
+    """A digest of the graph's computation: each node's kind, what it calls (a module: its name and class) and
+    which earlier nodes it reads (names of nodes left out: they are the capture's choice). Saved in ``plan.json`` so that :func:`load` can tell
     a model of other code (the same layers wired differently) from the one saved.
 
     Example:
@@ -278,6 +278,8 @@ def graph_signature(gm: torch.fx.GraphModule) -> str:
         target = node.target if isinstance(node.target, str) else torch.fx.node._get_qualified_name(node.target)
         if node.op == "placeholder":
             target = ""  # an input's name is the capture's choice
+        elif node.op == "call_module":
+            target += f" {type(gm.get_submodule(node.target)).__qualname__}"  # an nn.ReLU replaced by an nn.Tanh
         lines.append(f"{node.op} {target} {[position[n] for n in node.all_input_nodes]}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
