@@ -507,7 +507,9 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     _check_stat_mask_fn(stat_mask_fn)
     check_input_fn(input_fn)
     total = length_of(calib_loader)
-    if total is not None and total < config.kept_batches and getattr(config, "mode", None) == "final-output":
+    # the metric batches of final-output mode and of dwain are the loader's first batches: too few fail now
+    if total is not None and total < config.kept_batches and (getattr(config, "mode", None) == "final-output"
+                                                               or isinstance(config, Dwain)):
         raise ValueError(f"num_metric_batches={config.kept_batches} but the calibration loader holds {total} "
                          "batch(es); lower num_metric_batches or give more batches")
     if isinstance(config, Lockd) and inplace:

@@ -232,6 +232,29 @@ def test_a_bad_loss_fn_fails_on_the_first_batch_naming_it(loss_fn, message) -> N
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _Sized:
+    """A loader that says how many batches it holds and records what was read."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches, self.read = batches, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            self.read += 1
+            yield b
+
+
+def test_more_metric_batches_than_the_loader_holds_fails_before_calibration() -> None:
+    loader = _Sized(_batches(3))
+    with pytest.raises(ValueError, match="num_metric_batches=5 but the calibration loader holds 3"):
+        fxdeco.transform(_model(), loader, _config(num_metric_batches=5), input_fn=lambda b: b[0],
+                         show_progress=False)
+    assert loader.read == 0  # not after the whole calibration
+
+
 def test_options_are_checked_when_built() -> None:
     with pytest.raises(TypeError, match="needs loss_fn"):
         fxdeco.Dwain()
