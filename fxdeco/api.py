@@ -152,7 +152,8 @@ def prepare(
     skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
     sites = [s for s in sites if not matches_any(s.target, skip)]
     if not sites:
-        reasons = "; ".join(list(dict.fromkeys(f"{k.target}: {k.reason}" for k in skipped))[:5]) \
+        reasons = "; ".join(list(dict.fromkeys([*(f"{k.target}: {k.reason}" for k in skipped),
+                                                 *(f"{t}: its output is never used" for t in removed)]))[:5]) \
             or "no Linear or Conv2d layer found"
         raise NoSitesError(f"{type(model).__name__} has no decomposable Linear/Conv2d layer ({reasons})")
     log.info("prepared %d layers for calibration (%d skipped, %d dead)", len({s.target for s in sites}),

@@ -332,6 +332,20 @@ def test_no_decomposable_site(model: nn.Module, expected: str) -> None:
     assert_unchanged(model, before)
 
 
+def test_no_sites_because_every_layer_is_dead_says_so() -> None:
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.fc(x)  # the result is never used
+            return x * 2
+
+    with pytest.raises(fxdeco.NoSitesError, match="fc: its output is never used"):
+        fxdeco.transform(Dead(), [torch.randn(4, 8)])
+
+
 def test_everything_skipped_is_no_sites() -> None:
     with pytest.raises(fxdeco.NoSitesError, match="skipped by pattern"):
         fxdeco.prepare(mlp(), skip=["*"])
