@@ -179,7 +179,21 @@ class Falor(MethodConfig):
         check_flag("sequential", self.sequential)
         check_flag("show_progress", self.show_progress, optional=True)
         self._refuse_other_modes()
+        self._refuse_unused_latency_options()
         self._check_sequential()
+
+    def _refuse_unused_latency_options(self) -> None:
+        """The timing options without timing (no ``keep_latency``, no ``acceptance='faster'``) would be ignored."""
+        if isinstance(self.latency_cache, str) and not self.latency_cache.strip():
+            raise ValueError("latency_cache must be True, False or a file path, got an empty string")
+        given = set(self.options())
+        if "latency_rounds" in given and self.keep_latency is None:
+            raise ValueError("latency_rounds is an option of a latency budget (keep_latency=...), which this config "
+                             "does not set: drop it")
+        unused = next((n for n in ("latency_backend", "latency_cache") if n in given), None)
+        if unused is not None and not self.measures_latency:
+            raise ValueError(f"{unused} applies only when falor times the layers (keep_latency=... or "
+                             "acceptance='faster'), which this config does not: drop it or add one of those")
 
     def _check_sequential(self) -> None:
         """Refuse what a block walk cannot honour, and its options without it (the message names the option)."""

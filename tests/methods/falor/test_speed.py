@@ -175,6 +175,20 @@ def test_latency_options_are_checked_at_construction() -> None:
     assert fxdeco.Falor(keep_latency=0.5).accepts_by_speed and not fxdeco.Falor(keep_macs=0.5).accepts_by_speed
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(keep_params=0.5, latency_rounds=3), "latency_rounds is an option of a latency budget"),
+    (dict(keep_params=0.5, acceptance="faster", latency_rounds=3), "latency_rounds is an option of a latency budget"),
+    (dict(keep_macs=0.5, latency_backend="inductor"), "latency_backend applies only when falor times"),
+    (dict(nsr_threshold=0.1, latency_cache="/tmp/latency.json"), "latency_cache applies only when falor times"),
+    (dict(nsr_threshold=0.1, acceptance="faster", latency_cache=""), "got an empty string"),
+])
+def test_latency_options_without_timing_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fxdeco.Falor(**options)
+    fxdeco.Falor(keep_latency=0.5, latency_rounds=3, latency_backend="inductor", latency_cache=False)
+    fxdeco.Falor(nsr_threshold=0.1, acceptance="faster", latency_cache="/tmp/latency.json")
+
+
 def test_an_unreachable_latency_budget_fails_after_the_first_batch(fake_clock) -> None:
     read = []
 
