@@ -594,7 +594,8 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
     start = time.perf_counter()
     calibration = BlockCalibration(prepared, batches, input_fn=input_fn, scopes=config.blocks,
                                    spill_dir=config.spill_dir, show_progress=show_progress, total=total)
-    on_block = _swap_into(model, prepared, calibration) if inplace else None
+    swapped: list[str] = []  # the layers already factored in the caller's model (decompose_)
+    on_block = _swap_into(model, prepared, calibration, swapped) if inplace else None
     try:
         with distributed.reducing(active):
             if active is not None:  # budgets in MACs are fractions of rank 0's count, as one process would have
@@ -603,6 +604,16 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
                 prepared.batches = int(distributed.all_sum([prepared.batches])[0])
             plan, decisions, summary = falor_sequential(calibration, config, on_block=on_block)
             distributed.check_same_plan(decisions)
+    except BaseException as exc:  # an error or Ctrl-C half-way: say what the caller's model now is
+        if swapped:
+            note = (f"decompose_ stopped after it had factored {len(swapped)} of {len({s.target for s in prepared.sites})}"
+                    f" layers of the model in place ({', '.join(swapped[:6])}{', ...' if len(swapped) > 6 else ''}): "
+                    "the model is left partly decomposed (each of those layers computes its factored form, the "
+                    "others are dense, and it carries no fxdeco record); reload its weights to start again")
+            warn_user(note)
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
+        raise
     finally:
         calibration.close()
     _record_calibration_rows(decisions, {})
@@ -612,11 +623,11 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
     return _factorized(prepared, config, plan, decisions, summary, None, start)
 
 
-def _swap_into(model: nn.Module, prepared: PreparedModel, calibration: Any
+def _swap_into(model: nn.Module, prepared: PreparedModel, calibration: Any, swapped: list[str]
                ) -> Callable[[dict[str, Factorization]], None]:
     """What :func:`decompose_` does with each block's plan in sequential mode: the factored module goes into the
     caller's model and into the walk's graph in place of the dense one, whose weights nothing then holds (the
-    walk never runs a finished block again)."""
+    walk never runs a finished block again). Each swapped layer's name is appended to ``swapped``."""
     sites = {s.target: s for s in prepared.sites}
 
     def swap(block_plan: dict[str, Factorization]) -> None:
@@ -627,6 +638,7 @@ def _swap_into(model: nn.Module, prepared: PreparedModel, calibration: Any
             factored = (FactoredConv2d if site.kind == "conv2d" else FactoredLinear)(*layers).train(dense.training)
             factored.requires_grad_(dense.weight.requires_grad)
             swap_module(model, target, factored)
+            swapped.append(target)
             calibration.replace_module(target, factored)
         block_plan.clear()  # the factors now live in the modules only
 

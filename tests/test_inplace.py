@@ -160,3 +160,21 @@ def test_lockd_and_bad_arguments_are_refused() -> None:
     small = fxdeco.transform(model, _data(2), nsr_threshold=0.02)
     with pytest.raises(TypeError, match="inplace must be True or False"):
         fxdeco.apply(model, small, inplace="yes")
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_error_half_way_through_the_walk_says_the_model_is_partly_decomposed(
+        monkeypatch: pytest.MonkeyPatch, error: type[BaseException]) -> None:
+    statistics = BlockCalibration.statistics
+
+    def interrupted(self: BlockCalibration, index: int, advance: bool = False) -> dict:
+        if index == 2:  # Ctrl-C (or an out-of-memory error) while the third block is calibrated
+            raise error("stop")
+        return statistics(self, index, advance)
+
+    monkeypatch.setattr(BlockCalibration, "statistics", interrupted)
+    model = _model()
+    with pytest.warns(UserWarning, match="left partly decomposed") as caught, pytest.raises(error):
+        fxdeco.decompose_(model, _data(), fxdeco.Falor(nsr_threshold=0.02, sequential=True, show_progress=False))
+    factored = [n for n, m in model.named_modules() if isinstance(m, FactoredLinear)]
+    assert factored and all(name in str(caught[0].message) for name in factored)
