@@ -300,6 +300,14 @@ class DecompositionBackend:
             raise ValueError(f"{type(self.config).__name__} does not decompose from calibration statistics, so it "
                              "cannot run as a torch.compile backend; use fxdeco.transform(model, loader, "
                              f"fxdeco.{type(self.config).__name__}(...))")
+        if getattr(self.config, "sequential", False):
+            raise ValueError("sequential=True calibrates while it decomposes, block by block, which a torch.compile "
+                             "backend cannot: drop sequential=True, or use fxdeco.transform(model, loader, "
+                             "fxdeco.Falor(..., sequential=True))")
+        if getattr(self.config, "loss_fn", None) is not None:
+            raise ValueError(f"{type(self.config).__name__}'s loss_fn reads the loader's batches, which a torch.compile "
+                             "backend never sees (it gets the graph's inputs): use fxdeco.transform(model, loader, "
+                             f"fxdeco.{type(self.config).__name__}(...))")
         if isinstance(calib_steps, bool) or not isinstance(calib_steps, int) or calib_steps < 1:
             raise ValueError(f"calib_steps must be a positive integer, got {calib_steps!r}")
         if input_fn is not None and not callable(input_fn):

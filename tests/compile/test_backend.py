@@ -329,6 +329,9 @@ def test_dynamic_shapes_with_a_backend_callable():
     (dict(calib_steps=0), ValueError, "calib_steps"),
     (dict(inner="no_such_backend"), ValueError, "unknown inner backend"),
     (dict(inner=3), TypeError, "inner must be"),
+    (dict(nsr_threshold=0.1, sequential=True), ValueError, "sequential=True calibrates while it decomposes"),
+    (dict(method="dwain", loss_fn=lambda out, batch: out.sum()), ValueError, "loss_fn reads the loader's batches"),
+    (dict(keep_params=0.5, loss_fn=lambda out, batch: out.sum()), ValueError, "loss_fn reads the loader's batches"),
 ])
 def test_bad_options_fail_at_construction(bad, error, message):
     with pytest.raises(error, match=message):
