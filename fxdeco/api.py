@@ -53,6 +53,15 @@ def _skip_patterns(skip: Iterable[str]) -> tuple[str, ...]:
     return tuple(skip)
 
 
+def _check_model(model: Any) -> None:
+    """Refuse what is not a model fxdeco can capture, before anything else (a loader's batch) is read."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"the model is a TorchScript module ({type(model).__name__}), which neither symbolic tracing "
+                        "nor torch.export can capture: pass the original nn.Module (before torch.jit.script/trace)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model must be an nn.Module (or a torch.fx.GraphModule), got {type(model).__name__}")
+
+
 def _check_stat_mask_fn(stat_mask_fn: Any) -> None:
     if stat_mask_fn is not None and not callable(stat_mask_fn):
         raise TypeError(f"stat_mask_fn must be a function of the batch, got {type(stat_mask_fn).__name__}; "
@@ -123,6 +132,7 @@ def prepare(
         >>> isinstance(small, torch.fx.GraphModule)
         True
     """
+    _check_model(model)
     _check_stat_mask_fn(stat_mask_fn)
     if output_fn is not None and not callable(output_fn):
         raise TypeError(f"output_fn must be a function of the model's output, got {type(output_fn).__name__}")
@@ -498,6 +508,7 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     """transform (``inplace=False``: returns the decomposed GraphModule) or decompose_ (``inplace=True``: returns
     ``model``, decomposed in place)."""
     # Before calibration: a typo must not cost a calibration run.
+    _check_model(model)
     config = method_config(config if config is not None else method, **method_options)
     active = distributed.collective(process_group)
     if active is not None and isinstance(config, Lockd):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Iterator
 
 import pytest
@@ -344,6 +345,27 @@ def test_no_sites_because_every_layer_is_dead_says_so() -> None:
 
     with pytest.raises(fxdeco.NoSitesError, match="fc: its output is never used"):
         fxdeco.transform(Dead(), [torch.randn(4, 8)])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: (lambda x: x), "the model must be an nn.Module"),
+    (lambda: torch.jit.script(nn.Sequential(nn.Linear(4, 4))), "TorchScript module"),
+], ids=["function", "scripted"])
+def test_what_is_not_a_capturable_model_is_refused_before_any_batch(make, message: str) -> None:
+    read = []
+
+    def loader():
+        read.append(1)
+        yield torch.randn(2, 4)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated in recent torch versions
+        model = make()
+    with pytest.raises(TypeError, match=message):
+        fxdeco.transform(model, loader())
+    with pytest.raises(TypeError, match=message):
+        fxdeco.prepare(model)
+    assert not read
 
 
 def test_everything_skipped_is_no_sites() -> None:
