@@ -387,3 +387,50 @@ def test_expanding_layer_spectrum_from_its_input_matches_the_full_one(center: bo
         p_thin = thin.eigenvectors[:, :rank] @ thin.eigenvectors[:, :rank].T
         p_full = full.eigenvectors[:, :rank] @ full.eigenvectors[:, :rank].T
         torch.testing.assert_close(p_thin, p_full, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("options", [{"nsr_threshold": 1e-6, "min_rank": 12}, {"nsr_threshold": 1e-6, "rank_multiple": 8},
+                                     {"keep_params": 0.5}],
+                         ids=["min_rank", "rank_multiple", "budget"])
+def test_expanding_layer_above_its_live_rank_is_still_a_projection(options: dict) -> None:
+    """Constant input features leave an expanding Linear's input moment rank-deficient: the thin spectrum's
+    directions past the live rank are rounding noise. At a rank that keeps some of them the factored layer must
+    still compute the dense one (it once was off by 54%: those columns, normalised, lay along the leading ones)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 16))
+    g = torch.Generator().manual_seed(0)
+
+    def data(n: int) -> torch.Tensor:
+        x = torch.randn(n, 32, generator=g)
+        x[:, 4:] = 0.7  # 28 constant features: live rank 4
+        return x
+
+    small = fxdeco.transform(model, [data(64) for _ in range(4)], fxdeco.Falor(**options, show_progress=False))
+    first = small.get_submodule("0")
+    assert isinstance(first, nn.Sequential)  # decomposed, at a rank above 4 where the options ask for it
+    basis = first[1].weight.double()
+    assert basis.shape[1] >= 4
+    x = data(64)
+    with torch.no_grad():
+        assert torch.linalg.norm(first(x) - model[0](x)) <= 1e-5 * torch.linalg.norm(model[0](x))
+        assert torch.linalg.norm(small(x) - model(x)) <= 1e-5 * torch.linalg.norm(model(x))
+
+
+def test_thin_spectrum_columns_are_orthonormal_down_to_its_noise_floor() -> None:
+    """Singular values spread down to 1e-9 of the largest (squares to 1e-18): every column kept is orthogonal to
+    the others (a column at 2e-14 of the largest square once overlapped the leading ones by 0.35), the dropped
+    ones are zero with square 0, and the kept squares are the true ones."""
+    from fxdeco.methods.falor.lowrank import THIN_NOISE_FLOOR, _thin_left_singular
+
+    g = torch.Generator().manual_seed(0)
+    out, n = 512, 64
+    q1, _ = torch.linalg.qr(torch.randn(out, n, dtype=torch.float64, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    singular = torch.logspace(0, -9, n, dtype=torch.float64)
+    left, squares = _thin_left_singular(q1 * singular @ q2.T)
+    kept = squares > 0
+    assert 0 < int(kept.sum()) < n and bool((squares[kept] >= THIN_NOISE_FLOOR * squares[0]).all())
+    u = left[:, kept]
+    torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), rtol=0, atol=2e-3)
+    assert bool((left[:, ~kept] == 0).all())
+    torch.testing.assert_close(squares[kept], singular[kept] ** 2, rtol=1e-6, atol=0)
