@@ -118,12 +118,17 @@ def _prepare(lifted: torch.fx.GraphModule, sensitivity: bool) -> PreparedModel:
 
 
 def _family_key(gm: torch.fx.GraphModule, lifted: torch.fx.GraphModule) -> tuple:
-    """What recompilations of one graph share: the same layers with the same weight storage, and the same code
-    (:func:`_code_signature`). Two pieces of a graph-broken forward that call one layer on different inputs are
-    two families: each layer's factors must fit the inputs of the code that calls it."""
+    """What recompilations of one graph share: the same layers with the same weight storage, the same values of
+    every weight the graph holds, and the same code (:func:`_code_signature`). Two pieces of a graph-broken forward
+    that call one layer on different inputs are two families: each layer's factors must fit the inputs of the code
+    that calls it. A parameter's version counter (shared with the model's) tells new values in the same storage
+    apart (``load_state_dict``, an optimizer step, then ``torch._dynamo.reset()`` and compiling again with this
+    backend): the factors of the old values, or of the statistics that upstream weights produced, no longer fit,
+    so such a graph calibrates again."""
     sites, _ = find_sites(lifted)
     layers = tuple((s.target, s.kind, s.weight_shape, fetch_attr(lifted, s.weight).data_ptr()) for s in sites)
-    return layers, _code_signature(gm)
+    values = tuple((name, p.data_ptr(), p._version) for name, p in lifted.named_parameters(remove_duplicate=False))
+    return layers, values, _code_signature(gm)
 
 
 def _code_signature(gm: torch.fx.GraphModule) -> tuple:

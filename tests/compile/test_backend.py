@@ -296,6 +296,46 @@ def test_weights_changed_after_compile_are_refused():
             compiled(low_rank(4, 32))
 
 
+class ScaledMLP(SmallMLP):
+    """A parameter that is no layer's weight scales the first layer's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.scale)
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "bias", "upstream"])
+def test_new_weights_after_reset_are_calibrated_again_not_adopted(change):
+    """The remedy the README gives for changed weights (torch._dynamo.reset(), compile again) with the same backend:
+    the new graph has the old one's layers, weight storage and code, but not its values, so it must calibrate
+    on its own rather than adopt the factors made from the old weights (or from the statistics that the old
+    values of a parameter upstream of the layers produced)."""
+    model = ScaledMLP().eval()
+    deco = backend(inner="eager", nsr_threshold=NSR, calib_steps=2)
+    compiled = torch.compile(model, backend=deco)
+    x = low_rank(8, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(low_rank(16, 32))
+        if change == "load_state_dict":  # copies into the same tensors
+            model.load_state_dict({k: torch.randn_like(v) / 4 for k, v in model.state_dict().items()})
+        elif change == "bias":
+            model.fc1.bias.add_(3.0)
+        else:  # the layers' inputs change, not their weights
+            model.scale.copy_(torch.rand(32) * 2)
+        torch._dynamo.reset()
+        before = len(deco.graphs)
+        compiled = torch.compile(model, backend=deco)
+        for _ in range(3):
+            compiled(low_rank(16, 32))
+        out, exact = compiled(x), model(x)
+    assert deco.graphs[before].status == "decomposed"
+    assert (out - exact).norm() / exact.norm() < 0.5
+
+
 def test_dynamic_shapes_with_a_backend_callable():
     compiled_graphs = []
 
