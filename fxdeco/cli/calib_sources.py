@@ -397,4 +397,6 @@ def input_info(calib: Calibration) -> dict[str, Any]:
     if isinstance(first, torch.Tensor):
         return {"kind": "tensor" if calib.kind == "tensor" else "image", "shape": list(first.shape[1:]),
                 "dtype": str(first.dtype).removeprefix("torch.")}
-    return {"kind": "text", "keys": sorted(first), "length": int(first["input_ids"].shape[1])}
+    # In the batch's order: the keyword inputs' order is the order of the graph's inputs that torch.export
+    # captures, so a model captured again from example_batch() has the graph that was saved.
+    return {"kind": "text", "keys": list(first), "length": int(first["input_ids"].shape[1])}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,30 @@ def test_hf_text_calibration_is_tokenized_and_masked(tmp_path: Path) -> None:
     assert torch.equal(calib.stat_mask_fn(calib.batches[0]), calib.batches[0]["attention_mask"])
     rand = load_calibration("random", built, batches=1, batch_size=2, max_length=6)
     assert rand.random and rand.batches[0]["input_ids"].max() < built.vocab_size
+
+
+def test_hf_dump_captures_the_saved_graph_again(capsys, tmp_path: Path, monkeypatch) -> None:
+    """``fxdeco dump`` captures an hf: model again from cli.json's input description: the keyword inputs must come
+    in the calibration batches' order (torch.export's graph inputs follow it), else load() takes the same model for
+    one of other code and warns that it computes something else."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hf: builder sets these; restored after the test
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    out = tmp_path / "out"
+    code, _, _ = run_main(capsys, "decompose", f"hf:{tmp_path / 'bert'}", "--calib", "random", "--batches", "2",
+                          "--batch-size", "4", "--max-length", "8", "--nsr-threshold", "0.1", "--dump-format", "dot",
+                          "--out", str(out))
+    assert code == 0
+    assert json.loads((out / "cli.json").read_text())["input"]["keys"] == ["input_ids", "attention_mask"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, _ = run_main(capsys, "dump", str(out), "--format", "dot")
+    assert code == 0
+    assert not [w for w in caught if "not the graph that was saved" in str(w.message)]
 
 
 def test_hf_model_end_to_end(tmp_path: Path) -> None:
