@@ -159,6 +159,19 @@ class Thresholds:
         return probe.ppl_diff < self.ppl_limit(removed) and nsr_ok
 
 
+def layer_role(target: str) -> str:
+    """The layer's role, shared by the same layer of every repeated block: its name with the numeric path components
+    *before the last one* (block indices) replaced. The last component stays: in ``nn.Sequential`` / ``ModuleList``
+    stacks (``mlp.0``, ``mlp.2``) it tells different layers apart, as do digits inside a name (``fc1``, ``fc2``),
+    whose measured/predicted ratios differ by several times.
+
+    Example:
+        >>> layer_role("blocks.3.mlp.fc1"), layer_role("blocks.3.mlp.fc2"), layer_role("layers.0"), layer_role("3.up")
+        ('blocks.#.mlp.fc1', 'blocks.#.mlp.fc2', 'layers.0', '#.up')
+    """
+    return re.sub(r"(?<![^.])\d+(?=\.)", "#", target)
+
+
 def removed_params(site: Site, rank: int) -> int:
     """Weights a rank removes, as ptdeco counts them: ``out * in - rank * (in + out)`` (biases unchanged)."""
     return site.out_features * site.in_features - site.factor_params(rank)
@@ -336,7 +349,7 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
         bias = fetch_attr(state.graph, site.bias) if site.bias else None
         candidates = sorted(config.candidate_ranks(site))  # smallest first: the first to pass is the smallest
         predicted = _predicted_loss_increase(spec, moments.get(site.target), stats, prepared.batches)
-        role = re.sub(r"\d+", "#", site.target)
+        role = layer_role(site.target)
 
         def measure(rank: int, limit: float) -> Probe:
             sub = substitute(state.graph, site, nodes_of[site.target], spec, bias, rank)
@@ -348,8 +361,9 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
                 loss = float(config.loss_fn(out, b.raw).reshape(()))
                 outputs.append(out)
                 losses.append(loss)
-                # exp(a) / exp(b) - 1 without overflowing for large losses
-                diffs.append(math.expm1(loss - b.loss) if math.isfinite(loss) else math.inf)
+                # exp(a) / exp(b) - 1 without overflowing for large losses (expm1 raises OverflowError above ~709)
+                rise = loss - b.loss
+                diffs.append(math.expm1(rise) if math.isfinite(loss) and rise < 700.0 else math.inf)
                 if strict:  # else measured for the accepted rank only (for the report): it decides nothing
                     nsrs.append(rows_nsr(compared(b.output), compared(out)))
                 if config.predict and index == 0 and len(state.batches) > 1:
