@@ -463,6 +463,7 @@ class StatsInterpreter(torch.fx.Interpreter):
         self.batch_index = 0
         self.current_node: torch.fx.Node | None = None  # the node that was running when an error escaped
         self._inputs_seen: set[str] = set()
+        self._targets_seen: set[str] = set()  # layers that counted this batch's samples (a layer called twice: once)
 
     @property
     def statistics(self) -> dict[str, SiteStatistics]:
@@ -499,6 +500,7 @@ class StatsInterpreter(torch.fx.Interpreter):
         """Begin a batch run node by node by someone else (``passes.blocks.BlockRun``), observed by :meth:`observe`;
         :meth:`commit` adds it."""
         self._inputs_seen = set()
+        self._targets_seen = set()
         self.pending = []
 
     def observe(self, n: torch.fx.Node, out: Any) -> None:
@@ -550,4 +552,7 @@ class StatsInterpreter(torch.fx.Interpreter):
         if bias is not None:
             y = y - (bias.reshape(-1, 1, 1) if site.kind == "conv2d" else bias)
         weights = self.row_weights(site, y) if self.row_weights is not None else None
-        self._update(self.collected.outputs, site.target, site, output_rows(site, y), y.shape[0], weights)
+        # a batch's samples count once per layer: a layer called twice computes twice the rows per sample (its MACs)
+        samples = 0 if site.target in self._targets_seen else y.shape[0]
+        self._targets_seen.add(site.target)
+        self._update(self.collected.outputs, site.target, site, output_rows(site, y), samples, weights)

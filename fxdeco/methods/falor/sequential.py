@@ -98,9 +98,10 @@ def _first_batch_rows(calibration: BlockCalibration) -> dict[str, _Rows] | None:
         shape = getattr(nodes[site.node].meta.get("cost"), "shape", None)
         if not (isinstance(shape, tuple) and shape and all(isinstance(d, int) for d in shape)):
             unknown.add(site.target)
+        first_call = site.target not in counts  # a batch's samples count once per layer, as its statistics count them
         rows, samples = counts.get(site.target, (0.0, 0.0))
         counts[site.target] = (0.0, 0.0) if site.target in unknown else \
-            (rows + math.prod(shape) / site.out_features, samples + shape[0])
+            (rows + math.prod(shape) / site.out_features, samples + (shape[0] if first_call else 0))
     per_sample = distributed.means(list(counts.values()))  # NaN: no rank knows the layer's shape
     if any(math.isnan(r) for r in per_sample):
         return None

@@ -294,4 +294,4 @@ def test_first_batch_rows_are_what_the_statistics_count() -> None:
     counted = {}
     for index in range(len(calibration.blocks)):
         counted.update({t: s.rows_per_sample for t, s in calibration.statistics(index, advance=True).items()})
-    assert counted == {t: r.rows_per_sample for t, r in rows.items()} == {"conv": 16, "proj": 16, "twice": 16}
+    assert counted == {t: r.rows_per_sample for t, r in rows.items()} == {"conv": 16, "proj": 16, "twice": 32}
