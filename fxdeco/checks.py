@@ -4,6 +4,7 @@ loops: each raises a ValueError that names the option, the allowed range and the
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 
@@ -97,3 +98,54 @@ def check_patterns(name: str, value: Any) -> tuple[str, ...]:
     if bad:
         raise TypeError(f"{name} must hold glob patterns (strings) of layer names, got {bad[0]!r}")
     return patterns
+
+
+def check_spill_dir(path: Any) -> str:
+    """``spill_dir`` as a string, refused now if it is no writable directory (else the walk would fail after
+    capture, naming a generated subdirectory).
+
+    Example:
+        >>> check_spill_dir("/no/such/dir")
+        Traceback (most recent call last):
+        ...
+        ValueError: spill_dir='/no/such/dir' does not exist: give a writable directory for the cached block inputs
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"spill_dir must be a directory path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        problem = "does not exist"
+    elif not os.path.isdir(path):
+        problem = "is not a directory"
+    elif not os.access(path, os.W_OK | os.X_OK):  # mkdtemp needs to create an entry there
+        problem = "is not writable"
+    else:
+        return path
+    raise ValueError(f"spill_dir={path!r} {problem}: give a writable directory for the cached block inputs")
+
+
+def check_walk_options(sequential: bool, blocks: Any, spill_dir: Any) -> tuple[tuple[str, ...] | None, str | None]:
+    """The block walk's options (``sequential=True``): ``blocks`` as a tuple of module names, ``spill_dir`` checked
+    (:func:`check_spill_dir`); either of them without ``sequential=True`` is refused (it would be ignored).
+
+    Example:
+        >>> check_walk_options(True, ["model.layers.0"], None)
+        (('model.layers.0',), None)
+        >>> check_walk_options(False, None, "/tmp")
+        Traceback (most recent call last):
+        ...
+        ValueError: spill_dir is an option of sequential mode: add sequential=True or drop it
+    """
+    if isinstance(blocks, str):
+        raise TypeError(f"blocks must be a list of module names, got the string {blocks!r}; write blocks=[{blocks!r}]")
+    if blocks is not None:
+        blocks = tuple(blocks)
+        if not blocks or not all(isinstance(b, str) and b for b in blocks):
+            raise ValueError(f"blocks must be a non-empty list of qualified module names ('model.layers.0'), "
+                             f"got {list(blocks)!r}; None: automatic blocks")
+    if not sequential:
+        given = [n for n, v in (("blocks", blocks), ("spill_dir", spill_dir)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} is an option of sequential mode: add sequential=True or drop it")
+        return blocks, None
+    return blocks, None if spill_dir is None else check_spill_dir(spill_dir)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from fxdeco.checks import check_count, check_flag, check_number, check_patterns
+from fxdeco.checks import check_count, check_flag, check_number, check_patterns, check_walk_options
 from fxdeco.methods.base import MethodConfig
 
 if TYPE_CHECKING:
@@ -22,28 +21,6 @@ MODE_OPTIONS = {
 }
 
 
-def _spill_dir(path: Any) -> str:
-    """``spill_dir`` as a string, refused now if it is no writable directory (else the walk would fail after
-    capture, naming a generated subdirectory).
-
-    Example:
-        >>> _spill_dir("/no/such/dir")
-        Traceback (most recent call last):
-        ...
-        ValueError: spill_dir='/no/such/dir' does not exist: give a writable directory for the cached block inputs
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"spill_dir must be a directory path, got {type(path).__name__}")
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        problem = "does not exist"
-    elif not os.path.isdir(path):
-        problem = "is not a directory"
-    elif not os.access(path, os.W_OK | os.X_OK):  # mkdtemp needs to create an entry there
-        problem = "is not writable"
-    else:
-        return path
-    raise ValueError(f"spill_dir={path!r} {problem}: give a writable directory for the cached block inputs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,21 +174,11 @@ class Falor(MethodConfig):
 
     def _check_sequential(self) -> None:
         """Refuse what a block walk cannot honour, and its options without it (the message names the option)."""
-        if isinstance(self.blocks, str):
-            raise TypeError(f"blocks must be a list of module names, got the string {self.blocks!r}; "
-                            f"write blocks=[{self.blocks!r}]")
-        if self.blocks is not None:
-            object.__setattr__(self, "blocks", tuple(self.blocks))
-            if not self.blocks or not all(isinstance(b, str) and b for b in self.blocks):
-                raise ValueError(f"blocks must be a non-empty list of qualified module names ('model.layers.0'), "
-                                 f"got {list(self.blocks)!r}; None: automatic blocks")
+        blocks, spill_dir = check_walk_options(self.sequential, self.blocks, self.spill_dir)
+        object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "spill_dir", spill_dir)
         if not self.sequential:
-            given = [n for n in ("blocks", "spill_dir") if getattr(self, n) is not None]
-            if given:
-                raise ValueError(f"{given[0]} is an option of sequential mode: add sequential=True or drop it")
             return
-        if self.spill_dir is not None:
-            object.__setattr__(self, "spill_dir", _spill_dir(self.spill_dir))
         if self.mode == "final-output":
             raise ValueError("sequential=True decomposes block by block; final-output thresholds (nsr_final_threshold"
                              " / kl_final_threshold) measure each layer at the whole model's output: use "
