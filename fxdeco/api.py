@@ -215,7 +215,7 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", *, pr
                          f"fxdeco.transform(model, loader, fxdeco.{type(config).__name__}(...))")
     if getattr(config, "sequential", False):
         raise ValueError("sequential=True calibrates while it decomposes, block by block: run it with "
-                         "fxdeco.transform(model, loader, fxdeco.Falor(..., sequential=True))")
+                         f"fxdeco.transform(model, loader, fxdeco.{type(config).__name__}(..., sequential=True))")
     start = time.perf_counter()
     with distributed.reducing(active):  # the methods reduce what they measure over the same group
         plan, decisions, summary, *trained = RUNNERS[config.name](prepared, config)
@@ -577,16 +577,18 @@ def _decomposable(prepared: PreparedModel, config: MethodConfig) -> list[Site]:
     return [s for s in prepared.sites if not matches_any(s.target, patterns)]
 
 
-def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falor, *, total: int | None,
+def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falor | Dwain, *, total: int | None,
                           input_fn: Callable[[Any], Any] | None, show_progress: bool | None,
                           active: distributed.Collective | None, inplace: bool = False,
                           **prepare_options: Any) -> nn.Module:
-    """transform with ``Falor(sequential=True)``: the batches cached, then each block calibrated and decomposed on the
-    outputs of the ones before (``fxdeco.methods.falor.sequential``). Under torch.distributed (``active``) every
+    """transform with ``Falor(sequential=True)`` or ``Dwain(sequential=True)``: the batches cached, then each block
+    calibrated and decomposed on the outputs of the ones before (``fxdeco.methods.falor.sequential``,
+    ``fxdeco.methods.dwain.sequential``; dwain's metric batches are also kept as the loader gave them). Under torch.distributed (``active``) every
     rank's model, weights and blocks are compared first (before any batch is read), then each block's statistics
     are summed over the ranks before its ranks are decided. ``inplace``: each block's layers are swapped in
     ``model`` as soon as the walk is past the block (:func:`decompose_`), and ``model`` is returned."""
-    from fxdeco.methods.falor.sequential import falor_sequential  # the block walk, only when asked for
+    from fxdeco.methods.dwain.sequential import dwain_sequential  # the block walks, only when asked for
+    from fxdeco.methods.falor.sequential import falor_sequential
     from fxdeco.sequential import BlockCalibration
     from passes.blocks import find_blocks
 
@@ -598,11 +600,15 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
             blocks = exc
         with distributed.reducing(active):
             distributed.check_same_model(prepared, blocks)
-    if config.budget is not None and config.budget[0] == "params":  # MACs need a block's rows: the walk checks
+    budget = getattr(config, "budget", None)
+    if budget is not None and budget[0] == "params":  # MACs need a block's rows: the walk checks
         check_budget_reachable(prepared, config)
     if inplace:  # before any batch is read
         check_swappable(model, prepared.gm, _decomposable(prepared, config))
     start = time.perf_counter()
+    raws: list[Any] = []  # dwain's metric batches, as the loader gave them (loss_fn reads its targets there)
+    if isinstance(config, Dwain):
+        batches = _keeping_first(batches, config.kept_batches, raws)
     calibration = BlockCalibration(prepared, batches, input_fn=input_fn, scopes=config.blocks,
                                    spill_dir=config.spill_dir, show_progress=show_progress, total=total)
     swapped: list[str] = []  # the layers already factored in the caller's model (decompose_)
@@ -613,7 +619,11 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
                 prepared.macs_per_sample = original_totals(prepared.gm).macs = active.broadcast(
                     prepared.macs_per_sample)
                 prepared.batches = int(distributed.all_sum([prepared.batches])[0])
-            plan, decisions, summary = falor_sequential(calibration, config, on_block=on_block)
+            if isinstance(config, Dwain):
+                plan, decisions, summary = dwain_sequential(calibration, config, raws, prepared.params_original,
+                                                            on_block=on_block)
+            else:
+                plan, decisions, summary = falor_sequential(calibration, config, on_block=on_block)
             distributed.check_same_plan(decisions)
     except BaseException as exc:  # an error or Ctrl-C half-way: say what the caller's model now is
         if swapped:
@@ -632,6 +642,15 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
         _record(model, prepared, config, decisions, summary, start)
         return model
     return _factorized(prepared, config, plan, decisions, summary, None, start)
+
+
+def _keeping_first(batches: Iterable[Any], count: int, kept: list[Any]) -> Iterable[Any]:
+    """``batches``, with the first ``count`` appended to ``kept`` as they pass (cloned: a loader may reuse its
+    buffers)."""
+    for batch in batches:
+        if len(kept) < count:
+            kept.append(pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), batch))
+        yield batch
 
 
 def _swap_into(model: nn.Module, prepared: PreparedModel, calibration: Any, swapped: list[str]

@@ -6,6 +6,8 @@ compare the ranks with each other and with one process calibrated on the union o
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime
 import math
 import os
@@ -128,8 +130,10 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
     def dwain() -> dict[str, Any]:
         gm = fxdeco.transform(_model(), shard, _dwain(), input_fn=_inputs)
         decisions = gm.meta["fxdeco"].decisions
+        walked = fxdeco.transform(_model(), shard, dataclasses.replace(_dwain(), sequential=True), input_fn=_inputs)
         return {"ranks": _ranks(gm), "ppl_diff": {d.target: d.ppl_diff for d in decisions},
-                "nsr_final": {d.target: d.nsr_final for d in decisions}}
+                "nsr_final": {d.target: d.nsr_final for d in decisions},
+                "sequential": {d.target: (d.rank, d.ppl_diff) for d in walked.meta["fxdeco"].decisions}}
 
     def budget_loss() -> dict[str, Any]:  # the measured round by the rise of a loss (LossMeter)
         gm = fxdeco.transform(_model(), shard, fxdeco.Falor(keep_params=0.5, loss_fn=_loss, rank_multiple=1,
@@ -318,8 +322,9 @@ def test_final_output_mode_and_dwain_measure_the_same_on_every_rank(ranks: list[
     assert final[0]["metric_batches"] == 2 * WORLD  # each rank measured on its own two
     assert any(rank is not None for rank in final[0]["ranks"].values())
     dwain = _ok(ranks, "dwain")
-    assert dwain[0] == dwain[1]
+    assert dwain[0] == dwain[1]  # one-shot and sequential (each block's sums and each probe's means reduced)
     assert any(rank is not None for rank in dwain[0]["ranks"].values())
+    assert any(rank is not None for rank, _ in dwain[0]["sequential"].values())
 
 
 def test_latency_is_rank_zeros(ranks: list[dict[str, Any]]) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from fxdeco.checks import check_count, check_flag, check_number, check_patterns
+from fxdeco.checks import check_count, check_flag, check_number, check_patterns, check_walk_options
 from fxdeco.methods.base import MethodConfig
 
 if TYPE_CHECKING:
@@ -78,6 +78,16 @@ class Dwain(MethodConfig):
     center: bool = True
     # glob patterns of layer names kept dense (ptdeco's blacklist, typically ["lm_head"])
     skip: tuple[str, ...] = ()
+    # one block at a time (transformer layers, ResNet blocks), first to last, each calibrated on the outputs of the
+    # blocks already decomposed (fxdeco.methods.dwain.sequential): the memory of one block's statistics; within a
+    # block the layers go last first, and every probe runs the rest of the model from the block's cached inputs.
+    # Every candidate rank is measured (the loss-gradient screen needs a backward pass through the whole model);
+    # runs in fxdeco.transform / fxdeco.decompose_ (they walk the loader's batches themselves)
+    sequential: bool = False
+    # sequential mode: the blocks, as qualified module names (None: each layer's name cut after its first numeric
+    # component), and a writable directory for the batches' cached block inputs (None: host memory)
+    blocks: tuple[str, ...] | None = None
+    spill_dir: str | None = None
     # a progress bar (None: on a terminal; elsewhere periodic lines)
     show_progress: bool | None = None
 
@@ -107,6 +117,14 @@ class Dwain(MethodConfig):
         check_flag("center", self.center)
         check_flag("predict", self.predict)
         check_flag("show_progress", self.show_progress, optional=True)
+        check_flag("sequential", self.sequential)
+        blocks, spill_dir = check_walk_options(self.sequential, self.blocks, self.spill_dir)
+        object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "spill_dir", spill_dir)
+        if self.sequential and self.finetune_fn is not None:
+            raise ValueError("dwain's finetune_fn trains the whole graph after each layer, which a block walk (its "
+                             "later blocks' inputs cached from the model before) cannot follow: drop finetune_fn or "
+                             "sequential=True")
 
     @property
     def kept_batches(self) -> int:
