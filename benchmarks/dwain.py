@@ -8,7 +8,8 @@ calibration batches, to show how the two scale with data.
 
 * ptdeco dwain (``ptdeco.dwain.decompose_in_place``) at two trade-off factors, run in turn with fxdeco's
   dwain three times in this process (median wall times). Its forward passes are counted on the model.
-* fxdeco dwain (``fxdeco.Dwain``) at the same settings.
+* fxdeco dwain (``fxdeco.Dwain``) at the same settings, and one block at a time (``sequential=True``: each block
+  calibrated on the outputs of the blocks before it, decomposed; single runs).
 * falor budget (``keep_params``) at the parameter counts fxdeco's dwain reached, and at 20% and 40% fewer
   parameters, weighing layers by the output's error (default) or by the loss (``loss_fn``).
 * SVD-LLM's training-free baseline: every Linear truncated to the same fraction of its parameters with
@@ -108,16 +109,24 @@ def interleaved(trade_off: float, calib: list[dict[str, torch.Tensor]]) -> tuple
     return results[0], results[1]
 
 
-def fxdeco_dwain(trade_off: float, calib: list[dict[str, torch.Tensor]], predict: bool = True) -> dict[str, Any]:
+def fxdeco_dwain(trade_off: float, calib: list[dict[str, torch.Tensor]], predict: bool = True,
+                 sequential: bool = False) -> dict[str, Any]:
+    """fxdeco's dwain on a fresh copy of the model; ``sequential``: one block at a time (its forward passes are not
+    counted: "-")."""
     model = lm.train()
     before = _params(model)
     start = time.perf_counter()
     small = fxdeco.transform(model, calib, fxdeco.Dwain(lm.next_byte_loss, trade_off_factor=trade_off,
                                                         min_rank=MIN_RANK, num_metric_batches=METRIC_BATCHES,
-                                                        skip=SKIP, predict=predict, show_progress=False),
+                                                        skip=SKIP, predict=predict, sequential=sequential,
+                                                        show_progress=False),
                              input_fn=_ids, show_progress=False)
     seconds = time.perf_counter() - start
     summary = small.meta["fxdeco"].summary
+    if sequential:
+        return {"params": _params(small) / before, "ppl": lm.perplexity(small, lm.evaluation_batches()),
+                "seconds": seconds, "forwards": None, "probes": summary["probes"],
+                "decomposed": sum(d.decomposed for d in small.meta["fxdeco"].decisions)}
     # calibration passes, the metric batches' recorded runs, their loss-gradient passes (forward + backward ~ 3)
     forwards = len(calib) + METRIC_BATCHES + (3 * METRIC_BATCHES if predict else 0)
     return {"params": _params(small) / before, "ppl": lm.perplexity(small, lm.evaluation_batches()),
@@ -198,6 +207,7 @@ def main() -> None:
         rows += [(f"ptdeco dwain, trade_off_factor={t}", theirs), (f"fxdeco dwain, trade_off_factor={t}", ours)]
         if t == TRADE_OFFS[0]:
             rows.append((f"fxdeco dwain, trade_off_factor={t}, predict=False", fxdeco_dwain(t, calib, predict=False)))
+        rows.append((f"fxdeco dwain, trade_off_factor={t}, sequential=True", fxdeco_dwain(t, calib, sequential=True)))
         keep = round(ours["params"], 4)
         rows.append((f"falor keep_params={keep} (fxdeco dwain's)", falor_budget(keep, calib)))
         pairs.append((t, theirs, ours))
@@ -276,6 +286,11 @@ def write(rows: list[tuple[str, dict[str, Any]]], pairs: list, budget_vs_uniform
         tabulate(budget, headers=["reduction", "uniform SVD-LLM ppl", "falor budget ppl", "lower",
                                   "falor rise / uniform rise", "falor with loss_fn ppl", "its rise / uniform rise"],
                  tablefmt="github"),
+        "",
+        "`sequential=True` (dwain one block at a time, for models whose statistics do not fit at once): blocks "
+        "first to last, each calibrated on the outputs of the blocks already decomposed, its layers last first "
+        "against a model whose later blocks are still dense, every candidate measured (no loss-gradient screen). "
+        "Its forward passes are not counted ('-').",
         "",
         "`loss_fn` (the last two columns): the budget weighs each layer by the next-byte loss's gradient moments "
         "and its measured round by the rise of that loss, instead of random projections of the logits and their "
