@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -282,6 +283,25 @@ def test_finetune_fn_is_called_after_each_accepted_layer_and_its_training_is_kep
     batch = _batches()[0]
     with torch.no_grad():
         assert torch.isfinite(small(batch[0])).all()
+
+
+@pytest.mark.parametrize("trained, warns", [("embed.weight", True), ("head.bias", False)])
+def test_finetune_fn_training_weights_upstream_of_the_layers_left_warns(trained: str, warns: bool) -> None:
+    """The layers still to be tried keep the statistics of the original weights: a finetune_fn that changes a
+    weight they depend on (the embedding) is warned about; one that trains downstream (the head) is not."""
+    def finetune(graph: torch.fx.GraphModule, names: list[str]) -> None:
+        with torch.no_grad():
+            graph.get_parameter(trained).mul_(0.9)
+
+    config = _config(trade_off_factor=3.0, max_accepted_ppl_diff=0.3, finetune_fn=finetune)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = _transform(config)
+    assert sum(d.decomposed for d in small.meta["fxdeco"].decisions) >= 2
+    upstream = [w for w in caught if "layers still to be tried depend on" in str(w.message)]
+    assert len(upstream) == (1 if warns else 0)
+    if warns:
+        assert trained in str(upstream[0].message)
 
 
 def test_finetune_fn_must_return_a_graph_or_none() -> None:

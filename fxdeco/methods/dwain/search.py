@@ -47,7 +47,7 @@ import torch
 import torch.fx
 
 from fxdeco import distributed
-from fxdeco.errors import CalibrationError
+from fxdeco.errors import CalibrationError, warn_user
 from fxdeco.methods.dwain.config import Dwain
 from fxdeco.methods.falor.final_metrics import final_nsr
 from fxdeco.methods.falor.lowrank import (Spectrum, centred_bias, output_error_by_rank, output_projection,
@@ -283,6 +283,7 @@ class _State:
         self.replacements: dict[str, tuple[str, Callable[[torch.Tensor], Any]]] = {}
         self.accepted: list[str] = []
         self.tuned = False
+        self.warned_upstream = False  # finetune_fn changed weights that the layers still to be tried depend on
         self.batches: list[_Batch] = []
         self.replayed_macs = 0
 
@@ -312,7 +313,10 @@ class _State:
         if tuned is not None and not isinstance(tuned, torch.fx.GraphModule):
             raise TypeError(f"finetune_fn must return the graph it was given (or a GraphModule, or None), got "
                             f"{type(tuned).__name__}")
-        self.graph = (tuned if tuned is not None else graph).eval()
+        tuned = tuned if tuned is not None else graph
+        if not self.warned_upstream:
+            self.warned_upstream = _warn_if_upstream_changed(self.graph, tuned, remaining_starts)
+        self.graph = tuned.eval()
         self.pending, self.overrides, self.replacements, self.tuned = {}, {}, {}, True
         if remaining_starts:
             self.record(remaining_starts)
@@ -324,6 +328,35 @@ class _State:
     def finish(self) -> torch.fx.GraphModule | None:
         """The decomposed graph when the callback trained it (None: apply the plan to the original graph)."""
         return self._factored() if self.tuned else None
+
+
+def _warn_if_upstream_changed(before: torch.fx.GraphModule, after: torch.fx.GraphModule,
+                               remaining: list[str]) -> bool:
+    """Warn, and return True, when ``finetune_fn`` changed a parameter that a layer still to be tried depends on.
+
+    Those layers' factors come from statistics calibrated on the original weights: fxdeco reads the loader once
+    and does not recompute them (ptdeco does, at the cost of a pass over the data per layer). A ``finetune_fn``
+    that trains only the decomposed layers (LoRA on them, ptdeco's example) changes nothing upstream.
+    """
+    nodes = {n.name: n for n in after.graph.nodes}
+    upstream: set[torch.fx.Node] = set()
+    stack = [nodes[name] for name in remaining if name in nodes]
+    while stack:  # the remaining layers' nodes and everything they read from
+        node = stack.pop()
+        if node not in upstream:
+            upstream.add(node)
+            stack.extend(node.all_input_nodes)
+    targets = {str(n.target) for n in upstream if n.op in ("call_module", "get_attr")}
+    old = dict(before.named_parameters())
+    changed = sorted(name for name, p in after.named_parameters()
+                     if any(name == t or name.startswith(t + ".") for t in targets)
+                     and name in old and old[name].shape == p.shape and not torch.equal(old[name], p))
+    if changed:
+        warn_user(f"dwain's finetune_fn changed {', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}, "
+                  "which layers still to be tried depend on: their factors come from statistics calibrated on the "
+                  "original weights (the loader is read once), so they fit those layers' old inputs. Train only "
+                  "the decomposed layers in finetune_fn (e.g. LoRA on them) to keep the statistics exact")
+    return bool(changed)
 
 
 def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict[str, str],
