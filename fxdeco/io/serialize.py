@@ -257,13 +257,18 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
         "totals": _jsonable(info.totals()),
         "weights": {"file": WEIGHT_FILES[weights_format], "format": weights_format},
         "graph": graph_signature(gm),  # load() compares the model it rebuilds (absent in older files)
+        "graph_inputs_by_name": graph_signature(gm, inputs_by_name=True),  # the same, whatever the inputs' order
     }
 
 
-def graph_signature(gm: torch.fx.GraphModule) -> str:
+def graph_signature(gm: torch.fx.GraphModule, inputs_by_name: bool = False) -> str:
     """A digest of the graph's computation: each node's kind, what it calls (a module: its name and class) and
-    which earlier nodes it reads (names of nodes left out: they are the capture's choice). Saved in ``plan.json`` so that :func:`load` can tell
-    a model of other code (the same layers wired differently) from the one saved.
+    which earlier nodes it reads (names of nodes left out: they are the capture's choice). Saved in ``plan.json`` so
+    that :func:`load` can tell a model of other code (the same layers wired differently) from the one saved.
+
+    ``inputs_by_name=True`` numbers the graph's inputs in the order of their names, not in the graph's: a model
+    exported again from keyword inputs given in another order (``{"attention_mask": ..., "input_ids": ...}``) is
+    the same computation, and its inputs keep their names.
 
     Example:
         >>> import torch
@@ -272,15 +277,22 @@ def graph_signature(gm: torch.fx.GraphModule) -> str:
         >>> graph_signature(a) == graph_signature(a), graph_signature(a) == graph_signature(b)
         (True, False)
     """
-    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    nodes = list(gm.graph.nodes)
+    if inputs_by_name:
+        inputs = sorted((n for n in nodes if n.op == "placeholder"), key=lambda n: n.name)
+        nodes = inputs + [n for n in nodes if n.op != "placeholder"]
+    position = {node: i for i, node in enumerate(nodes)}
     lines = []
-    for node in gm.graph.nodes:
+    for node in nodes:
         target = node.target if isinstance(node.target, str) else torch.fx.node._get_qualified_name(node.target)
         if node.op == "placeholder":
             target = ""  # an input's name is the capture's choice
         elif node.op == "call_module":
             target += f" {type(gm.get_submodule(node.target)).__qualname__}"  # an nn.ReLU replaced by an nn.Tanh
-        lines.append(f"{node.op} {target} {[position[n] for n in node.all_input_nodes]}")
+        reads = [position[n] for n in node.all_input_nodes]
+        if inputs_by_name and node.op == "call_module" and node.target == "_guards_fn":
+            reads.sort()  # torch.export's guard check reads every input in the graph's order
+        lines.append(f"{node.op} {target} {reads}")
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -840,7 +852,10 @@ is (6, 8); build the model with the configuration the plan was made for
     new.delete_all_unused_submodules()
     _check_modules(new, plan)
     _check_weights(new, weights)
-    if isinstance(plan.get("graph"), str) and plan["graph"] != graph_signature(new):
+    # files saved since both digests exist compare the one that ignores the inputs' order
+    by_name = isinstance(plan.get("graph_inputs_by_name"), str)
+    saved = plan.get("graph_inputs_by_name") if by_name else plan.get("graph")
+    if isinstance(saved, str) and saved != graph_signature(new, inputs_by_name=by_name):
         warn_user(f"fxdeco.load({str(folder)!r}): {type(model).__name__}'s graph, with the saved factors, is not the "
                   "graph that was saved: the model's code differs from the saved model's (other wiring or "
                   "operations around the same layers), so the loaded model computes something else than the saved "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 from typing import Any, Callable
 
 import pytest
@@ -586,3 +587,27 @@ def test_loading_into_a_model_of_other_code_around_the_same_layers_is_warned_abo
         load(tmp_path / "saved", _Chain())
     with pytest.warns(UserWarning, match="not the graph that was saved"):
         load(tmp_path / "saved", _Chain(residual=True))  # same layers and shapes, other wiring
+
+
+def test_keyword_inputs_in_another_order_load_without_a_code_warning(tmp_path) -> None:
+    """An exported plan loaded with the same keyword inputs in another order is the same computation (torch.export
+    orders the graph's inputs by the keywords given): no 'other code' warning, the same outputs."""
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)) * y)
+
+    torch.manual_seed(0)
+    basis = torch.randn(4, 32)
+    calib = [{"x": torch.randn(16, 4) @ basis, "y": torch.rand(16, 64)} for _ in range(3)]
+    small = fxdeco.transform(TwoInputs().eval(), calib, nsr_threshold=0.05, capture="export", show_progress=False)
+    folder = fxdeco.save(small, tmp_path / "plan")
+    batch = {"x": torch.randn(5, 4) @ basis, "y": torch.rand(5, 64)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the false warning would fail here
+        loaded = fxdeco.load(folder, TwoInputs(), example_inputs={"y": calib[0]["y"], "x": calib[0]["x"]})
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), small(**batch))
