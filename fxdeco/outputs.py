@@ -51,8 +51,10 @@ e.g. output_fn=lambda out: out[0]
     if isinstance(output, torch.Tensor):
         raise TypeError(f"the model returns a {output.dtype} tensor; final-output criteria compare floating-point "
                         "outputs (logits, embeddings): pass output_fn= selecting one, or compare before an argmax")
-    example = {tuple: "out[0]", list: "out[0]", dict: "out['logits']"}.get(type(output), "out.logits")
-    raise TypeError(f"the model returns a {type(output).__name__}, not a tensor; pass output_fn= to select the "
+    # torch.fx's immutable containers (a traced graph's outputs) are named as the plain ones they stand for
+    kind = next((t for t in (dict, list, tuple) if isinstance(output, t)), type(output))
+    example = {tuple: "out[0]", list: "out[0]", dict: "out['logits']"}.get(kind, "out.logits")
+    raise TypeError(f"the model returns a {kind.__name__}, not a tensor; pass output_fn= to select the "
                     f"tensor to compare, e.g. output_fn=lambda out: {example}")
 
 

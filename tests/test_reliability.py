@@ -444,6 +444,20 @@ def test_final_output_mode_needs_output_fn_on_the_first_batch() -> None:
     assert loader.read == 1
 
 
+def test_a_dict_output_is_named_a_dict_with_the_key_to_select() -> None:
+    """A traced graph returns torch.fx's immutable_dict: the message names it as the dict the model returns."""
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.net(x)}
+
+    with pytest.raises(TypeError, match=r"returns a dict, not a tensor.*output_fn=lambda out: out\['logits'\]"):
+        fxdeco.transform(Named(), [torch.randn(32, 16) for _ in range(3)], nsr_final_threshold=0.01)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(nsr_threshold=0.05, keep_params=0.5), "keep_params selects falor's budget mode, which ignores nsr_threshold"),
     (dict(nsr_threshold=0.05, nsr_final_threshold=0.01),

@@ -230,7 +230,9 @@ class GraphDecomposer:
             if args[position] is not weight or weight._version != version:
                 raise RuntimeError(
                     f"fxdeco backend: a parameter of graph {self.index} was replaced or modified after compilation, "
-                    "so its decomposition is stale; call torch._dynamo.reset() and compile the model again")
+                    "so its decomposition is stale; call torch._dynamo.reset() and compile the model again (another "
+                    "instance of the same model class compiled with this backend reuses this graph too: give each "
+                    "model its own fxdeco.backend(...))")
 
     def _calibrate(self, inputs: list[Any], switch: bool) -> Any:
         """Record statistics on ``inputs`` and return the original graph's exact outputs."""
