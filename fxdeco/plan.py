@@ -121,19 +121,31 @@ def round_rank(rank: int, multiple: int, full_rank: int) -> int:
     return min(full_rank, -(-rank // multiple) * multiple)
 
 
-def rank_refusal(site: Site, rank: int, proportion_threshold: float) -> str | None:
+def rank_refusal(site: Site, rank: int, proportion_threshold: float, adds_bias: bool = False) -> str | None:
     """Why ``site`` may not be factorized at ``rank`` (it saves no parameters, or keeps too large a share of
-    the full rank), or None when it may."""
-    if not site.saves_params(rank):
+    the full rank), or None when it may.
+
+    ``adds_bias``: the factored layer carries a bias the dense one lacks (falor's centring of a bias-free
+    layer), which counts against the saving.
+
+    Example:
+        >>> site = Site("fc", "linear", "fc", "fc.weight", None, (100, 10))  # 10 -> 100, no bias
+        >>> rank_refusal(site, 9, 1.0), rank_refusal(site, 9, 1.0, adds_bias=True)
+        (None, 'rank 9 would not reduce parameters')
+    """
+    added = site.out_features if adds_bias and not site.bias else 0
+    if not site.saves_params(rank) or site.factor_params(rank) + added >= site.out_features * site.in_features:
         return f"rank {rank} would not reduce parameters"
     if rank / site.full_rank > proportion_threshold:
         return f"rank {rank}/{site.full_rank} above proportion_threshold"
     return None
 
 
-def candidate_ranks(site: Site, min_rank: int, rank_multiple: int | str, proportion_threshold: float) -> list[int]:
+def candidate_ranks(site: Site, min_rank: int, rank_multiple: int | str, proportion_threshold: float,
+                    adds_bias: bool = False) -> list[int]:
     """The ranks a method may give ``site``, ascending: from ``min_rank``, rounded to the site's rank multiple,
-    each saving parameters and within ``proportion_threshold`` of the full rank.
+    each saving parameters (counting a bias the factored layer adds, ``adds_bias``) and within
+    ``proportion_threshold`` of the full rank.
 
     Example:
         >>> candidate_ranks(Site("fc", "linear", "fc", "fc.weight", None, (64, 64)), 4, 8, 1.0)
@@ -141,4 +153,4 @@ def candidate_ranks(site: Site, min_rank: int, rank_multiple: int | str, proport
     """
     multiple = site_multiple(site, rank_multiple)
     ranks = sorted({round_rank(k, multiple, site.full_rank) for k in range(max(min_rank, 1), site.full_rank + 1)})
-    return [k for k in ranks if rank_refusal(site, k, proportion_threshold) is None]
+    return [k for k in ranks if rank_refusal(site, k, proportion_threshold, adds_bias) is None]

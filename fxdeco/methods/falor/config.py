@@ -232,14 +232,15 @@ class Falor(MethodConfig):
 
     def candidate_ranks(self, site: Site) -> list[int]:
         """The ranks falor may give ``site``, ascending: from ``min_rank``, rounded to ``rank_multiple``, each
-        saving parameters and at most ``proportion_threshold`` of the full rank."""
+        saving parameters and at most ``proportion_threshold`` of the full rank. With ``center`` a bias-free
+        layer gets a bias (the mean of the discarded directions), which counts against the saving."""
         from fxdeco.plan import candidate_ranks  # the plan module needs torch; the CLI reads this module without
-        return candidate_ranks(site, self.min_rank, self.rank_multiple, self.proportion_threshold)
+        return candidate_ranks(site, self.min_rank, self.rank_multiple, self.proportion_threshold, self.center)
 
     def rank_refusal(self, site: Site, rank: int) -> str | None:
         """Why ``site`` may not be factorized at ``rank`` (see ``fxdeco.plan.rank_refusal``), or None."""
         from fxdeco.plan import rank_refusal
-        return rank_refusal(site, rank, self.proportion_threshold)
+        return rank_refusal(site, rank, self.proportion_threshold, self.center)
 
     def _refuse_other_modes(self) -> None:
         given = set(self.options())

@@ -434,3 +434,16 @@ def test_thin_spectrum_columns_are_orthonormal_down_to_its_noise_floor() -> None
     torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), rtol=0, atol=2e-3)
     assert bool((left[:, ~kept] == 0).all())
     torch.testing.assert_close(squares[kept], singular[kept] ** 2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", [{"nsr_threshold": 1e-5}, {"nsr_final_threshold": 1e-4}])
+def test_centred_bias_free_layer_is_factorized_only_when_the_added_bias_still_saves(mode):
+    """Centring gives a bias-free layer a bias: a rank that saves weights but not the added bias is refused."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 100, bias=False), nn.ReLU(), nn.Linear(100, 4)).eval()
+    basis = torch.randn(9, 10, generator=g)  # inputs of covariance rank 9: rank 9 is exact, rank 10 is full
+    calib = [torch.randn(64, 9, generator=g) @ basis + 3.0 for _ in range(3)]
+    small = fxdeco.transform(model, calib, rank_multiple=1, show_progress=False, **mode)
+    first = fxdeco.report(small).rows[0]
+    assert first["params_after"] <= first["params_before"]
+    assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
