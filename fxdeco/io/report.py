@@ -36,7 +36,9 @@ class Report:
     def table(self, fmt: str = "simple") -> str:
         timed = any(r.get("ms_dense") is not None for r in self.rows)  # falor measured latency: show it
         lossy = any(r.get("ppl_diff") is not None for r in self.rows)  # dwain measured the loss: show it
+        kl = any(r.get("kl_final") is not None for r in self.rows)  # falor's final-output mode measured the KL
         headers = ["layer", "kind", "weight", "rank", "params", "MACs", *(["ms"] if timed else []), "nsr",
+                   *(["kl"] if kl else []),
                    *(["ppl_diff", "probes"] if lossy else []), "note"]
         body = [
             [r["name"], r["kind"], "x".join(map(str, r["weight_shape"])) if r["weight_shape"] else "-",
@@ -44,7 +46,7 @@ class Report:
              f"{human(r['params_before'])} -> {human(r['params_after'])}" if r["params_before"] is not None else "-",
              f"{human(r['macs_before'])} -> {human(r['macs_after'])}" if r["macs_before"] is not None else "-",
              *([_ms_cell(r.get("ms_dense"), r.get("ms_factored"))] if timed else []),
-             _nsr_cell(r),
+             _nsr_cell(r), *([_fmt(r.get("kl_final"), ".4g")] if kl else []),
              *([_fmt(r.get("ppl_diff"), ".4f"), r.get("probes") or "-"] if lossy else []), r["note"]]
             for r in self.rows
         ]
@@ -55,7 +57,8 @@ class Report:
                      f"{human(t['params_before'])} -> {human(t['params_after'])} ({t['params_after'] / t['params_before']:.1%})",
                      f"{human(t['macs_before'])} -> {human(t['macs_after'])}"
                      + (f" ({t['macs_after'] / t['macs_before']:.1%})" if t["macs_before"] else ""),
-                     *([latency] if timed else []), "", *(["", t.get("probes") or ""] if lossy else []), ""])
+                     *([latency] if timed else []), "", *([""] if kl else []),
+                     *(["", t.get("probes") or ""] if lossy else []), ""])
         return tabulate(body, headers=headers, tablefmt=fmt)
 
     def __str__(self) -> str:
@@ -83,7 +86,7 @@ def _decision_row(d: LayerDecision) -> dict[str, Any]:
             "full_rank": d.full_rank, "params_before": d.params_before, "params_after": d.params_after,
             "macs_before": d.macs_before, "macs_after": d.macs_after, "nsr": d.nsr,
             "calib_rows": d.calib_rows, "ms_dense": _ms(d.seconds_dense), "ms_factored": _ms(d.seconds_factored),
-            "nsr_final": d.nsr_final, "ppl_diff": d.ppl_diff, "probes": d.probes,
+            "nsr_final": d.nsr_final, "kl_final": d.kl_final, "ppl_diff": d.ppl_diff, "probes": d.probes,
             "note": ("decomposed" if d.decomposed else f"kept: {d.reason}")
             + (f" (TOO LITTLE DATA: {d.calib_rows:.0f} calibration rows < full rank {d.full_rank})"
                if d.too_little_data else "")}
@@ -93,7 +96,7 @@ def _other_row(name: str, note: str) -> dict[str, Any]:
     return {"name": name, "kind": "-", "weight_shape": None, "rank": None, "full_rank": None,
             "params_before": None, "params_after": None, "macs_before": None, "macs_after": None,
             "nsr": None, "calib_rows": None, "ms_dense": None, "ms_factored": None, "nsr_final": None,
-            "ppl_diff": None, "probes": None, "note": note}
+            "kl_final": None, "ppl_diff": None, "probes": None, "note": note}
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -306,10 +306,11 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
             continue
         first_factor, second = projection_factors(site, fetch_attr(gm, site.weight), spec, rank)
         new_bias = centred_bias(spec, bias, rank)
-        meta = {"nsr_final": measured.nsr, "kl_final": measured.kl, "probes": probe.count}
+        kl_final = measured.kl if config.kl_final_threshold is not None else None  # None: not measured
+        meta = {"nsr_final": measured.nsr, "kl_final": kl_final, "probes": probe.count}
         plan[site.target] = Factorization(first_factor, second, meta, new_bias)
         d = decision(site, stats, rank, None, "decomposed", adds_bias=new_bias is not None)
-        chosen[site.target] = dataclasses.replace(d, nsr_final=measured.nsr, kl_final=measured.kl,
+        chosen[site.target] = dataclasses.replace(d, nsr_final=measured.nsr, kl_final=kl_final,
                                                   probes=probe.count)
         log.debug("%s: rank %d/%d, final nsr %.4g, kl %.4g, %d probes", site.target, rank, site.full_rank,
                   measured.nsr, measured.kl, probe.count)

@@ -65,6 +65,20 @@ def test_kl_threshold_alone() -> None:
             assert sum(symmetric_kl(model(*b), one(*b)) for b in calib[:2]) / 2 <= 1e-3
 
 
+def test_the_report_shows_the_measured_kl_and_no_kl_that_was_not_measured() -> None:
+    """README: the measured values are in the report (nsr_final, kl_final); a KL never measured is not a 0."""
+    model = Residual().eval()
+    calib = _batches()
+    prepared = fxdeco.calibrate(fxdeco.prepare(model), calib)
+    by_kl = fxdeco.report(fxdeco.convert(prepared, kl_final_threshold=1e-3))
+    rows = [r for r in by_kl.rows if r["rank"]]
+    assert rows and all(0 <= r["kl_final"] <= 1e-3 for r in rows)
+    assert "kl" in by_kl.table().splitlines()[0].split()
+    by_nsr = fxdeco.convert(prepared, nsr_final_threshold=0.02)
+    assert all(d.kl_final is None for d in by_nsr.meta["fxdeco"].decisions)
+    assert all(r["kl_final"] is None for r in fxdeco.report(by_nsr).rows)
+
+
 def test_shared_layer_is_probed_at_both_calls() -> None:
     """``mid`` runs twice; its probe must decompose both calls, as the rewrite does."""
     model = Residual().eval()
