@@ -266,6 +266,7 @@ class PreparedModel(nn.Module):
             interpreter = StatsInterpreter(self.gm, self.sites, self.collected, row_weights,
                                            product_dtype=self.stat_dtype, defer_commit=True)
             interpreter.batch_index = index
+            interpreter.samples = leading_dim(args, kwargs)  # MACs per sample: a layer's rows may be batch x tokens
             interpreter.extra_traceback = False  # we name the node ourselves, without torch's tlparse footer
             try:
                 out = interpreter.run(*flat)

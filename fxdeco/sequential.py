@@ -129,6 +129,7 @@ class BlockCalibration:
         self.blocks: list[Block] = find_blocks(self.gm, self.sites, scopes)  # a scope holding no layer fails here
         self.run = BlockRun(self.gm, self.blocks)
         self.show_progress = show_progress
+        self.samples: list[int] = []  # per batch: its samples (the inputs' leading dimension), the MACs' basis
         self.row_weights: list[Any] = []  # per batch: the statistics' row weights (a stat_mask_fn's mask)
         self.masks: list[Any] = []  # per batch: the stat_mask_fn's mask weights (None without one), to warn when
         # none fitted any layer once every block has read them
@@ -188,6 +189,7 @@ class BlockCalibration:
             self.prepared.macs_per_sample = original_totals(self.gm).macs = macs
         flat = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat]  # a loader may reuse buffers
         self.row_weights.append(row_weights)
+        self.samples.append(leading_dim(args, kwargs))
         self.masks.append(by_mask)
         start = self.run.start(flat)
         self.starts.append(start)
@@ -221,6 +223,7 @@ class BlockCalibration:
             for b in progress(range(self.batches), desc=f"statistics of {name}", total=self.batches,
                               enabled=self.show_progress):
                 interpreter.row_weights = self.row_weights[b]
+                interpreter.samples = self.samples[b]
                 interpreter.batch_index = b
                 interpreter.start_batch()
                 after = self._run_block(index, b, observe=observe)

@@ -461,6 +461,10 @@ class StatsInterpreter(torch.fx.Interpreter):
         self.collected = collected if collected is not None else ActivationStatistics()
         self.row_weights = row_weights
         self.batch_index = 0
+        # the batch's number of samples (the model input's leading dimension), set by the caller for each batch; None:
+        # each layer's own leading dimension, which over-counts samples where a layer sees rows flattened across the
+        # batch and tokens (GPT-2's Conv1D: ``addmm`` on ``(batch * tokens, in)``) and so under-counts its MACs
+        self.samples: int | None = None
         self.current_node: torch.fx.Node | None = None  # the node that was running when an error escaped
         self._inputs_seen: set[str] = set()
         self._targets_seen: set[str] = set()  # layers that counted this batch's samples (a layer called twice: once)
@@ -544,7 +548,8 @@ class StatsInterpreter(torch.fx.Interpreter):
     def _accumulate_input(self, name: str, group: list[Site], x: torch.Tensor) -> None:
         x = x.detach()
         weights = self.row_weights(group[0], x) if self.row_weights is not None else None
-        self._update(self.collected.inputs, name, group[0], x.reshape(-1, group[0].in_features), x.shape[0], weights)
+        samples = self.samples if self.samples is not None else x.shape[0]
+        self._update(self.collected.inputs, name, group[0], x.reshape(-1, group[0].in_features), samples, weights)
 
     def _accumulate(self, site: Site, out: torch.Tensor) -> None:
         y = out.detach()
@@ -553,6 +558,6 @@ class StatsInterpreter(torch.fx.Interpreter):
             y = y - (bias.reshape(-1, 1, 1) if site.kind == "conv2d" else bias)
         weights = self.row_weights(site, y) if self.row_weights is not None else None
         # a batch's samples count once per layer: a layer called twice computes twice the rows per sample (its MACs)
-        samples = 0 if site.target in self._targets_seen else y.shape[0]
+        samples = 0 if site.target in self._targets_seen else self.samples if self.samples is not None else y.shape[0]
         self._targets_seen.add(site.target)
         self._update(self.collected.outputs, site.target, site, output_rows(site, y), samples, weights)
