@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 import re
 from typing import Any, Callable, Iterable, Sequence
 
@@ -273,6 +274,7 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
         nodes_of.setdefault(s.target, []).append(s.node)
     plan: dict[str, Factorization] = {}
     chosen: dict[str, LayerDecision] = {}
+    unreached: list[str] = []  # layers that do not reach the compared output (kept dense)
     ratios: list[float] = []
     ratio_by_role: dict[str, float] = {}
     probes = 0
@@ -304,6 +306,14 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
                       else "no rank reduces parameters")
             chosen[site.target] = dataclasses.replace(decision(site, stats, None, None, reason), probes=probe.count)
             continue
+        if g is None and not measured.nsr and not measured.kl:
+            # no gradient reached it and the compared output did not move at all: the layer feeds only outputs that
+            # output_fn leaves out (BertModel's pooler beside last_hidden_state); any rank would "pass", so the
+            # criterion says nothing about it and it is kept dense rather than cut to its smallest rank
+            reason = "its output does not reach the tensor output_fn compares (the criterion cannot judge it)"
+            chosen[site.target] = dataclasses.replace(decision(site, stats, None, None, reason), probes=probe.count)
+            unreached.append(site.target)
+            continue
         first_factor, second = projection_factors(site, fetch_attr(gm, site.weight), spec, rank)
         new_bias = centred_bias(spec, bias, rank)
         kl_final = measured.kl if config.kl_final_threshold is not None else None  # None: not measured
@@ -314,6 +324,11 @@ def _verify_all(gm: torch.fx.GraphModule, all_sites: list[Site], targets: list[S
                                                   probes=probe.count)
         log.debug("%s: rank %d/%d, final nsr %.4g, kl %.4g, %d probes", site.target, rank, site.full_rank,
                   measured.nsr, measured.kl, probe.count)
+    if unreached:
+        warnings.warn(f"final-output mode kept {len(unreached)} layer(s) dense whose output does not reach the tensor "
+                      f"output_fn selects ({', '.join(unreached[:4])}{', ...' if len(unreached) > 4 else ''}): "
+                      "choose an output_fn that covers them, or decompose them with another criterion",
+                      UserWarning, stacklevel=2)
     decisions = [chosen.get(s.target) or decision(s, statistics[s.target], None, None, "skipped by pattern")
                  for s in targets]
     total_macs = graph_macs(gm)

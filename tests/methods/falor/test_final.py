@@ -134,3 +134,28 @@ def test_single_sample_batches_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 2 samples"):
         fxdeco.transform(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), [torch.randn(1, 8)] * 3,
                          nsr_final_threshold=0.01)
+
+
+class _TwoHeads(nn.Module):
+    """A body whose tokens are returned, and a pooler head beside them (as BertModel's ``pooler_output``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.pooler = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body(x).relu()
+        return {"tokens": h, "pooled": self.pooler(h.mean(1)).tanh()}
+
+
+def test_a_layer_the_compared_output_does_not_read_is_kept_dense() -> None:
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    calib = [torch.randn(8, 6, 16) for _ in range(3)]
+    with pytest.warns(UserWarning, match="does not reach the tensor output_fn selects.*pooler"):
+        small = fxdeco.transform(model, calib, nsr_final_threshold=1e-3, output_fn=lambda out: out["tokens"],
+                                 show_progress=False)
+    pooler = next(d for d in small.meta["fxdeco"].decisions if d.target == "pooler")
+    assert not pooler.decomposed and "does not reach" in pooler.reason  # not cut to its smallest rank unseen
+    with torch.no_grad():
+        assert torch.allclose(small(calib[0])["pooled"], model(calib[0])["pooled"], atol=1e-2)
