@@ -175,3 +175,29 @@ def test_options_of_the_walk_are_checked() -> None:
     with pytest.raises(ValueError, match="num_metric_batches=5 but the calibration loader"):
         fxdeco.transform(_model(), (b for b in data), _config(sequential=True, num_metric_batches=5),
                          input_fn=_ids, show_progress=False)
+
+
+def test_an_output_final_nsr_cannot_compare_fails_before_any_block_statistics(monkeypatch) -> None:
+    """A tuple output without output_fn (nsr_final_threshold set) fails on the first block's probe inputs, before
+    the statistics pass over every calibration batch (one-shot dwain fails on the first batch)."""
+    from fxdeco.sequential import BlockCalibration
+
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            for block in self.blocks:
+                x = x + block(x).relu()
+            return x, x.mean(-1)
+
+    passes: list[int] = []
+    original = BlockCalibration.statistics
+    monkeypatch.setattr(BlockCalibration, "statistics",
+                        lambda self, index, *a, **k: passes.append(index) or original(self, index, *a, **k))
+    config = fxdeco.Dwain(lambda out, batch: out[0].square().mean(), min_rank=2, nsr_final_threshold=0.1,
+                          sequential=True, show_progress=False)
+    with pytest.raises(TypeError, match="output_fn"):
+        fxdeco.transform(TwoOutputs().eval(), [torch.randn(8, 16) for _ in range(3)], config, show_progress=False)
+    assert passes == []

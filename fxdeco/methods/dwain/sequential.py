@@ -106,10 +106,14 @@ def dwain_sequential(calibration: BlockCalibration, config: Dwain, raws: Sequenc
     counts = {"probes": 0, "scouted": 0}
     with eval_mode(calibration.gm), torch.no_grad():
         for index, block in enumerate(calibration.blocks):
-            statistics = calibration.statistics(index)
+            # the current model first (the blocks before decomposed): a loss_fn or an output that final-output
+            # NSR cannot compare fails here, before the block's statistics pass over every calibration batch
             outputs = [rest_of_model(calibration, index, b) for b in range(wanted)]
             current = _Current(outputs, [float(check_loss(config.loss_fn, out, raws[b], b))
-                                         for b, out in enumerate(outputs)])  # the blocks before decomposed
+                                         for b, out in enumerate(outputs)])
+            if index == 0 and strict:
+                compared(outputs[0])  # a tuple/ModelOutput without output_fn: the error names the remedy
+            statistics = calibration.statistics(index)
             accepted: dict[str, Override] = {}
             block_plan: dict[str, Factorization] = {}
             sites = calibration.block_sites(index)
