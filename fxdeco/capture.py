@@ -73,11 +73,16 @@ def _without_kv_cache(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None
         return
     log.info("capturing %s with config.use_cache=False: the graph returns no key/value cache",
              type(model).__name__)
-    config.use_cache = False
+    # the top-level config and every other one a submodule holds (T5's decoder stack has its own copy)
+    configs = {id(c): c for c in (config, *(getattr(m, "config", None) for m in model.modules()))
+               if getattr(c, "use_cache", None) is True}
+    for c in configs.values():
+        c.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = True
+        for c in configs.values():
+            c.use_cache = True
 
 
 def trace(

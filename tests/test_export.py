@@ -108,3 +108,21 @@ def test_onnx_runtime_matches_pytorch(case, tmp_path: pathlib.Path) -> None:
     for x in (example, other):
         (got,) = session.run(None, {name: x.numpy()})
         torch.testing.assert_close(torch.from_numpy(got), small(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_an_encoder_decoder_whose_decoder_holds_its_own_config_is_captured_without_its_cache() -> None:
+    """T5's decoder stack keeps a copy of the config (use_cache=True): capture turns every copy's cache off, and
+    restores them all."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                                   num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    assert model.decoder.config is not model.config and model.decoder.config.use_cache
+    calib = [{"input_ids": torch.randint(1, 64, (4, 10)), "decoder_input_ids": torch.randint(1, 64, (4, 6))}
+             for _ in range(2)]
+    small = fxdeco.transform(model, calib, nsr_threshold=1e-9, show_progress=False)
+    assert model.config.use_cache and model.decoder.config.use_cache  # the caller's configs as they were
+    batch = {"input_ids": torch.randint(1, 64, (3, 7)), "decoder_input_ids": torch.randint(1, 64, (3, 5))}
+    with torch.no_grad():
+        assert torch.allclose(small(**batch).logits, model(**batch).logits, atol=1e-4)
