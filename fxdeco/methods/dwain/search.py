@@ -172,6 +172,36 @@ def layer_role(target: str) -> str:
     return re.sub(r"(?<![^.])\d+(?=\.)", "#", target)
 
 
+def measure_probe(rank: int, limit: float, run: Callable[[int], Any], batches: Sequence[Any], config: Dwain,
+                  compared: Callable[[Any], torch.Tensor] | None) -> Probe:
+    """ptdeco's measurements of one rank on every metric batch (every rank's, under torch.distributed): the mean
+    ``ppl_diff`` against the current model (each of ``batches`` has the loader's batch ``.raw`` and the current
+    model's ``.output`` and ``.loss`` on it) and, with ``compared`` (an
+    ``nsr_final_threshold``), the mean final-output NSR; ``run(i)`` is the model's output on metric batch ``i``
+    with the rank applied. With ``config.predict`` the scout stops a rank whose first metric batch alone is
+    :data:`SCOUT` times over ``limit``."""
+    outputs, losses, diffs, nsrs = [], [], [], []
+    for index, b in enumerate(batches):
+        out = run(index)
+        loss = float(config.loss_fn(out, b.raw).reshape(()))
+        outputs.append(out)
+        losses.append(loss)
+        # exp(a) / exp(b) - 1 without overflowing for large losses (expm1 raises OverflowError above ~709)
+        rise = loss - b.loss
+        diffs.append(math.expm1(rise) if math.isfinite(loss) and rise < 700.0 else math.inf)
+        if compared is not None:  # else measured for the accepted rank only (for the report): it decides nothing
+            nsrs.append(rows_nsr(compared(b.output), compared(out)))
+        if config.predict and index == 0 and len(batches) > 1:
+            # the scout: a rank whose first metric batch (every rank's first, under torch.distributed) already
+            # exceeds SCOUT times its limit is not measured on the others
+            first = distributed.means([(diffs[0], 1)])[0]
+            if first >= SCOUT * limit:
+                return Probe(rank, first, math.nan, outputs, losses, batches=1)
+    # the means over every rank's metric batches (this rank's alone outside torch.distributed)
+    ppl_diff, nsr = distributed.means([(sum(diffs), len(diffs)), (sum(nsrs), len(nsrs))])
+    return Probe(rank, ppl_diff, nsr, outputs, losses, batches=len(diffs))
+
+
 def removed_params(site: Site, rank: int) -> int:
     """Weights a rank removes, as ptdeco counts them: ``out * in - rank * (in + out)`` (biases unchanged)."""
     return site.out_features * site.in_features - site.factor_params(rank)
@@ -388,26 +418,8 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
             sub = substitute(state.graph, site, nodes_of[site.target], spec, bias, rank)
             overrides = {**state.overrides, **sub.overrides}
             replacements = {**state.replacements, **sub.replacements}
-            outputs, losses, diffs, nsrs = [], [], [], []
-            for index, b in enumerate(state.batches):
-                out = b.run.replay_from(first_node[site.target], overrides, replacements)
-                loss = float(config.loss_fn(out, b.raw).reshape(()))
-                outputs.append(out)
-                losses.append(loss)
-                # exp(a) / exp(b) - 1 without overflowing for large losses (expm1 raises OverflowError above ~709)
-                rise = loss - b.loss
-                diffs.append(math.expm1(rise) if math.isfinite(loss) and rise < 700.0 else math.inf)
-                if strict:  # else measured for the accepted rank only (for the report): it decides nothing
-                    nsrs.append(rows_nsr(compared(b.output), compared(out)))
-                if config.predict and index == 0 and len(state.batches) > 1:
-                    # the scout: a rank whose first metric batch (every rank's first, under torch.distributed)
-                    # already exceeds SCOUT times its limit is not measured on the others
-                    first = distributed.means([(diffs[0], 1)])[0]
-                    if first >= SCOUT * limit:
-                        return Probe(rank, first, math.nan, outputs, losses, batches=1)
-            # the means over every rank's metric batches (this rank's alone outside torch.distributed)
-            ppl_diff, nsr = distributed.means([(sum(diffs), len(diffs)), (sum(nsrs), len(nsrs))])
-            return Probe(rank, ppl_diff, nsr, outputs, losses, batches=len(diffs))
+            return measure_probe(rank, limit, lambda i: state.batches[i].run.replay_from(
+                first_node[site.target], overrides, replacements), state.batches, config, compared if strict else None)
 
         accepted: Probe | None = None
         count = 0

@@ -48,7 +48,7 @@ import torch
 
 from fxdeco import distributed
 from fxdeco.methods.dwain.config import Dwain
-from fxdeco.methods.dwain.search import SCOUT, Probe, Thresholds, check_loss, removed_params, rows_nsr
+from fxdeco.methods.dwain.search import Probe, Thresholds, check_loss, measure_probe, removed_params, rows_nsr
 from fxdeco.methods.falor.lowrank import centred_bias, output_projection, projection_factors, spectrum
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import default_logits, select_output
@@ -70,6 +70,16 @@ def rest_of_model(calibration: BlockCalibration, index: int, batch: int,
     for later in range(index + 1, len(calibration.blocks)):
         boundary = run.run_block(later, boundary)
     return run.graph_output(boundary)
+
+
+@dataclasses.dataclass
+class _Reference:
+    """One metric batch as :func:`~fxdeco.methods.dwain.search.measure_probe` reads it: the loader's batch and the
+    current model's output and loss on it."""
+
+    raw: Any
+    output: Any
+    loss: float
 
 
 @dataclasses.dataclass
@@ -129,8 +139,10 @@ def dwain_sequential(calibration: BlockCalibration, config: Dwain, raws: Sequenc
                 def probe(rank: int, limit: float, site: Site = site) -> tuple[Probe, dict[str, Override]]:
                     projected = output_projection(site, spec, bias, rank)
                     trial = {**accepted, **{node: projected for node in nodes_of[site.target]}}
-                    return _measure(calibration, index, trial, rank, raws, current, limit, config, compared,
-                                    strict), trial
+                    reference = [_Reference(raws[b], current.outputs[b], current.losses[b]) for b in range(wanted)]
+                    result = measure_probe(rank, limit, lambda b: rest_of_model(calibration, index, b, trial),
+                                           reference, config, compared if strict else None)
+                    return result, trial
 
                 spec = spectrum(stats, config.damping, config.center)
                 bias = fetch_attr(calibration.gm, site.bias).detach() if site.bias else None
@@ -180,26 +192,3 @@ def dwain_sequential(calibration: BlockCalibration, config: Dwain, raws: Sequenc
                               "largest_boundary_bytes": calibration.boundaries.largest_bytes, "walks": 1}}
     order = [s.target for s in unique_targets(calibration.sites)]
     return plan, [decisions[t] for t in order if t in decisions], summary
-
-
-def _measure(calibration: BlockCalibration, index: int, trial: Mapping[str, Override], rank: int,
-             raws: Sequence[Any], current: _Current, limit: float, config: Dwain,
-             compared: Callable[[Any], torch.Tensor], strict: bool) -> Probe:
-    """ptdeco's measurements of one probe on every metric batch (every rank's, under torch.distributed): the mean
-    ``ppl_diff`` against the current model and, with an ``nsr_final_threshold``, the mean final-output NSR."""
-    outputs, losses, diffs, nsrs = [], [], [], []
-    for b in range(len(current.losses)):
-        out = rest_of_model(calibration, index, b, trial)
-        loss = float(config.loss_fn(out, raws[b]).reshape(()))
-        outputs.append(out)
-        losses.append(loss)
-        rise = loss - current.losses[b]  # exp(a) / exp(b) - 1; expm1 overflows past ~709: such a rank fails anyway
-        diffs.append(math.expm1(rise) if math.isfinite(loss) and rise < 700.0 else math.inf)
-        if strict:
-            nsrs.append(rows_nsr(compared(current.outputs[b]), compared(out)))
-        if config.predict and b == 0 and len(current.losses) > 1:
-            first = distributed.means([(diffs[0], 1)])[0]
-            if first >= SCOUT * limit:
-                return Probe(rank, first, math.nan, outputs, losses, batches=1)
-    ppl_diff, nsr = distributed.means([(sum(diffs), len(diffs)), (sum(nsrs), len(nsrs))])
-    return Probe(rank, ppl_diff, nsr, outputs, losses, batches=len(diffs))
