@@ -22,7 +22,7 @@ from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
 from fxdeco.methods import Dwain, Falor, Lockd, MethodConfig, method_config
-from fxdeco.memory import memory_figures, statistics_bytes
+from fxdeco.memory import memory_figures, free_reference_cycles, statistics_bytes
 from fxdeco.metadata import ModelRecord, capture_record, model_record, original_totals, set_model_record
 from fxdeco.train.finetune import TrainingBatches
 from fxdeco.plan import LayerDecision, matches_any
@@ -568,6 +568,8 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     apply(model, small, inplace=True)
     record = dataclasses.replace(model_record(small), params_after=sum(p.numel() for p in model.parameters()))
     set_model_record(model, record)
+    del small, prepared
+    free_reference_cycles()  # the graphs held the dense weights the swap replaced
     return model
 
 
@@ -605,6 +607,7 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
         check_budget_reachable(prepared, config)
     if inplace:  # before any batch is read
         check_swappable(model, prepared.gm, _decomposable(prepared, config))
+        free_reference_cycles()  # else they hold the dense weights each block's swap frees
     start = time.perf_counter()
     raws: list[Any] = []  # dwain's metric batches, as the loader gave them (loss_fn reads its targets there)
     if isinstance(config, Dwain):

@@ -71,6 +71,25 @@ def test_each_blocks_dense_weights_are_freed_while_the_walk_goes_on(monkeypatch:
     assert first not in alive_at_block[-1]  # freed before the last block was calibrated
 
 
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "one-shot"])
+def test_dense_weights_are_freed_without_waiting_for_the_garbage_collector(capture: str, sequential: bool) -> None:
+    # Python's full collections are rare on a large heap: the capture's reference cycles (and the graphs') must not
+    # hold the dense weights meanwhile, or decompose_'s memory grows with depth
+    model = _model()
+    weights = _dense_weights(model)
+    gc.collect()
+    gc.disable()
+    try:
+        fxdeco.decompose_(model, _data(), fxdeco.Falor(nsr_threshold=0.02, sequential=sequential,
+                                                       show_progress=False), capture=capture)
+        freed = {t for t, ref in weights.items() if ref() is None}
+    finally:
+        gc.enable()
+    decomposed = {t for t, r in _ranks(model).items() if r is not None}
+    assert decomposed and freed == decomposed
+
+
 def test_one_shot_in_place_shares_the_graphs_factors_and_matches_apply() -> None:
     config = fxdeco.Falor(nsr_threshold=0.02, show_progress=False)
     original = _model()
