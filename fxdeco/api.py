@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxdeco import distributed
-from fxdeco.batches import adapt_batch, check_input_fn, no_batches
+from fxdeco.batches import adapt_batch, check_finite, check_input_fn, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
@@ -209,6 +209,7 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", *, pr
         prepared = distributed.all_reduce_statistics(prepared, active)
     if prepared.batches == 0:
         raise CalibrationError("no calibration batch was run through the prepared model; call it on your data first")
+    prepared.settle_macs()  # the model's MACs on every batch's rows, as the layers' MACs are counted
     config = method_config(method, **options)
     if config.name not in RUNNERS:
         raise ValueError(f"{type(config).__name__} does not decompose from calibration statistics: run it with "
@@ -262,6 +263,9 @@ def _record(new: nn.Module, prepared: PreparedModel, config: MethodConfig, decis
     decomposed in place)."""
     saved_params = sum(d.params_before - d.params_after for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions)
+    other = original_totals(prepared.gm).other_macs
+    # the layers' MACs are counted on every batch's rows (sequential mode: the walk's), the model's must be too
+    macs_before = prepared.macs_per_sample if other is None else other + sum(d.macs_before for d in decisions)
     captured = capture_record(prepared.gm)
     summary = {**summary, "memory": memory_figures(
         summary["sequential"]["peak_statistics_bytes"] if "sequential" in summary else
@@ -270,8 +274,8 @@ def _record(new: nn.Module, prepared: PreparedModel, config: MethodConfig, decis
     set_model_record(new, ModelRecord(
         method=config.name, options=config.recorded_options(), capture=captured.kind, decisions=decisions,
         skipped=list(prepared.skipped), removed=list(prepared.removed), params_before=prepared.params_original,
-        params_after=sum(p.numel() for p in new.parameters()), macs_before=prepared.macs_per_sample,
-        macs_after=prepared.macs_per_sample - saved_macs, constant_inputs=dict(captured.constant_inputs),
+        params_after=sum(p.numel() for p in new.parameters()), macs_before=macs_before,
+        macs_after=None if macs_before is None else macs_before - saved_macs, constant_inputs=dict(captured.constant_inputs),
         calibration_batches=prepared.batches, summary=dict(summary)))
     log.info("%s decomposed %d of %d layers in %.2fs (%d parameters saved)", config.name,
              sum(d.decomposed for d in decisions), len(decisions), time.perf_counter() - start, saved_params)
@@ -318,47 +322,74 @@ def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn:
         3
     """
     check_input_fn(input_fn)
+    check_finite(calib_loader)
     _calibrate(prepared, calib_loader, input_fn, show_progress, length_of(calib_loader))
     return prepared
 
 
 def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callable[[Any], Any] | None,
-               show_progress: bool | None, total: int | None, after_first: Callable[[Any, Any], None] | None = None) -> None:
+               show_progress: bool | None, total: int | None,
+               after_first: Callable[[Any, Any, int], None] | None = None) -> None:
     """The calibration loop: each batch (adapted by ``input_fn``) through ``prepared``, with progress.
 
-    ``after_first(output, batch)`` runs once the first batch is in, for checks that need one batch and must not wait
-    for all of them.
+    ``after_first(output, batch, index)`` runs once the first batch is in, and again after each later batch kept as
+    a metric batch (``prepared.keep_batches``), for checks that need those batches and must not wait for all of them.
     """
     seen = 0
     for batch in progress(batches, desc="calibrating", total=total, enabled=show_progress):
-        if len(prepared.kept_raw) < prepared.keep_batches:  # cloned: a loader may reuse its buffers
-            prepared.kept_raw.append(pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), batch))
         out = prepared.calibrate_batch(adapt_batch(batch, input_fn, prepared.batches), loss_batch=batch)
-        if seen == 0 and after_first is not None:
-            after_first(out, prepared.kept_raw[0] if prepared.kept_raw else batch)
+        if seen < max(1, prepared.keep_batches) and after_first is not None:
+            after_first(out, prepared.kept_raw[seen] if len(prepared.kept_raw) > seen else batch, seen)
         seen += 1
     if seen == 0:
         raise no_batches(batches)
     log.info("calibrated on %d batches", seen)
 
 
-def _first_batch_checks(prepared: PreparedModel, config: MethodConfig) -> Callable[[Any, Any], None] | None:
-    """What transform checks on the first batch's output (and the batch) rather than after the whole calibration."""
+def _warn_if_not_batch_first(selected: torch.Tensor, samples: int | None) -> None:
+    """Warn when the compared output's dimension 0 is not the batch's samples.
+
+    The final-output NSR takes dimension 0 of the output as the samples and every other element as a channel. On a
+    model fed single unbatched samples (a dataset without a DataLoader: 1-D vectors, (C, H, W) images) dimension 0 is
+    the classes or the channels: on a 1-D MLP the measured NSR read 0.005 where the held-out NSR was 0.22.
+    """
+    if samples is not None and selected.dim() > 0 and selected.shape[0] != samples:
+        warn_user(f"the output compared by the final-output criteria has {selected.shape[0]} entries along dimension "
+                  f"0, the calibration batch {samples} samples (dimension 0 of its first input): final-output NSR "
+                  "takes dimension 0 of the output as the samples, so here it measures something else. Are the "
+                  "calibration batches single unbatched samples? Batch them (e.g. a DataLoader), or select a "
+                  "batch-first tensor with output_fn")
+
+
+def _first_batch_checks(prepared: PreparedModel, config: MethodConfig) -> Callable[[Any, Any, int], None] | None:
+    """What transform checks on the first batch's output (and the batch), and on each metric batch's, rather than
+    after the whole calibration."""
+    from fxdeco.methods.falor.final_metrics import check_metric_batch
+
+    def check_compared(output: Any, index: int) -> None:
+        # a tuple/dict/ModelOutput needs output_fn, and a metric batch needs 2 samples: say so now
+        selected = select_output(output, prepared.output_fn)
+        if index == 0:
+            _warn_if_not_batch_first(selected, prepared.last_samples)
+        check_metric_batch(selected, index, config.kept_batches)
+
     if isinstance(config, Dwain):
         from fxdeco.methods.dwain.search import check_loss
 
-        def check_dwain(output: Any, batch: Any) -> None:
-            check_loss(config.loss_fn, output, batch, 0)  # a bad loss_fn fails now, not after calibration
+        def check_dwain(output: Any, batch: Any, index: int) -> None:
+            if index == 0:
+                check_loss(config.loss_fn, output, batch, 0)  # a bad loss_fn fails now, not after calibration
             if math.isfinite(config.nsr_final_threshold):
-                select_output(output, prepared.output_fn)
+                check_compared(output, index)
         return check_dwain
     if not isinstance(config, Falor):
         return None
 
-    def check(output: Any, batch: Any) -> None:
+    def check(output: Any, batch: Any, index: int) -> None:
         if config.mode == "final-output":
-            select_output(output, prepared.output_fn)  # a tuple/dict/ModelOutput needs output_fn: say so now
-        check_budget_reachable(prepared, config)
+            check_compared(output, index)
+        if index == 0:
+            check_budget_reachable(prepared, config)
     return check
 
 
@@ -519,6 +550,8 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     _check_stat_mask_fn(stat_mask_fn)
     check_input_fn(input_fn)
     total = length_of(calib_loader)
+    if total == 0:  # said as such (and why, for a DataLoader that drops its only batch), not as too few metric batches
+        raise no_batches(calib_loader)
     # the metric batches of final-output mode and of dwain are the loader's first batches: too few fail now
     if total is not None and total < config.kept_batches and (getattr(config, "mode", None) == "final-output"
                                                                or isinstance(config, Dwain)):
@@ -535,6 +568,7 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
         return _run_lockd(model, calib_loader, config, example_inputs=example_inputs, input_fn=input_fn,
                           leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture,
                           skip=skip)
+    check_finite(calib_loader)  # lockd reads its steps from an endless loader; the other methods read all of it
     try:
         iterator = iter(calib_loader)
     except TypeError:
@@ -621,6 +655,7 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
             if active is not None:  # budgets in MACs are fractions of rank 0's count, as one process would have
                 prepared.macs_per_sample = original_totals(prepared.gm).macs = active.broadcast(
                     prepared.macs_per_sample)
+                original_totals(prepared.gm).other_macs = active.broadcast(original_totals(prepared.gm).other_macs)
                 prepared.batches = int(distributed.all_sum([prepared.batches])[0])
             if isinstance(config, Dwain):
                 plan, decisions, summary = dwain_sequential(calibration, config, raws, prepared.params_original,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Any, Callable, Mapping
 
 import torch
@@ -48,7 +50,41 @@ def no_batches(loader: Any, what: str = "calibration loader") -> CalibrationErro
                     "list or a DataLoader to read the data again)")
     except TypeError:
         pass
+    # a DataLoader with drop_last=True over fewer samples than one batch drops its only batch
+    dataset, batch_size = getattr(loader, "dataset", None), getattr(loader, "batch_size", None)
+    if getattr(loader, "drop_last", False) and isinstance(batch_size, int) and not hint:
+        try:
+            samples = len(dataset)
+        except TypeError:
+            samples = None
+        if samples is not None and 0 < samples < batch_size:
+            hint = (f" (a DataLoader with drop_last=True drops its only, incomplete batch: the dataset holds "
+                    f"{samples} samples for batch_size={batch_size}; pass drop_last=False or a smaller batch_size)")
     return CalibrationError(f"the {what} yielded no batches{hint}")
+
+
+def check_finite(loader: Any, what: str = "calibration loader") -> None:
+    """Refuse a loader that never ends, before any batch is read.
+
+    Calibration reads every batch a loader yields: an ``itertools.cycle`` over a
+    DataLoader (the usual way to feed a training loop of fixed steps) kept
+    ``fxdeco.transform`` calibrating forever, holding more and more batches in
+    sequential mode. Only the itertools objects known to be endless are recognised.
+
+    Example:
+        >>> check_finite(itertools.repeat(0, 3))
+        >>> check_finite(itertools.cycle([1, 2]))
+        Traceback (most recent call last):
+        ...
+        ValueError: the calibration loader is an endless itertools.cycle: calibration reads every batch it yields, \
+so it would never end; pass a finite one, e.g. itertools.islice(loader, 32) for 32 batches
+    """
+    endless = isinstance(loader, (itertools.cycle, itertools.count)) or (
+        isinstance(loader, itertools.repeat) and operator.length_hint(loader, -1) < 0)
+    if endless:
+        raise ValueError(f"the {what} is an endless itertools.{type(loader).__name__}: calibration reads every batch "
+                         "it yields, so it would never end; pass a finite one, e.g. itertools.islice(loader, 32) for "
+                         "32 batches")
 
 
 def check_input_fn(input_fn: Any) -> None:
@@ -67,24 +103,41 @@ def check_input_fn(input_fn: Any) -> None:
 
 
 def adapt_batch(batch: Any, input_fn: Callable[[Any], Any] | None, index: int, what: str = "calibration batch") -> Any:
-    """``input_fn(batch)``, or ``batch`` without one; a failure names the batch.
+    """``input_fn(batch)``, or ``batch`` without one; a failure, or what is not a model call (see :func:`as_call`),
+    names the batch.
 
     Example:
-        >>> adapt_batch((1, 2), lambda b: b[0], 0)
-        1
+        >>> adapt_batch(("x", "y"), lambda b: [b[0]], 0)
+        ['x']
         >>> adapt_batch({"x": 1}, lambda b: b["image"], 7)
         Traceback (most recent call last):
         ...
         fxdeco.errors.CalibrationError: input_fn failed on calibration batch 7 (a dict with keys ['x']): \
 KeyError: 'image'
+        >>> adapt_batch({"x": 1}, lambda b: None, 3)
+        Traceback (most recent call last):
+        ...
+        fxdeco.errors.CalibrationError: input_fn returned a NoneType for calibration batch 3 (a dict with keys \
+['x']): it must return a tensor (the positional input), a tuple/list (the positional inputs) or a dict (the keyword \
+inputs)
     """
     if input_fn is None:
-        return batch
-    try:
-        return input_fn(batch)
-    except Exception as exc:
-        raise CalibrationError(f"input_fn failed on {what} {index} ({_describe(batch)}): "
-                               f"{type(exc).__name__}: {exc}") from exc
+        adapted = batch
+    else:
+        try:
+            adapted = input_fn(batch)
+        except Exception as exc:
+            raise CalibrationError(f"input_fn failed on {what} {index} ({_describe(batch)}): "
+                                   f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(adapted, (torch.Tensor, Mapping, tuple, list)):  # as_call would refuse it without the index
+        forms = "a tensor (the positional input), a tuple/list (the positional inputs) or a dict (the keyword inputs)"
+        numpy = " (a NumPy array: input_fn=torch.as_tensor)" if type(adapted).__module__ == "numpy" else ""
+        if input_fn is not None:
+            raise CalibrationError(f"input_fn returned {_describe(adapted)} for {what} {index} ({_describe(batch)}): "
+                                   f"it must return {forms}{numpy}")
+        raise CalibrationError(f"{what} {index} is {_describe(batch)}, not a model call: a batch must be {forms}; "
+                               f"pass input_fn=... to turn your loader's batches into model inputs{numpy}")
+    return adapted
 
 
 def _describe(batch: Any) -> str:
@@ -106,12 +159,61 @@ def model_inputs(batch: Any, input_fn: Callable[[Any], Any] | None, index: int |
     return as_call(adapt_batch(batch, input_fn, index if index is not None else 0, what))
 
 
+def misfit_hint(input_names: list[str], args: tuple, kwargs: dict[str, Any]) -> str:
+    """The usual remedy for a batch that does not fit the graph's inputs ``input_names``: labels beside the inputs
+    (an ``(x, y)`` tuple, a dict with a ``labels`` key the model does not take), or ``""``.
+
+    Example:
+        >>> misfit_hint(["x"], (1, 2), {})
+        '; for (inputs, labels) batches pass input_fn=lambda b: b[0]'
+        >>> print(misfit_hint(["x", "mask"], (), {"x": 1, "y": 2}))
+        ; the batch has keys the model does not take (['y']): keep its inputs with input_fn=lambda b: {k: b[k] for k in ['x']}
+    """
+    if any(name.startswith("*") for name in input_names):
+        return ""  # *args / **kwargs take anything: the misfit is elsewhere
+    names = list(input_names)
+    extra = [k for k in kwargs if k not in names]
+    if extra:
+        keep = [k for k in kwargs if k in names]
+        return (f"; the batch has keys the model does not take ({extra}): keep its inputs with "
+                f"input_fn=lambda b: {{k: b[k] for k in {keep!r}}}")
+    if len(args) >= 2 and len(args) > len(names) - len(kwargs):
+        return "; for (inputs, labels) batches pass input_fn=lambda b: b[0]"
+    return ""
+
+
 def leading_dim(args: tuple, kwargs: dict[str, Any]) -> int:
     """Batch size of a call: the first dimension of its first tensor input (1 if none)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return 1
+
+
+def check_not_empty(args: tuple, kwargs: dict[str, Any], index: int, what: str = "calibration batch") -> None:
+    """Refuse a batch of no samples (its first tensor input's leading dimension is 0), naming it.
+
+    Such a batch adds nothing to the statistics, but a first batch divided the model's MACs by its 0 samples and
+    an empty metric batch (final-output mode, dwain) failed after the whole calibration with an IndexError. It
+    usually comes from slicing a tensor past its end (``x[i * bs:(i + 1) * bs]``).
+
+    Example:
+        >>> check_not_empty((torch.ones(2, 3),), {}, 0)
+        >>> check_not_empty((), {"x": torch.ones(0, 3)}, 4)
+        Traceback (most recent call last):
+        ...
+        fxdeco.errors.CalibrationError: calibration batch 4 holds no samples (its input 'x' has shape (0, 3)); \
+drop empty batches from the loader (slicing a tensor past its end gives them)
+    """
+    named = [*((f"{i}", v) for i, v in enumerate(args)), *kwargs.items()]
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.shape[0] == 0:
+                label = f"input {name!r}" if name in kwargs else f"positional input {name}"
+                raise CalibrationError(f"{what} {index} holds no samples (its {label} has shape "
+                                       f"{tuple(value.shape)}); drop empty batches from the loader (slicing a tensor "
+                                       "past its end gives them)")
+            return  # the first tensor input is the one leading_dim counts samples on
 
 
 def call_on_batch(model: Any, args: tuple, kwargs: dict[str, Any], index: int, what: str = "training batch") -> Any:

@@ -238,45 +238,68 @@ def state_restored(model: nn.Module) -> Iterator[list[str]]:
 
 
 def _guard_batch_of_one(model: nn.Module, gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> None:
-    """torch.export assumes dynamic sizes are at least 2 and drops ``if x.shape[0] == 1`` branches without a
-    guard. Run the model and the graph on one sample of the example: where they differ, the graph refuses
-    batches of one with the reason, instead of computing something else."""
-    n = leading_dim(args, kwargs)
-    if n < 2:
-        return
-
-    def one(value: Any) -> Any:
-        return value[:1] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
-
-    args1, kwargs1 = tuple(one(a) for a in args), {k: one(v) for k, v in kwargs.items()}
-    try:
-        with eval_mode(model), torch.no_grad(), _without_kv_cache(model, kwargs), state_restored(model):
-            expected = model(*args1, **kwargs1)
-    except Exception:  # the model itself does not take a batch of one: nothing to protect
-        return
-    try:  # the exported graph may hold the model's own buffers: a forward that updates them must leave no trace
-        with torch.no_grad(), state_restored(model), state_restored(gm):
-            same = _same_tensors(gm(*args1, **kwargs1), expected)
-    except Exception:
-        same = False
-    if same:
-        return
-    flat = flatten_inputs(gm, args, kwargs)
+    """torch.export assumes every dynamic size is at least 2 and drops branches such as ``if x.shape[0] == 1`` (a
+    batch of one) or ``if x.shape[1] == 1`` (a one-token step) without a guard. For each dimension the graph keeps
+    dynamic, run the model and the graph on the example cut to 1 along it (in every input that has it at the same
+    place with the same size: input_ids and attention_mask together): where they differ, the graph refuses size 1
+    there with the reason, instead of computing something else."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    batch = next((node for node, value in zip(placeholders, flat)
-                  if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n), None)
-    if batch is None:
+    if len(leaves) != len(placeholders):  # not the flat inputs of an exported graph: nothing to compare
         return
-    warn_user(f"{type(model).__name__} computes differently for a batch of one than the graph torch.export "
-              "captured (export assumes sizes of at least 2); the decomposed graph refuses batches of one")
+    # (dimension, example size) -> the (input, dimension) pairs there that the graph keeps dynamic; by place, not
+    # by size alone: a (16, 16, 32) example's batch and sequence dimensions are cut one at a time
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for i, (node, value) in enumerate(zip(placeholders, leaves)):
+        fake = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(fake, torch.Tensor) or fake.dim() != value.dim():
+            continue
+        for d, size in enumerate(fake.shape):
+            if isinstance(size, torch.SymInt) and value.shape[d] >= 2:
+                groups.setdefault((d, int(value.shape[d])), []).append((i, d))
+    n = leading_dim(args, kwargs)
+    for (dim, size), dims in sorted(groups.items(), key=lambda item: item[0] != (0, n)):  # the batch first
+        cut = list(leaves)
+        for i, d in dims:
+            cut[i] = cut[i].narrow(d, 0, 1)
+        args1, kwargs1 = pytree.tree_unflatten(cut, spec)
+        try:
+            with eval_mode(model), torch.no_grad(), _without_kv_cache(model, kwargs1), state_restored(model):
+                expected = model(*args1, **kwargs1)
+        except Exception:  # the model itself does not take size 1 there: nothing to protect
+            continue
+        batch = (dim, size) == (0, n)
+        try:  # the exported graph may hold the model's own buffers: a forward that updates them must leave no trace
+            with torch.no_grad(), state_restored(model), state_restored(gm):
+                same = _same_tensors(gm(*args1, **kwargs1), expected)
+        except Exception:  # the graph refuses that size itself (export's own shape guards); a batch gets our reason
+            same = not batch
+        if not same:
+            _refuse_size_one(model, gm, placeholders, dims, batch=batch)
+
+
+def _refuse_size_one(model: nn.Module, gm: torch.fx.GraphModule, placeholders: list[torch.fx.Node],
+                     dims: list[tuple[int, int]], batch: bool) -> None:
+    """Make ``gm`` fail on size 1 along the first of ``dims``, which the model computes differently (warned)."""
+    i, d = dims[0]
+    if batch:
+        warn_user(f"{type(model).__name__} computes differently for a batch of one than the graph torch.export "
+                  "captured (export assumes sizes of at least 2); the decomposed graph refuses batches of one")
+        message = (f"this graph was captured with torch.export, which assumes a batch of at least 2, and "
+                   f"{type(model).__name__} computes differently for a batch of one; pass at least 2 samples")
+    else:
+        where = ", ".join(f"dimension {dim} of input {placeholders[k].target!r}" for k, dim in dims)
+        warn_user(f"{type(model).__name__} computes differently when {where} is 1 than the graph torch.export "
+                  "captured (export assumes sizes of at least 2); the decomposed graph refuses size 1 there")
+        message = (f"this graph was captured with torch.export, which assumes sizes of at least 2, and "
+                   f"{type(model).__name__} computes differently when {where} is 1; pass a size of at least 2 "
+                   "there, or use the model itself (fxdeco.apply) for that case")
     with gm.graph.inserting_after(placeholders[-1]):
-        size = gm.graph.call_method("size", (batch, 0))
+        size = gm.graph.call_method("size", (placeholders[i], d))
         with gm.graph.inserting_after(size):
             ok = gm.graph.call_function(operator.ge, (size, 2))
         with gm.graph.inserting_after(ok):
-            gm.graph.call_function(torch._assert, (ok, (
-                f"this graph was captured with torch.export, which assumes a batch of at least 2, and "
-                f"{type(model).__name__} computes differently for a batch of one; pass at least 2 samples")))
+            gm.graph.call_function(torch._assert, (ok, message))
     gm.recompile()
 
 

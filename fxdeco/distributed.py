@@ -402,6 +402,12 @@ def _model_summary(prepared: PreparedModel, blocks: Sequence[Any] | Exception = 
     }
 
 
+def _other_macs(prepared: PreparedModel) -> float | None:
+    from fxdeco.metadata import original_totals
+
+    return original_totals(prepared.gm).other_macs
+
+
 def _local_summary(prepared: PreparedModel) -> dict[str, Any]:
     """What the other ranks need to know of this rank's calibration before anything is summed."""
     moments = prepared.sensitivity_moments
@@ -415,6 +421,7 @@ def _local_summary(prepared: PreparedModel) -> dict[str, Any]:
         "kept": len(prepared.kept_inputs),
         "kept_raw": len(prepared.kept_raw),
         "macs": prepared.macs_per_sample,
+        "other_macs": _other_macs(prepared),
     }
 
 
@@ -602,6 +609,7 @@ def all_reduce_statistics(prepared: PreparedModel, group: Any = None) -> Prepare
     kept = min(s["kept"] for s in summaries)
     kept_raw = min(s["kept_raw"] for s in summaries)
     macs = next((s["macs"] for s in summaries if s["macs"] is not None), None)
+    other_macs = next((s["other_macs"] for s in summaries if s.get("other_macs") is not None), None)
 
     reduced = copy.copy(prepared)  # shares the graph and the sites; its own statistics below
     reduced.collected = collected
@@ -613,10 +621,12 @@ def all_reduce_statistics(prepared: PreparedModel, group: Any = None) -> Prepare
     reduced.macs_per_sample = macs
     reduced._per_site = None
     reduced.distributed_world = active.world
-    if macs is not None and macs != prepared.macs_per_sample:
-        from fxdeco.metadata import original_totals
+    from fxdeco.metadata import original_totals
 
+    if macs is not None and macs != prepared.macs_per_sample:
         original_totals(prepared.gm).macs = macs  # budgets in MACs are fractions of this: rank 0's on every rank
+    if other_macs is not None:  # and the MACs beside the layers', added to the layers' on the summed rows
+        original_totals(prepared.gm).other_macs = other_macs
     log.info("statistics of %d batches summed over %d ranks (%d layer outputs, %d shared inputs; %d metric batches "
              "kept per rank)", reduced.batches, active.world, len(outputs), len(inputs), kept)
     return reduced

@@ -163,6 +163,10 @@ class OriginalTotals:
 
     params: int
     macs: float | None = None
+    # MACs per sample of everything but the decomposable layers, on the first batch's shapes: the model's MACs are
+    # these plus the layers' dense MACs on the rows per sample of all calibration batches (see
+    # fxdeco.prepared.model_macs), so that both are counted on the same rows when sequence lengths vary
+    other_macs: float | None = None
 
 
 def set_original_totals(gm: torch.fx.GraphModule, totals: OriginalTotals) -> None:

@@ -19,15 +19,17 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch import nn
 
-from fxdeco.batches import as_call, leading_dim
+from fxdeco.batches import as_call, check_not_empty, leading_dim, misfit_hint
 from fxdeco.errors import CalibrationError
 from fxdeco.interrupts import interrupts_deferred
 from fxdeco.metadata import OriginalTotals, original_totals, set_original_totals
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn, select_output
 from passes import (CostProp, LeadingDimWeights, Site, SiteStatistics, SkippedSite, StatsInterpreter, flatten_inputs,
+                    fresh_inputs,
                     graph_macs)
 from passes.capture import optional_tensor_inputs
 from passes.sensitivity import SensitivityInterpreter
@@ -50,6 +52,15 @@ def _describe(node: torch.fx.Node | None) -> str:
               if lines[i].startswith("File ") and not lines[i + 1].startswith("File ")]
     user = [f for f in frames if "/torch/" not in f[0]]  # the model's own code, not torch's
     return f"{where} ({user[-1][0]}: {user[-1][1]})" if user else where
+
+
+def model_macs(other_macs: float, sites: Any, statistics: Any) -> float:
+    """MACs per sample of a model whose decomposable layers are ``sites`` (each counted on its statistics' rows per
+    sample; a layer called twice once) and whose other operations cost ``other_macs`` per sample."""
+    from fxdeco.plan import dense_macs, unique_targets  # plan imports passes only; here for the module's order
+
+    return other_macs + sum(dense_macs(s, statistics[s.target]) for s in unique_targets(sites)
+                            if s.target in statistics)
 
 
 RowWeights = Callable[[Site, torch.Tensor], "torch.Tensor | None"]
@@ -132,8 +143,9 @@ class PreparedModel(nn.Module):
         # the first calibration batches (flat placeholder values), falor's metric batches in final-output mode
         self.keep_batches = keep_batches
         self.kept_inputs: list[list[Any]] = []
-        # the same batches as the loader yielded them, before input_fn (fxdeco.calibrate keeps them): what a loss
-        # function reads its targets from (dwain's loss_fn)
+        # the same batches as the loader yielded them, before input_fn (calibrate_batch keeps them): what a loss
+        # function reads its targets from (dwain's loss_fn). kept_raw[i] is always the batch of kept_inputs[i]
+        # (kept together, when the batch succeeds); a batch run without one (a direct call) ends the raw list
         self.kept_raw: list[Any] = []
         # output-gradient moments per layer (passes.sensitivity): one extra backward pass per batch
         self.sensitivity_moments: dict[str, torch.Tensor] | None = {} if sensitivity else None
@@ -159,6 +171,7 @@ class PreparedModel(nn.Module):
         self._per_site: dict[str, SiteStatistics] | None = None  # derived lazily from ``collected``
         self.batches = 0
         self.macs_per_sample: float | None = None
+        self.last_samples: int | None = None  # the last calibration batch's samples (its first input's dim 0)
         self.distributed_world = 1  # > 1: a copy whose sums were all-reduced over that many processes
 
     def forward(self, *args: Any, stat_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -256,10 +269,17 @@ class PreparedModel(nn.Module):
         earlier batches exactly as they were.
         """
         index = self.batches
+        check_not_empty(args, kwargs, index)
+        keep = len(self.kept_inputs) < self.keep_batches
+        # cloned before the run (a loader may reuse its buffers), kept only if the batch succeeds: a batch that
+        # failed and was kept anyway would pair its targets with the next batch's inputs in the metric batches
+        raw = pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), loss_batch) \
+            if keep and loss_batch is not None and len(self.kept_raw) == len(self.kept_inputs) else None
         try:
             flat = flatten_inputs(self.gm, args, kwargs)
         except TypeError as exc:
-            raise CalibrationError(f"calibration batch {index} does not fit the model's inputs: {exc}") from exc
+            raise CalibrationError(f"calibration batch {index} does not fit the model's inputs: {exc}"
+                                   f"{misfit_hint(self.input_names, args, kwargs)}") from exc
         row_weights, by_mask = self._row_weights(stat_mask, index)
         with eval_mode(self.gm), torch.no_grad():
             self._per_site = None
@@ -267,9 +287,10 @@ class PreparedModel(nn.Module):
                                            product_dtype=self.stat_dtype, defer_commit=True)
             interpreter.batch_index = index
             interpreter.samples = leading_dim(args, kwargs)  # MACs per sample: a layer's rows may be batch x tokens
+            self.last_samples = interpreter.samples
             interpreter.extra_traceback = False  # we name the node ourselves, without torch's tlparse footer
             try:
-                out = interpreter.run(*flat)
+                out = interpreter.run(*fresh_inputs(flat))
             except NonFiniteActivationError as exc:
                 remedy = ""
                 if isinstance(exc, ActivationOverflowError):
@@ -287,7 +308,7 @@ class PreparedModel(nn.Module):
             if self.macs_per_sample is None:
                 # After the statistics pass, so a bad batch is reported by the pass that names the layer.
                 try:
-                    macs = self._measure_cost(flat, leading_dim(args, kwargs))
+                    macs = self._measure_cost(fresh_inputs(flat), leading_dim(args, kwargs), commit=False)
                 except Exception as exc:
                     raise CalibrationError(f"cost analysis of calibration batch {index} failed: {exc}") from exc
         sensitivity = None
@@ -309,25 +330,62 @@ class PreparedModel(nn.Module):
                         random_projection=False,
                         output_fn=lambda out: check_loss(self.sensitivity_loss, out, loss_batch, index,
                                                              "calibration batch"))
-                sensitivity.run(*flat)
+                sensitivity.run(*fresh_inputs(flat))
         with interrupts_deferred():
             interpreter.commit()
             if sensitivity is not None:
                 sensitivity.commit()
                 self.sensitivity_samples += sensitivity.samples
             if macs is not None:
-                self.macs_per_sample = original_totals(self.gm).macs = macs
-            if len(self.kept_inputs) < self.keep_batches:
-                self.kept_inputs.append([v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat])
+                self.macs_per_sample = original_totals(self.gm).macs = macs[0]
+                original_totals(self.gm).other_macs = macs[1]
+            if keep:
+                if raw is not None:
+                    self.kept_raw.append(raw)
+                self.kept_inputs.append(fresh_inputs(flat))
             self.batches += 1
             self._per_site = None
         self._warn_unmatched(by_mask)
         return out  # Interpreter.run already rebuilt the model's output structure
 
-    def _measure_cost(self, flat: list[Any], batch_size: int) -> float:
-        """MACs per sample of the graph, from one cost pass on a batch (also fills ``node.meta["cost"]``)."""
+    def _measure_cost(self, flat: list[Any], batch_size: int, commit: bool = True) -> Any:
+        """MACs per sample of the graph, from one cost pass on a batch (also fills ``node.meta["cost"]``).
+
+        With ``commit``, they are recorded as the model's (``macs_per_sample`` and :class:`OriginalTotals`) and
+        returned; without, ``(all, all but the decomposable layers)`` is returned for the caller to record.
+        """
         CostProp(self.gm).run(*flat)
-        return graph_macs(self.gm) / batch_size
+        layers = {s.node for s in self.sites}
+        in_layers = sum(n.meta["cost"].macs for n in self.gm.graph.nodes if n.name in layers and "cost" in n.meta)
+        total, other = graph_macs(self.gm) / batch_size, (graph_macs(self.gm) - in_layers) / batch_size
+        if not commit:
+            return total, other
+        self.macs_per_sample = original_totals(self.gm).macs = total
+        original_totals(self.gm).other_macs = other
+        return total
+
+    def settle_macs(self) -> float | None:
+        """The model's MACs per sample on all the calibration batches so far, recorded as its total (budgets in
+        MACs are fractions of it), or None before the first batch.
+
+        The cost pass runs on the first batch only, but the layers' MACs are counted on the rows per sample of
+        every batch (their statistics): with sequence lengths that vary between batches, a total from the first
+        batch alone put the two on other rows (keep_macs=0.6 kept 0.755 of the MACs, reported as 0.595). The
+        decomposable layers' part of the total is therefore counted as they are; the rest (attention products,
+        layers kept out of the statistics) stays the first batch's.
+        """
+        totals = original_totals(self.gm)
+        if totals.other_macs is None or self.batches == 0:
+            return self.macs_per_sample
+        statistics = self.statistics
+        macs = model_macs(totals.other_macs, self.sites, statistics)
+        self.macs_per_sample = totals.macs = macs
+        return macs
+
+    @property
+    def input_names(self) -> list[str]:
+        """The graph's inputs, in order (``*args`` / ``**kwargs`` starred)."""
+        return [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
 
     @staticmethod
     def _kept(index: int) -> str:
@@ -359,16 +417,28 @@ class PreparedModel(nn.Module):
                 "sizes like the others'.")
 
     def _dtype_hint(self, args: tuple, kwargs: dict[str, Any], exc: Exception) -> str:
-        """A remedy for the common mistake of feeding integer tensors to a float model (only on a dtype error:
-        integer token ids are the right input of a model that starts with an embedding)."""
+        """A remedy for the common mistakes of feeding integer tensors, or floats of another precision (NumPy's
+        float64), to a float model (only on a dtype error: integer token ids are the right input of a model that
+        starts with an embedding)."""
         if not any(word in str(exc) for word in ("dtype", "scalar type", "Float", "Long", "Int")):
             return ""
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
         floats = {p.dtype for p in self.gm.parameters() if p.is_floating_point()}
-        if not tensors or any(t.is_floating_point() or t.is_complex() for t in tensors) or not floats:
+        if not tensors or not floats:
+            return ""
+        wanted = ", ".join(sorted(str(d) for d in floats))
+        # floating-point inputs of another precision than the model's (float64 from NumPy arrays, half inputs to a
+        # float32 model): say which, with the conversion
+        other = sorted({str(t.dtype) for t in tensors if t.is_floating_point() and t.dtype not in floats})
+        if other and len(floats) == 1:
+            cast = {torch.float32: "float", torch.float64: "double", torch.float16: "half",
+                    torch.bfloat16: "bfloat16"}.get(next(iter(floats)))
+            remedy = f", e.g. input_fn=lambda b: b.{cast}()" if cast else ""
+            return (f"\nThe batch holds {', '.join(other)} tensors but the model computes in {wanted}: convert the "
+                    f"inputs to the model's dtype{remedy} (NumPy arrays become float64 tensors).")
+        if any(t.is_floating_point() or t.is_complex() for t in tensors):
             return ""
         given = ", ".join(sorted({str(t.dtype) for t in tensors}))
-        wanted = ", ".join(sorted(str(d) for d in floats))
         return (f"\nThe batch holds only integer tensors ({given}) but the model computes in {wanted}: convert the "
                 "inputs to floating point, e.g. input_fn=lambda b: b.float().")
 

@@ -41,13 +41,12 @@ import torch
 import torch.fx
 
 from fxdeco import distributed
-from fxdeco.batches import adapt_batch, as_call, leading_dim, no_batches
+from fxdeco.batches import adapt_batch, as_call, check_not_empty, leading_dim, misfit_hint, no_batches
 from fxdeco.errors import CalibrationError
 from fxdeco.io.apply import swap_module
-from fxdeco.metadata import original_totals
 from fxdeco.modes import eval_mode
 from fxdeco.progress import progress
-from passes import Site, SiteStatistics, StatsInterpreter, flatten_inputs
+from passes import Site, SiteStatistics, StatsInterpreter, flatten_inputs, fresh_inputs
 from passes.blocks import Block, BlockRun, find_blocks, values_in
 from passes.replay import Override
 from passes.stats import ActivationStatistics, NonFiniteActivationError
@@ -175,19 +174,20 @@ class BlockCalibration:
                 raise CalibrationError(f"stat_mask_fn failed on calibration batch {index}: "
                                        f"{type(exc).__name__}: {exc}") from exc
         args, kwargs = as_call(batch)
+        check_not_empty(args, kwargs, index)
         try:
             flat = flatten_inputs(self.gm, args, kwargs)
         except TypeError as exc:
-            raise CalibrationError(f"calibration batch {index} does not fit the model's inputs: {exc}") from exc
+            raise CalibrationError(f"calibration batch {index} does not fit the model's inputs: {exc}"
+                                   f"{misfit_hint(self.prepared.input_names, args, kwargs)}") from exc
         row_weights, by_mask = self.prepared._row_weights(mask, index)
+        flat = fresh_inputs(flat)  # a loader may reuse its buffers, and a forward may change its inputs in place
         if self.prepared.macs_per_sample is None:  # the first batch: the model's MACs (and a whole forward pass)
             try:
-                macs = self.prepared._measure_cost(flat, leading_dim(args, kwargs))
+                self.prepared._measure_cost(fresh_inputs(flat), leading_dim(args, kwargs))  # records the model's MACs
             except Exception as exc:
                 raise CalibrationError(f"calibration batch {index} could not be run through the model: "
                                        f"{type(exc).__name__}: {exc}") from exc
-            self.prepared.macs_per_sample = original_totals(self.gm).macs = macs
-        flat = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat]  # a loader may reuse buffers
         self.row_weights.append(row_weights)
         self.samples.append(leading_dim(args, kwargs))
         self.masks.append(by_mask)

@@ -9,7 +9,7 @@ never imports it.
 
 from passes.capture import CaptureError, GraphTracer, export_capture, training_mode_nodes, symbolic_capture
 from passes.cost import CostProp, NodeCost, graph_macs
-from passes.inputs import flatten_inputs
+from passes.inputs import flatten_inputs, fresh_inputs
 from passes.lift import lift_parameters
 from passes.replay import GraphWalk, RecordedRun
 from passes.rewrite import FactoredLayer, Factorization, factorize_sites
@@ -36,6 +36,7 @@ __all__ = [
     "factorize_sites",
     "find_sites",
     "flatten_inputs",
+    "fresh_inputs",
     "graph_macs",
     "lift_parameters",
     "remove_dead_sites",

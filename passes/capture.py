@@ -13,6 +13,7 @@ Two flavours reach the rest of the passes:
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Callable, Iterable
 
 import torch
@@ -49,6 +50,10 @@ class GraphTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+# the names torch.fx's Tracer.create_arg gives the tensors it stores on the traced module
+_TRACER_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
 def symbolic_capture(
     model: nn.Module,
     leaf_modules: Iterable[type[nn.Module]] = (),
@@ -67,13 +72,22 @@ def symbolic_capture(
         torch.Size([1, 3])
     """
     tracer = GraphTracer(leaf_modules, autowrap_functions)
-    graph = tracer.trace(model, concrete_args=concrete_args or None)
-    for node in graph.nodes:  # torch.fx renames an input fixed by concrete_args (mask -> mask_1): keep its keyword
-        base = node.target.rsplit("_", 1)[0] if node.op == "placeholder" else None
-        if base in (concrete_args or {}) and node.target not in (concrete_args or {}):
-            node.target = base
-    name = model.__class__.__name__
-    return torch.fx.GraphModule(tracer.root, graph, name)
+    before = set(vars(model))
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
+        for node in graph.nodes:  # torch.fx renames an input fixed by concrete_args (mask -> mask_1): keep its keyword
+            base = node.target.rsplit("_", 1)[0] if node.op == "placeholder" else None
+            if base in (concrete_args or {}) and node.target not in (concrete_args or {}):
+                node.target = base
+        name = model.__class__.__name__
+        return torch.fx.GraphModule(tracer.root, graph, name)  # copies the constants the graph reads
+    finally:
+        # torch.fx stores each tensor it computed while tracing (``self.index.view(-1)`` on a buffer) on the traced
+        # model itself, as ``_tensor_constant<N>`` numbered after those already there: the caller's model would
+        # grow an attribute per trace, and each capture of it would name its constants differently.
+        for key in set(vars(model)) - before:
+            if _TRACER_CONSTANT.fullmatch(key):
+                delattr(model, key)
 
 
 def optional_tensor_inputs(gm: torch.fx.GraphModule) -> list[str]:

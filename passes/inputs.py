@@ -9,8 +9,9 @@ turns any call into the flat positional list an Interpreter expects.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
@@ -51,6 +52,22 @@ def flatten_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]
         else:
             flat.append(value)
     return flat
+
+
+def fresh_inputs(flat: Sequence[Any]) -> list[Any]:
+    """Copies of a graph's tensor input values, for one run of the graph.
+
+    A forward may change an input in place (``x.sub_(mean)``, ``nn.ReLU(inplace=True)`` on the input): run
+    on the values themselves, it changes them for every later run on the same batch (the caller's batch, the
+    kept metric batches), which then computes on other data.
+
+    Example:
+        >>> x = torch.ones(2)
+        >>> copy, flag = fresh_inputs([x, None])
+        >>> copy.mul_(3), x, flag
+        (tensor([3., 3.]), tensor([1., 1.]), None)
+    """
+    return [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat]
 
 
 def unflatten_inputs(gm: torch.fx.GraphModule, flat: list[Any]) -> tuple[tuple, dict[str, Any]]:

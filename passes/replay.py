@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from passes.inputs import fresh_inputs
 from passes.sites import has_side_effects
 
 # A node output replacement: the reference value in, the value to use downstream out.
@@ -52,7 +53,7 @@ class GraphWalk(torch.fx.Interpreter):
                          for n in self.order}
         self.by_name = {n.name: n for n in self.order}
         self.env: dict[torch.fx.Node, Any] = {}
-        self.args_iter = iter(flat_inputs)
+        self.args_iter = iter(fresh_inputs(flat_inputs))  # the walk's own: a forward may change its inputs in place
         self.next_index = 0  # the first node not yet run
         # Cost accounting of replays: MACs of the nodes they ran (``node.meta["cost"]`` from passes.cost).
         self.replayed_macs = 0

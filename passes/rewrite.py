@@ -147,7 +147,11 @@ def factored_module(site: Site, fact: Factorization, weight: torch.Tensor, bias:
     """Build the two-layer replacement, holding ``fact``'s factors, with the original's dtype and device."""
     if fact.bias is not None:
         bias = fact.bias.reshape(site.out_features)
-    module = factor_layers(site, fact.rank, bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    # Built on the meta device and given uninitialised storage: every value is overwritten below, and nn.Linear's
+    # and nn.Conv2d's random initialisation would draw from the caller's global RNG (transform changed what
+    # torch.rand gave next) and spend time on large layers for values that are thrown away.
+    module = factor_layers(site, fact.rank, bias=bias is not None, dtype=weight.dtype,
+                           device="meta").to_empty(device=weight.device)
     first, second = module
     with torch.no_grad():
         first.weight.copy_(fact.first.reshape(first.weight.shape))

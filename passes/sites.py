@@ -39,6 +39,11 @@ TRANSPOSE_FUNCTIONS: dict[Any, str] = {aten.t.default: "t", torch.t: "t", aten.t
                                        torch.permute: "permute"}
 TRANSPOSE_METHODS = {"t", "transpose", "permute"}
 
+# torch.export records nn.LSTM/GRU/RNN and their cells as these ops (symbolic tracing keeps them as leaf modules);
+# their weights are named ``lstm.weight_ih_l0``, ``cell.weight_hh``: the layer is the name's prefix.
+RECURRENT_FUNCTIONS = (aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input,
+                       aten.lstm_cell.default, aten.gru_cell.default, aten.rnn_tanh_cell.default,
+                       aten.rnn_relu_cell.default)
 # Layers we recognise but do not decompose, with the reason a report shows.
 SKIPPED_FUNCTIONS: dict[Any, str] = {
     F.conv1d: "conv1d is not decomposed",
@@ -51,9 +56,14 @@ SKIPPED_FUNCTIONS: dict[Any, str] = {
     aten.conv1d.padding: "conv1d is not decomposed",
     aten.conv3d.default: "conv3d is not decomposed",
     aten.conv3d.padding: "conv3d is not decomposed",
+    aten.conv_transpose1d.default: "transposed convolution is not decomposed",
     aten.conv_transpose2d.input: "transposed convolution is not decomposed",
+    aten.conv_transpose3d.input: "transposed convolution is not decomposed",
     aten.embedding.default: "embedding lookups are not decomposed",
     aten.convolution.default: "aten.convolution is not decomposed",
+    F.bilinear: "bilinear layers are not decomposed",
+    aten.bilinear.default: "bilinear layers are not decomposed",
+    **dict.fromkeys(RECURRENT_FUNCTIONS, "recurrent layers are not decomposed"),
 }
 SKIPPED_MODULES: dict[type, str] = {
     nn.Conv1d: "Conv1d is not decomposed",
@@ -65,10 +75,15 @@ SKIPPED_MODULES: dict[type, str] = {
     nn.EmbeddingBag: "embedding lookups are not decomposed",
     nn.Bilinear: "bilinear layers are not decomposed",
     nn.MultiheadAttention: "projections inside a leaf nn.MultiheadAttention are not visible to the graph",
+    nn.RNNBase: "recurrent layers are not decomposed",
+    nn.RNNCellBase: "recurrent layers are not decomposed",
 }
 # Where the weight sits in a skipped function's arguments when it is not argument 1:
-# aten.embedding takes (weight, indices), unlike F.embedding(input, weight).
-SKIPPED_WEIGHT_ARG: dict[Any, int] = {aten.embedding.default: 0}
+# aten.embedding takes (weight, indices), unlike F.embedding(input, weight); bilinear takes (x1, x2, weight, bias);
+# the recurrent ops take (input, hx, weights...) with the whole layer's weights as a list (aten.lstm) or one by one.
+SKIPPED_WEIGHT_ARG: dict[Any, int] = {
+    aten.embedding.default: 0, F.bilinear: 2, aten.bilinear.default: 2, **dict.fromkeys(RECURRENT_FUNCTIONS, 2),
+}
 # Layer types whose weights we look for inside nodes the graph does not trace into.
 LAYER_TYPES = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -193,15 +208,43 @@ def _not_plain(mod: nn.Module) -> str | None:
     """Why a Linear/Conv2d module call is not just ``y = W x + b``, or None.
 
     Forward hooks and pre-hooks run around the call (a factored layer would not
-    run them), and a parametrized weight (``weight_norm``, ``spectral_norm``) is
-    recomputed on every call rather than stored.
+    run them), a forward assigned on the instance replaces the class's, and a
+    parametrized weight (``weight_norm``, ``spectral_norm``) is recomputed on
+    every call rather than stored.
     """
     if mod._forward_hooks or mod._forward_pre_hooks:
         return ("has forward hooks or pre-hooks, which change what the layer computes and which a factored layer "
                 "would not run")
+    if "forward" in vars(mod):
+        # a forward patched on the instance (``layer.forward = ...``) is what the leaf call runs, whatever the class's
+        return ("its forward is replaced on the instance (module.forward = ...), so it need not compute W x + b; "
+                "restore the class's forward, or capture the model with torch.export, which traces the replacement")
     if torch.nn.utils.parametrize.is_parametrized(mod):
-        return ("its weight is parametrized (weight_norm, spectral_norm, ...); remove the parametrization first "
-                "(torch.nn.utils.parametrize.remove_parametrizations) or capture the model with torch.export")
+        return PARAMETRIZED
+    return None
+
+
+# torch.export does not help here: it records the parametrization's computation, so the weight is not a constant there
+# either (the report used to name only the anonymous node, ``linear``, as "weight computed in the graph").
+PARAMETRIZED = ("its weight is parametrized (weight_norm, spectral_norm, ...); remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)")
+
+
+def _parametrized_owner(node: Any, limit: int = 64) -> str | None:
+    """The module whose parametrization computes ``node`` (a weight argument), or None.
+
+    A parametrized weight reaches an exported graph as ops on ``<module>.parametrizations.<name>.original*``
+    constants; the walk back stops at ``limit`` nodes, so a weight computed from an activation is never searched far.
+    """
+    todo, seen = [node], set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if not isinstance(n, torch.fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr" and ".parametrizations." in f".{n.target}":
+            return f".{n.target}".split(".parametrizations.")[0][1:]  # "" for the root module itself
+        todo.extend(n.all_input_nodes)
     return None
 
 
@@ -240,6 +283,9 @@ def _function_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | Skip
         kind = "linear" if fn in LINEAR_FUNCTIONS else "conv2d"
         weight_name = _constant_name(_arg(node, 1, "weight"))
         if weight_name is None:
+            owner = _parametrized_owner(_arg(node, 1, "weight"))
+            if owner is not None:
+                return SkippedSite(node.name, owner or node.name, PARAMETRIZED)
             return SkippedSite(node.name, node.name, f"{kind} weight is computed in the graph, not a constant")
         bias_node = _arg(node, 2, "bias")
         bias_name = _constant_name(bias_node)
@@ -270,8 +316,12 @@ def _function_site(gm: torch.fx.GraphModule, node: torch.fx.Node) -> Site | Skip
         return Site(node.name, "linear", _owner(weight_name), weight_name, bias_name, shape,
                     weight_transposed=transposed)
     if fn in SKIPPED_FUNCTIONS:
-        w = _constant_name(_arg(node, SKIPPED_WEIGHT_ARG.get(fn, 1), "weight"))
-        return SkippedSite(node.name, _owner(w) if w else node.name, SKIPPED_FUNCTIONS[fn])
+        weight = _arg(node, SKIPPED_WEIGHT_ARG.get(fn, 1), "weight")
+        if isinstance(weight, (list, tuple)):  # aten.lstm's flat weights: name the layer by its first
+            weight = weight[0] if weight else None
+        w = _constant_name(weight)
+        owner = (w.rpartition(".")[0] or w if fn in RECURRENT_FUNCTIONS else _owner(w)) if w else node.name
+        return SkippedSite(node.name, owner, SKIPPED_FUNCTIONS[fn])
     return None
 
 

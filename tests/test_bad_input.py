@@ -101,17 +101,127 @@ def test_failed_batch_leaves_consistent_statistics() -> None:
         torch.testing.assert_close(prepared.statistics[name].sum_outer, stats.sum_outer)
 
 
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failed_batch_is_not_kept_as_a_metric_batch(failing: int) -> None:
+    """The loader's batches kept for a loss (dwain's targets) stay paired with the inputs kept beside them.
+
+    The raw batch used to be kept before the batch ran: a batch that failed stayed in the raw list but not in the
+    inputs', so after going on calibrating each metric batch's output was compared with the previous batch's
+    targets (on a small classifier dwain then accepted ranks that took held-out accuracy from 1.0 to 0.53).
+    """
+    torch.manual_seed(0)
+    model = mlp()
+    batches = [(torch.randn(8, 8), torch.randint(0, 4, (8,))) for _ in range(4)]
+    bad = (batches[failing][0].clone(), torch.randint(0, 4, (8,)))
+    bad[0][0, 0] = math.nan
+    loader = [*batches[:failing], bad, *batches[failing:]]
+    prepared = fxdeco.prepare(model, keep_batches=2)
+    with pytest.raises(ValueError, match=f"calibration batch {failing}"):  # NaN in its first layer
+        fxdeco.calibrate(prepared, loader, input_fn=lambda b: b[0])
+    fxdeco.calibrate(prepared, loader[failing + 1:], input_fn=lambda b: b[0])  # go on without the bad batch
+    assert len(prepared.kept_raw) == len(prepared.kept_inputs) == 2
+    for (x, y), inputs, raw in zip(batches, prepared.kept_inputs, prepared.kept_raw):
+        assert torch.equal(inputs[0], x) and torch.equal(raw[0], x) and torch.equal(raw[1], y)
+
+
+def test_raw_batches_are_kept_only_while_they_pair_with_the_inputs() -> None:
+    """A batch run by a direct call has no loader batch: later loader batches are not kept as its raw batch."""
+    prepared = fxdeco.prepare(mlp(), keep_batches=2)
+    batches = good(3)
+    prepared(batches[0])
+    fxdeco.calibrate(prepared, batches[1:])
+    assert [len(prepared.kept_inputs), len(prepared.kept_raw)] == [2, 0]
+
+
+@pytest.mark.parametrize("config", [fxdeco.Falor(nsr_threshold=0.1), fxdeco.Falor(nsr_final_threshold=0.1),
+                                    fxdeco.Falor(keep_params=0.8, sequential=True)],
+                         ids=["local", "final-output", "sequential"])
+@pytest.mark.parametrize("empty_at", [0, 1])
+def test_a_batch_of_no_samples_is_named(config: fxdeco.Falor, empty_at: int) -> None:
+    """An empty batch (a tensor sliced past its end) is refused when it is read, naming it: a first one failed with
+    'division by zero' (MACs per sample), a metric batch with an IndexError after the whole calibration."""
+    model = mlp()
+    before = fingerprint(model)
+    batches = good(4)
+    batches.insert(empty_at, batches[0][:0])
+    with pytest.raises(fxdeco.CalibrationError, match=f"calibration batch {empty_at} holds no samples .*shape "
+                                                      r"\(0, 8\)"):
+        fxdeco.transform(model, batches, config)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("endless", ["cycle", "repeat"])
+@pytest.mark.parametrize("how", ["transform", "sequential", "calibrate"])
+def test_an_endless_loader_is_refused_before_any_batch(endless: str, how: str) -> None:
+    """itertools.cycle(loader) calibrated forever (sequential mode held every batch it read)."""
+    import itertools
+
+    model = mlp()
+    loader = itertools.cycle(good(2)) if endless == "cycle" else itertools.repeat(good(1)[0])
+    read = itertools.count()
+
+    def stop_after_50(batch: torch.Tensor) -> torch.Tensor:  # without the check the test fails instead of hanging
+        if next(read) == 50:
+            raise RuntimeError("the endless loader was read")
+        return batch
+
+    with pytest.raises(ValueError, match=f"endless itertools.{endless}.*islice"):
+        if how == "calibrate":
+            fxdeco.calibrate(fxdeco.prepare(model), loader, input_fn=stop_after_50)
+        else:
+            fxdeco.transform(model, loader, fxdeco.Falor(nsr_threshold=0.1, sequential=how == "sequential"),
+                             input_fn=stop_after_50)
+    assert next(read) == 0  # nothing was read: the refusal comes first
+
+
+def test_lockd_still_trains_from_an_endless_loader() -> None:
+    import itertools
+
+    small = fxdeco.transform(mlp(), itertools.cycle(good(2)), fxdeco.Lockd(steps=3, show_progress=False))
+    assert isinstance(small, torch.fx.GraphModule)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_batch_that_is_not_a_model_call_is_named(sequential: bool) -> None:
+    """A NumPy batch, or an input_fn returning None, raised as_call's TypeError without the batch's index, and told a
+    caller who passed input_fn to pass input_fn."""
+    batches = good(4)
+    config = fxdeco.Falor(nsr_threshold=0.1, sequential=sequential)
+    with pytest.raises(fxdeco.CalibrationError, match=r"calibration batch 2 is a ndarray, not a model call.*"
+                                                      r"torch.as_tensor"):
+        fxdeco.transform(mlp(), [*batches[:2], batches[2].numpy(), *batches[3:]], config)
+    with pytest.raises(fxdeco.CalibrationError, match=r"input_fn returned a NoneType for calibration batch 3 "
+                                                      r"\(a tensor of shape \(16, 8\)\): it must return"):
+        fxdeco.transform(mlp(), batches, config, input_fn=lambda b: None if b is batches[3] else b)
+
+
+@pytest.mark.parametrize("config", [fxdeco.Falor(nsr_threshold=0.1), fxdeco.Falor(nsr_final_threshold=0.1)])
+def test_a_dataloader_that_drops_its_only_batch_says_so(config: fxdeco.Falor) -> None:
+    """drop_last=True over fewer samples than batch_size yields nothing: said with the cause, not as 'yielded no
+    batches' alone (or, in final-output mode, as too few metric batches)."""
+    loader = torch.utils.data.DataLoader(torch.randn(10, 8), batch_size=16, drop_last=True)
+    with pytest.raises(fxdeco.CalibrationError, match=r"yielded no batches \(a DataLoader with drop_last=True drops "
+                                                      r"its only, incomplete batch: the dataset holds 10 samples for "
+                                                      r"batch_size=16"):
+        fxdeco.transform(mlp(), loader, config)
+
+
 @pytest.mark.parametrize("batch", [
     (torch.randn(4, 8), torch.randn(4, 8)),
     {"input": torch.randn(4, 8), "mask": torch.ones(4)},
 ], ids=["two positional", "unknown keyword"])
-def test_wrong_arity(batch: Any) -> None:
+@pytest.mark.parametrize("sequential", [False, True])
+def test_wrong_arity(batch: Any, sequential: bool) -> None:
     model = mlp()
     before = fingerprint(model)
     with pytest.raises(fxdeco.CalibrationError) as info:
-        fxdeco.transform(model, [batch])
+        fxdeco.transform(model, [batch], fxdeco.Falor(nsr_threshold=0.1, sequential=sequential))
     msg = str(info.value)
     assert "calibration batch 0 does not fit the model's inputs" in msg and "'input'" in msg
+    # the usual remedy: the loader's labels are beside the inputs
+    remedy = ("input_fn=lambda b: b[0]" if isinstance(batch, tuple)
+              else "input_fn=lambda b: {k: b[k] for k in ['input']}")
+    assert remedy in msg, msg
     assert_unchanged(model, before)
 
 

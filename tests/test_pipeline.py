@@ -112,3 +112,27 @@ def test_calibration_reads_the_models_weights_and_the_result_owns_its_own() -> N
         for p in small.parameters():
             p.add_(1.0)  # training the result...
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # ...leaves the model alone
+
+
+@pytest.mark.parametrize("how", ["transform", "sequential", "decompose_", "load"])
+def test_decomposing_leaves_the_global_random_state_alone(how: str, tmp_path) -> None:
+    """The factor layers are filled with computed values, so building them must not draw the random initialisation
+    from the caller's global RNG: a script seeding once saw other random numbers after transform than without it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 32))
+    data = [torch.randn(16, 3, 8, 8) for _ in range(3)]
+    config = fxdeco.Falor(nsr_threshold=0.05, sequential=how == "sequential")
+    small = fxdeco.transform(model, data, config) if how == "load" else None
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    if how == "decompose_":
+        fxdeco.decompose_(copy.deepcopy(model), data, config)
+    elif how == "load":
+        fxdeco.save(small, tmp_path / "small")
+        torch.manual_seed(1)
+        fxdeco.load(tmp_path / "small", model)
+    else:
+        small = fxdeco.transform(model, data, config)
+        assert any(r["rank"] is not None for r in fxdeco.report(small).rows), "nothing was decomposed"
+    assert torch.equal(torch.rand(4), expected), f"{how} consumed the global random state"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -50,7 +51,7 @@ import torch.fx
 from torch import nn
 
 from fxdeco.errors import warn_user
-from fxdeco.metadata import factored_layers, find_model_record
+from fxdeco.metadata import capture_record, factored_layers, find_model_record
 from passes import Site
 
 __all__ = ["ApplyError", "FactoredConv2d", "FactoredLinear", "apply"]
@@ -328,6 +329,18 @@ def _model_layer(model: nn.Module, node: torch.fx.Node, target: str, weight_shap
     if original._forward_hooks or original._forward_pre_hooks:
         raise ApplyError(f"{what}: the model's module has forward hooks or pre-hooks, which its factored "
                          "replacement would not run; remove them before apply()")
+    if "forward" in vars(original):
+        raise ApplyError(f"{what}: the model's module has its forward replaced on the instance (module.forward = "
+                         "...), which its factored replacement would not run; restore the class's forward, skip the "
+                         f"layer when decomposing (skip=[{target!r}]), or use the decomposed GraphModule itself")
+    if kind == "conv2d" and getattr(original, "padding_mode", "zeros") != "zeros":
+        # torch.export records the padding as its own op before a padding-free convolution: the graph's factors
+        # do not pad, and in the module's place they would compute a smaller output (or, after a global pooling,
+        # other values silently)
+        raise ApplyError(f"{what}: the model's Conv2d pads with padding_mode={original.padding_mode!r}, which the "
+                         "captured graph computes as a separate op before the layer, so its factored replacement "
+                         f"would not pad; skip it when decomposing (skip=[{target!r}]) or use the decomposed "
+                         "GraphModule itself")
     shape = _dense_shape(original, kind)
     if shape != tuple(weight_shape) or (kind == "conv2d") != conv2d:
         raise ApplyError(f"{what}: the graph decomposed a {'conv2d' if conv2d else 'linear'} weight of shape "
@@ -417,6 +430,39 @@ def _same(graph_tensor: torch.Tensor, model_tensor: torch.Tensor) -> bool:
                        model_tensor.detach())
 
 
+_TRACE_CONSTANT = re.compile(r"_tensor_constant\d+")
+
+
+def _is_unchanged_trace_constant(model: nn.Module, gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor,
+                                 traced: list[dict[str, torch.Tensor]]) -> bool:
+    """Whether graph tensor ``name`` is a constant symbolic tracing computed from the model's own tensors, with
+    the value a trace of ``model`` computes now.
+
+    torch.fx traces ``self.index.view(-1)`` on a buffer (timm's Swin, Swin V2 and BEiT relative position
+    indices) as a new tensor ``_tensor_constant0`` that no model name holds. The model's forward computes it
+    again from the buffer, so nothing needs copying, provided the graph's value is the one ``model`` gives: that
+    is checked on a fresh trace of ``model`` (made once, into ``traced``), so a constant that was edited, or a
+    model whose buffers differ, is still refused by the caller.
+    """
+    if not _TRACE_CONSTANT.fullmatch(name):
+        return False
+    record = capture_record(gm)
+    if record.kind != "symbolic":
+        return False
+    if not traced:
+        from fxdeco.capture import trace
+
+        try:
+            with warnings.catch_warnings():  # the capture's warnings were given when the graph was made
+                warnings.simplefilter("ignore")
+                fresh = trace(model, capture="symbolic", constant_inputs=dict(record.constant_inputs) or None)
+        except Exception:  # a model that traces only with options we do not know: refuse as before
+            fresh = None
+        traced.append(dict(fresh.named_buffers()) if fresh is not None else {})
+    theirs = traced[0].get(name)
+    return theirs is not None and _same(tensor, theirs)
+
+
 def _tensors_to_copy(model: nn.Module, gm: torch.fx.GraphModule, swaps: dict[str, _Swap],
                      factor_modules: set[str]) -> dict[str, torch.Tensor]:
     """Model name -> graph tensor, for the graph's parameters and buffers (other than factors) that differ from
@@ -432,9 +478,12 @@ def _tensors_to_copy(model: nn.Module, gm: torch.fx.GraphModule, swaps: dict[str
     for t in mine.values():
         by_shape.setdefault(tuple(t.shape), []).append(t)
     copies: dict[str, torch.Tensor] = {}
+    traced: list[dict[str, torch.Tensor]] = []  # the model's own trace constants, computed once when needed
     for name, tensor in _named_tensors(gm):
         if _under(name, factor_modules) or name in copies:
             continue
+        if name not in mine and _is_unchanged_trace_constant(model, gm, name, tensor, traced):
+            continue  # computed by the model's forward from its own tensors: nothing to copy
         theirs = mine.get(name)
         if theirs is not None and not _under(name, replaced):
             if tensor.shape != theirs.shape:

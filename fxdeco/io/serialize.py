@@ -246,6 +246,8 @@ def plan_dict(gm: torch.fx.GraphModule, weights_format: str = "safetensors") -> 
         "capture": info.capture,
         # inputs traced as their constant default (fxdeco.trace): load() must trace the same case
         "constant_inputs": _jsonable(info.constant_inputs),
+        # modules and functions symbolic tracing kept whole (leaf_modules=, autowrap_functions=): load() keeps them
+        **_traced_whole(gm),
         "options": _jsonable(info.options),
         "inputs": _inputs(gm),
         "training": gm.training,
@@ -480,7 +482,88 @@ def _read_weights(file: pathlib.Path, fmt: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _capture(model: nn.Module, plan: dict[str, Any], example_inputs: Any) -> torch.fx.GraphModule:
+def _qualified_name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', None) or '?'}.{getattr(obj, '__qualname__', None) or type(obj).__name__}"
+
+
+def _traced_whole(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """The classes of the modules and the functions a symbolic graph calls without having traced into them beyond
+    torch's own: those ``leaf_modules=`` / ``autowrap_functions=`` (or timm's no-trace registries) named. A graph
+    traced into them is another graph, and a module whose forward cannot be traced fails to load at all.
+
+    Example:
+        >>> class Gate(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x if x.sum() > 0 else -x
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), Gate())
+        >>> _traced_whole(trace(net, leaf_modules=(Gate,)))["leaf_modules"]
+        ['fxdeco.io.serialize.Gate']
+    """
+    tracer = torch.fx.Tracer()
+    leaves, functions = set(), set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if not tracer.is_leaf_module(module, node.target):
+                leaves.add(_qualified_name(type(module)))
+        elif node.op == "call_function" and callable(node.target) and not isinstance(node.target, type):
+            home = getattr(node.target, "__module__", None) or ""
+            if home.split(".")[0] not in ("torch", "operator", "builtins", "math", "_operator", "fxdeco", "passes"):
+                functions.add(_qualified_name(node.target))
+    return {"leaf_modules": sorted(leaves), "autowrap_functions": sorted(functions)}
+
+
+def _kept_whole(model: nn.Module, plan: dict[str, Any], leaf_modules: Any, autowrap_functions: Any
+                ) -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    """The leaf module classes and wrapped functions to trace ``model`` with: those given, and those the plan
+    names, found among ``model``'s own module classes and by import (the rest must be given)."""
+    leaves, wrapped = list(leaf_modules), list(autowrap_functions)
+    if plan["capture"] != "symbolic":
+        return tuple(leaves), tuple(wrapped)
+    classes = {_qualified_name(type(m)): type(m) for m in model.modules()}
+    given = {_qualified_name(x) for x in (*leaves, *wrapped)}
+    missing = []
+    for name in plan.get("leaf_modules") or []:  # absent from plans saved before it was recorded
+        if name in given:
+            continue
+        if name in classes:
+            leaves.append(classes[name])
+        else:
+            missing.append(name)
+    for name in plan.get("autowrap_functions") or []:
+        if name in given:
+            continue
+        found = _import_qualified(name)
+        if found is not None:
+            wrapped.append(found)
+        else:
+            missing.append(name)
+    if missing:  # a function of a script's __main__ or a local class: the caller can still pass it
+        log.info("the plan names %s, kept whole when the model was traced, which load() could not find; "
+                 "pass them as leaf_modules=/autowrap_functions=", ", ".join(missing))
+    return tuple(leaves), tuple(wrapped)
+
+
+def _import_qualified(name: str) -> Any:
+    """The object ``module.qualname`` names, when its module is already imported; None otherwise."""
+    import sys
+
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        if module is None:
+            continue
+        obj: Any = module
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def _capture(model: nn.Module, plan: dict[str, Any], example_inputs: Any,
+             leaf_modules: Any = (), autowrap_functions: Any = ()) -> torch.fx.GraphModule:
     """Capture ``model`` the way the saved model was captured; a private copy (the caller's stays untouched)."""
     mode = plan["capture"]
     if mode == "export" and example_inputs is None:
@@ -493,7 +576,8 @@ def _capture(model: nn.Module, plan: dict[str, Any], example_inputs: Any) -> tor
         log.info("plan captured as %r; capturing the model with capture='auto'", mode)
         mode = "auto"
     constants = plan.get("constant_inputs")  # absent from plans saved before it was recorded
-    gm = copy.deepcopy(trace(model, example_inputs, capture=mode,
+    leaves, wrapped = _kept_whole(model, plan, leaf_modules, autowrap_functions)
+    gm = copy.deepcopy(trace(model, example_inputs, capture=mode, leaf_modules=leaves, autowrap_functions=wrapped,
                              constant_inputs=constants if isinstance(constants, dict) else None))
     remove_dead_sites(gm)  # as fxdeco.prepare did
     return gm
@@ -814,11 +898,15 @@ def _restore_meta(gm: torch.fx.GraphModule, plan: dict[str, Any]) -> None:
         summary=summary, **counts))
 
 
-def load(path: str | os.PathLike, model: nn.Module, *, example_inputs: Any = None) -> torch.fx.GraphModule:
+def load(path: str | os.PathLike, model: nn.Module, *, example_inputs: Any = None,
+         leaf_modules: Any = (), autowrap_functions: Any = ()) -> torch.fx.GraphModule:
     """Re-apply the plan saved in directory ``path`` to ``model``, a freshly built original; load the weights.
 
     ``model`` is captured as the saved model was (a plan made with
-    ``capture="export"`` needs ``example_inputs``, a batch the model accepts),
+    ``capture="export"`` needs ``example_inputs``, a batch the model accepts;
+    the module classes and functions symbolic tracing kept whole,
+    ``leaf_modules=`` / ``autowrap_functions=`` of ``transform``, are recorded
+    in the plan and found among ``model``'s modules and by import, else pass them here),
     checked against the plan (:class:`PlanMismatchError` names the first layer
     or tensor that does not fit), factorized with the recorded shapes, and
     given the saved weights, so the result computes bit-exactly what the saved
@@ -845,7 +933,7 @@ is (6, 8); build the model with the configuration the plan was made for
     plan = read_plan(folder)
     weights = _read_weights(_weights_file(folder, plan), plan["weights"]["format"])
     _check_factors(plan, weights)  # before the (slow) capture: nothing is built from a plan its weights contradict
-    gm = _capture(model, plan, example_inputs)  # a private copy: whatever fails below, model stays as it was
+    gm = _capture(model, plan, example_inputs, leaf_modules, autowrap_functions)  # a private copy: model stays
     sites, skipped = find_sites(gm)
     factors, reversed_order = _fit(plan, sites, skipped)
     new = _chains(factorize_sites(gm, sites, factors), sites, reversed_order)

@@ -316,3 +316,44 @@ def test_a_model_with_layers_the_graph_lacks_is_warned_about() -> None:
     with pytest.warns(UserWarning, match=r"apply\(\): \d+ parameter\(s\) of LlamaForCausalLM are not in the "
                                          r"decomposed graph \(first: 'model.layers.2"):
         fxdeco.apply(deeper, small)
+
+
+class IndexedBias(nn.Module):
+    """A relative-position-style bias gathered through ``self.index.view(-1)``, as timm's Swin and BEiT do: symbolic
+    tracing computes the view on the real buffer and stores it as a graph constant no model name holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.table = nn.Parameter(torch.randn(15))
+        self.register_buffer("index", torch.randint(0, 15, (4, 8)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.table[self.index.view(-1)]
+        return self.fc2(torch.relu(self.fc1(x))) + bias
+
+
+def test_a_trace_constant_computed_from_the_models_buffers_is_not_refused() -> None:
+    torch.manual_seed(0)
+    model = IndexedBias().eval()
+    calib = low_rank_rows(2)
+    small = fxdeco.transform(model, calib, nsr_threshold=0.01, show_progress=False)
+    assert "_tensor_constant0" in dict(small.named_buffers())  # the case this test is about
+    assert factored_layers(small)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = small(x)
+        assert torch.allclose(fxdeco.apply(copy.deepcopy(model), small)(x), expected, atol=1e-6)
+        mine = copy.deepcopy(model)
+        fxdeco.decompose_(mine, calib, nsr_threshold=0.01, show_progress=False)
+        assert torch.allclose(mine(x), expected, atol=1e-6)
+
+
+def test_a_trace_constant_that_differs_from_the_models_is_still_refused() -> None:
+    torch.manual_seed(0)
+    model = IndexedBias().eval()
+    small = fxdeco.transform(model, low_rank_rows(2), nsr_threshold=0.01, show_progress=False)
+    other = copy.deepcopy(model)
+    other.index = (other.index + 1) % 15  # another model: its forward gathers other entries than the graph does
+    with pytest.raises(ApplyError, match="graph tensor '_tensor_constant0' differs from the model's"):
+        fxdeco.apply(other, small)

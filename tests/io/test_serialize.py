@@ -611,3 +611,44 @@ def test_keyword_inputs_in_another_order_load_without_a_code_warning(tmp_path) -
         loaded = fxdeco.load(folder, TwoInputs(), example_inputs={"y": calib[0]["y"], "x": calib[0]["x"]})
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch), small(**batch))
+
+
+class DataGate(nn.Module):
+    """Control flow on the data: neither symbolic tracing nor torch.export can follow it, so the model is traced
+    with ``leaf_modules=(DataGate,)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if x.mean() > 0 else -self.fc(x)
+
+
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+        self.gate, self.head = DataGate(), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gate(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_model_traced_with_leaf_modules_loads_and_applies_with_them(tmp_path: pathlib.Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(64, 4, generator=g) @ torch.randn(4, 32, generator=g) for _ in range(3)]
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    small = fxdeco.transform(model, calib, nsr_threshold=0.01, leaf_modules=(DataGate,), show_progress=False)
+    save(small, tmp_path)
+    x = torch.randn(5, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same graph: no "the model's code differs" warning either
+        loaded = load(tmp_path, GatedNet())  # traced without DataGate as a leaf, this failed
+        applied = fxdeco.apply(model, tmp_path)
+    assert json.loads((tmp_path / "plan.json").read_text())["leaf_modules"] == [
+        f"{DataGate.__module__}.{DataGate.__qualname__}"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+        assert torch.allclose(applied(x), small(x), atol=1e-6)

@@ -97,3 +97,29 @@ def test_training_mode_nodes_lists_dropout_and_batch_norm_traced_in_train_mode()
     train = torch.fx.symbolic_trace(Trainable().train())
     assert [n.name for n in training_mode_nodes(train)] == ["dropout", "batch_norm"]
     assert training_mode_nodes(torch.fx.symbolic_trace(Trainable().eval())) == []
+
+
+class GatheredBias(nn.Module):
+    """``self.index.view(-1)`` on a buffer: torch.fx computes it while tracing and keeps it as a graph constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.table = nn.Parameter(torch.randn(5))
+        self.register_buffer("index", torch.randint(0, 5, (2, 4)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.table[self.index.view(-1)]
+
+
+def test_symbolic_capture_leaves_no_trace_constant_on_the_model() -> None:
+    """torch.fx's tracer stores such constants on the traced module; the caller's model must not keep them, and
+    every capture of it names its constants alike (apply and load compare graphs of the same model by name)."""
+    model = GatheredBias()
+    before = set(vars(model))
+    first, second = symbolic_capture(model), symbolic_capture(model)
+    assert set(vars(model)) == before
+    assert [n for n, _ in first.named_buffers()] == [n for n, _ in second.named_buffers()]
+    assert "_tensor_constant0" in dict(second.named_buffers())
+    x = torch.randn(3, 8)
+    assert torch.equal(second(x), model(x))

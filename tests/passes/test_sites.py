@@ -102,6 +102,42 @@ def test_grouped_convs_and_other_layers_are_skipped_with_a_reason() -> None:
     }
 
 
+class _Unreported(nn.Module):
+    """Layers torch.export records as ops the site finder did not know (aten.conv_transpose1d/3d, aten.bilinear,
+    aten.lstm, ...), and recurrent leaf modules of symbolic tracing: all used to be missing from the report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.gru = nn.LSTM(4, 4, batch_first=True), nn.GRU(4, 4, batch_first=True)
+        self.cell = nn.LSTMCell(4, 4)
+        self.t1, self.t3 = nn.ConvTranspose1d(4, 4, 3), nn.ConvTranspose3d(4, 4, 1)
+        self.bil = nn.Bilinear(4, 4, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, time, 4)
+        a, _ = self.lstm(x)
+        b, _ = self.gru(a)
+        h, _ = self.cell(b[:, -1])
+        up = self.t1(b.transpose(1, 2)).sum() + self.t3(b.transpose(1, 2)[:, :, None, None]).sum()
+        return self.fc(self.bil(h, a[:, -1])) + up
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_every_layer_with_weights_is_a_site_or_skipped_with_a_reason(capture: str) -> None:
+    model = _Unreported().eval()
+    gm = torch.fx.symbolic_trace(model) if capture == "symbolic" else export_capture(model, (torch.randn(2, 5, 4),))
+    sites, skipped = find_sites(gm)
+    assert [s.target for s in sites] == ["fc"]
+    assert {k.target: k.reason for k in skipped} == {
+        "lstm": "recurrent layers are not decomposed",
+        "gru": "recurrent layers are not decomposed",
+        "cell": "recurrent layers are not decomposed",
+        "t1": "transposed convolution is not decomposed",
+        "t3": "transposed convolution is not decomposed",
+        "bil": "bilinear layers are not decomposed",
+    }
+
+
 class _Shared(nn.Module):
     """``twice`` is called twice (one layer, two sites); ``a`` and ``b`` share one weight; ``emb``'s weight
     is also read by the output projection (tied embeddings)."""

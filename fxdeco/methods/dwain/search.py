@@ -56,7 +56,8 @@ from fxdeco.modes import eval_mode
 from fxdeco.outputs import default_logits, select_output
 from fxdeco.plan import LayerDecision, decision, matches_any, unique_targets
 from fxdeco.progress import progress
-from passes import Factorization, RecordedRun, SensitivityInterpreter, Site, SiteStatistics, factorize_sites
+from passes import (Factorization, RecordedRun, SensitivityInterpreter, Site, SiteStatistics, factorize_sites,
+                    fresh_inputs)
 from passes.cost import graph_macs
 from passes.sites import fetch_attr, site_input
 
@@ -246,7 +247,7 @@ def _loss_moments(gm: torch.fx.GraphModule, sites: list[Site], flats: Sequence[S
     for index, (flat, raw) in enumerate(zip(flats, raws)):
         interp = SensitivityInterpreter(gm, sites, output_fn=lambda out, raw=raw, i=index: check_loss(
             loss_fn, out, raw, i), moments=moments, random_projection=False)
-        interp.run(*flat)
+        interp.run(*fresh_inputs(flat))
     if distributed.current() is not None:
         moments = distributed.all_sum_tensors(moments)
         return {t: m / distributed.all_sum([len(flats)])[0] for t, m in moments.items()}

@@ -31,7 +31,7 @@ from fxdeco.methods.falor.final import Probe, metric_references
 from fxdeco.methods.falor.lowrank import Spectrum
 from fxdeco.modes import eval_mode
 from fxdeco.outputs import OutputFn
-from passes import Site
+from passes import Site, fresh_inputs
 from passes.cost import graph_macs
 from passes.replay import GraphWalk
 from passes.sites import fetch_attr
@@ -126,7 +126,7 @@ class LossMeter(FinalNsrMeter):
 
     def _references(self) -> list[float]:
         """The original's loss on each metric batch."""
-        return [float(self.loss_fn(torch.fx.Interpreter(self.gm).run(*flat), batch))
+        return [float(self.loss_fn(torch.fx.Interpreter(self.gm).run(*fresh_inputs(flat)), batch))
                 for flat, batch in zip(self.metric_inputs, self.batches)]
 
     def _error(self, probe: Probe, rank: int) -> float:

@@ -48,7 +48,7 @@ from fxdeco.outputs import OutputFn, select_output
 from fxdeco.methods.falor.config import Falor
 from fxdeco.plan import LayerDecision, decision, matches_any, site_multiple, unique_targets
 from fxdeco.progress import progress
-from passes import Factorization, Site, SiteStatistics
+from passes import Factorization, Site, SiteStatistics, fresh_inputs
 from passes.cost import graph_macs
 from passes.replay import GraphWalk
 from passes.sensitivity import SensitivityInterpreter
@@ -205,7 +205,8 @@ def _next_index(points: list[tuple[int, float]], lo: int, hi: int, predicted: in
 def metric_references(gm: torch.fx.GraphModule, metric_inputs: Sequence[Sequence[Any]],
                        output_fn: OutputFn | None) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [select_output(torch.fx.Interpreter(gm).run(*flat), output_fn).detach() for flat in metric_inputs]
+        return [select_output(torch.fx.Interpreter(gm).run(*fresh_inputs(flat)), output_fn).detach()
+                for flat in metric_inputs]
 
 
 def _sensitivities(gm: torch.fx.GraphModule, sites: list[Site], metric_inputs: Sequence[Sequence[Any]],
@@ -219,7 +220,7 @@ def _sensitivities(gm: torch.fx.GraphModule, sites: list[Site], metric_inputs: S
         scale = (1.0 / (channels * (channel_variance(reference) + NSR_EPSILON))).sqrt()
         interp = SensitivityInterpreter(gm, sites, output_fn=lambda out: select_output(out, output_fn),
                                         generator=generator, moments=moments, output_scale=scale.float())
-        interp.run(*flat)
+        interp.run(*fresh_inputs(flat))
         samples += interp.samples
     # the NSR of each batch is a per-sample mean, averaged over batches (equal sizes assumed); under
     # torch.distributed over every rank's batches, so every rank predicts (and starts its searches) alike

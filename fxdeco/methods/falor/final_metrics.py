@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fxdeco.errors import CalibrationError
 from fxdeco.methods.falor.lowrank import NSR_EPSILON
 
 
@@ -19,6 +20,27 @@ def channel_variance(reference: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"final-output NSR needs batches of at least 2 samples, got output shape "
                          f"{tuple(reference.shape)}")
     return reference.to(torch.float64).var(0)
+
+
+def check_metric_batch(output: torch.Tensor, index: int, metric_batches: int) -> None:
+    """Refuse a metric batch whose compared output has fewer than 2 samples, naming it (fxdeco.transform checks
+    each metric batch as it is read, rather than failing in :func:`channel_variance` after the whole calibration).
+
+    Example:
+        >>> check_metric_batch(torch.zeros(4, 3), 1, 2)
+        >>> check_metric_batch(torch.zeros(1, 3), 1, 2)
+        Traceback (most recent call last):
+        ...
+        fxdeco.errors.CalibrationError: calibration batch 1 is one of the 2 metric batches the final-output error is \
+measured on, and its output of shape (1, 3) holds fewer than 2 samples: the per-channel NSR divides by each channel's \
+variance over a batch's samples. Give batches of at least 2 samples (the loader's first 2)
+    """
+    if output.dim() == 0 or output.shape[0] < 2:
+        raise CalibrationError(f"calibration batch {index} is one of the {metric_batches} metric batches the "
+                               f"final-output error is measured on, and its output of shape {tuple(output.shape)} "
+                               "holds fewer than 2 samples: the per-channel NSR divides by each channel's variance "
+                               f"over a batch's samples. Give batches of at least 2 samples (the loader's first "
+                               f"{metric_batches})")
 
 
 def final_nsr(reference: torch.Tensor, approx: torch.Tensor, epsilon: float = NSR_EPSILON) -> float:

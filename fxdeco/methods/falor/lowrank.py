@@ -254,12 +254,12 @@ def output_projection(site: Site, spec: Spectrum, bias: torch.Tensor | None, ran
     conv = site.kind == "conv2d"
 
     def project(y: torch.Tensor) -> torch.Tensor:
-        rows = y.movedim(1, -1) if conv else y
+        rows = y.movedim(-3, -1) if conv else y  # channels are dim -3 of (N, C, H, W) and of unbatched (C, H, W)
         b = bias.reshape(-1).to(rows) if bias is not None else 0
         p = basis.to(rows)
         out = ((rows - b) @ p) @ p.T
         if new_bias is not None:
             out = out + new_bias.to(rows)
-        return out.movedim(-1, 1) if conv else out
+        return out.movedim(-1, -3) if conv else out
 
     return project

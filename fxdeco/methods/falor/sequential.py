@@ -36,7 +36,9 @@ from fxdeco.methods.falor.config import Falor
 from fxdeco.methods.falor.local import (_analyse, _Layer, _model_total, _threshold_ranks, option_costs,
                                         plan_from_ranks, unreachable_budget)
 from fxdeco.methods.falor.lowrank import output_projection
+from fxdeco.metadata import original_totals
 from fxdeco.plan import LayerDecision, matches_any, unique_targets
+from fxdeco.prepared import model_macs
 from fxdeco.sequential import BlockCalibration
 from passes import Factorization, Site, SiteStatistics
 from passes.replay import Override
@@ -133,12 +135,18 @@ def _block_shares(calibration: BlockCalibration, config: Falor) -> list[float]:
     measure, keep = config.budget
     options: list[LayerOptions] = []
     owner: list[int] = []
+    # MACs: the first batch's rest of the model, plus each block's layers on every batch's rows (as they are counted)
+    macs = original_totals(calibration.gm).other_macs if measure == "macs" else None
     for index, block in enumerate(calibration.blocks):
         statistics = calibration.statistics(index, advance=True)
-        _, layers = _block_layers(calibration, index, statistics, config)
+        targets, layers = _block_layers(calibration, index, statistics, config)
         block_options, _ = _options(layers, config)
         options += block_options
         owner += [index] * len(block_options)
+        if macs is not None:
+            macs = model_macs(macs, targets, statistics)
+    if macs is not None:
+        calibration.prepared.macs_per_sample = original_totals(calibration.gm).macs = macs
     total = _model_total(calibration.gm, measure)
     fixed = total - sum(float(o.costs[0]) for o in options)
     floor = fixed + sum(float(o.costs.min()) for o in options)

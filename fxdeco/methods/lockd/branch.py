@@ -126,7 +126,7 @@ class LockdBranch(nn.Module):
         super().__init__()
         self.target, self.kind, self.conv_order = target, kind, conv_order
         self.first, self.gate, self.second = first, gate, second
-        channel_dim = -1 if kind == "linear" else 1
+        channel_dim = -1 if kind == "linear" else -3  # (N, C, H, W) or unbatched (C, H, W)
         self.taps = nn.ModuleList(NsrTap(target, channel_dim) for _ in range(calls))
 
     @property

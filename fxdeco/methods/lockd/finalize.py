@@ -18,7 +18,7 @@ from torch import nn
 
 from fxdeco.methods.lockd.branch import LockdBranch
 from fxdeco.methods.lockd.prepare import ROLE, LockdState, branches, lockd_state, unwrap
-from fxdeco.metadata import FactorInfo, ModelRecord, mark_factored, set_model_record
+from fxdeco.metadata import FactorInfo, ModelRecord, capture_record, mark_factored, set_model_record
 from fxdeco.methods.lockd.config import Lockd
 from fxdeco.plan import LayerDecision
 from passes import Site
@@ -137,7 +137,8 @@ def finalize(model: nn.Module, proportion_threshold: float = Lockd.proportion_th
     for p in new.parameters():
         p.requires_grad_(True)
     new.meta.pop("lockd", None)
-    set_model_record(new, _model_record(new, state, decisions, threshold))
+    # the optional inputs traced as their defaults go with the plan: load() must trace the same case
+    set_model_record(new, _model_record(new, state, decisions, threshold, capture_record(gm).constant_inputs))
     saved = sum(d.params_before - d.params_after for d in decisions)
     log.info("lockd decomposed %d of %d layers (%d parameters saved)", len(chains), len(decisions), saved)
     return new
@@ -158,7 +159,7 @@ def _kept_meta(gm: torch.fx.GraphModule, sites: list[Site], chains: dict, metas:
 
 
 def _model_record(gm: torch.fx.GraphModule, state: LockdState, decisions: list[LayerDecision],
-                  threshold: float) -> ModelRecord:
+                  threshold: float, constant_inputs: dict[str, object]) -> ModelRecord:
     macs_known = state.macs_per_sample is not None and all(d.macs_before is not None for d in decisions)
     saved_macs = sum(d.macs_before - d.macs_after for d in decisions) if macs_known else None
     return ModelRecord(
@@ -169,4 +170,4 @@ def _model_record(gm: torch.fx.GraphModule, state: LockdState, decisions: list[L
         params_before=state.params_original, params_after=sum(p.numel() for p in gm.parameters()),
         macs_before=state.macs_per_sample if macs_known else None,
         macs_after=state.macs_per_sample - saved_macs if macs_known else None,
-        summary={"training_steps": state.steps_trained})
+        constant_inputs=dict(constant_inputs), summary={"training_steps": state.steps_trained})

@@ -78,7 +78,8 @@ def build_branch(gm: torch.fx.GraphModule, site: Site, calls: int, *, init: str,
             second.weight.copy_(b.reshape(second.weight.shape))
             if bias is not None:
                 second.bias.copy_(bias)
-    gate = GumbelGate(rank, -1 if site.kind == "linear" else 1, init_logit, temperature).to(weight.device)
+    # a Conv2d's channels are dim -3: of (N, C, H, W) and of an unbatched (C, H, W), whose dim 1 is the height
+    gate = GumbelGate(rank, -1 if site.kind == "linear" else -3, init_logit, temperature).to(weight.device)
     return LockdBranch(site.target, site.kind, conv_order, first, second, gate, calls)
 
 

@@ -27,6 +27,7 @@ from fxdeco.methods.lockd.losses import check_finite, entropy_loss, kept_proport
 from fxdeco.methods.lockd.prepare import ROLE, branches, lockd_state, train_mode, unwrap
 from fxdeco.progress import Progress
 from passes import CostProp
+from passes.inputs import flatten_inputs
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,9 @@ def record_macs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> float:
 
 
 def _run_cost(gm: torch.fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> None:
-    # Interpreter.run takes positional inputs: order keyword inputs by the graph's placeholders.
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    values = list(args) + [kwargs.get(name) for name in names[len(args):]]
-    CostProp(gm).run(*values)
+    # Interpreter.run takes positional inputs: the placeholders' values as a call binds them, defaults included (an
+    # input traced as its default, timm ViT's is_causal=False, failed the graph's check when given None).
+    CostProp(gm).run(*flatten_inputs(gm, args, kwargs))
 
 
 def reset_eval_nsr(model: nn.Module) -> None:

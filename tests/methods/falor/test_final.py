@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -159,3 +160,25 @@ def test_a_layer_the_compared_output_does_not_read_is_kept_dense() -> None:
     assert not pooler.decomposed and "does not reach" in pooler.reason  # not cut to its smallest rank unseen
     with torch.no_grad():
         assert torch.allclose(small(calib[0])["pooled"], model(calib[0])["pooled"], atol=1e-2)
+
+
+def _rank_4(layer: nn.Linear) -> nn.Linear:
+    """``layer`` with an exactly rank-4 weight."""
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.out_features, 4) @ torch.randn(4, layer.in_features)
+                           / layer.in_features ** 0.5)
+    return layer
+
+
+def test_final_output_mode_on_unbatched_samples_warns() -> None:
+    """Single 1-D samples as calibration batches: the final NSR took the 10 logits for the samples and accepted a
+    rank-3 cut of a rank-4 layer at a measured 0.005 (held-out NSR 0.22, up to 152% off on a sample), silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_rank_4(nn.Linear(32, 64)), nn.GELU(), _rank_4(nn.Linear(64, 10))).eval()
+    vectors = [torch.randn(32) for _ in range(8)]
+    with pytest.warns(UserWarning, match=r"10 entries along dimension 0, the calibration batch 32 samples.*unbatched"):
+        fxdeco.transform(model, vectors, nsr_final_threshold=0.01, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*along dimension 0")
+        fxdeco.transform(model, [torch.stack(vectors[:4]), torch.stack(vectors[4:])], nsr_final_threshold=0.01,
+                         show_progress=False)

@@ -7,6 +7,7 @@ import importlib
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,31 @@ def test_ddp_keeps_gate_logits_identical_across_ranks() -> None:
         logits = [torch.load(os.path.join(out_dir, f"logits{r}.pt")) for r in range(2)]
     assert torch.equal(logits[0], logits[1])
     assert not torch.equal(logits[0], torch.full_like(logits[0], logits[0][0].item())), "logits must have moved"
+
+
+class _OptionalMask(nn.Module):
+    """``forward(x, mask=None)``, calibrated without a mask: traced as ``mask=None`` (timm's ViT has such inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        return h if mask is None else h * mask
+
+
+def test_a_lockd_plan_records_the_inputs_traced_as_their_default(tmp_path: Path) -> None:
+    """load() must trace the same case as the saved graph: without the record it traced ``mask`` as an input, warned
+    that the model's code differs, and the loaded graph refused calls without a mask."""
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(64, 4, generator=g) @ torch.randn(4, 32, generator=g) for _ in range(2)]
+    torch.manual_seed(0)
+    small = fxdeco.transform(_OptionalMask().eval(), calib, fxdeco.Lockd(steps=5), show_progress=False)
+    folder = fxdeco.save(small, tmp_path)
+    x = torch.randn(5, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the model's code differs" warning
+        loaded = fxdeco.load(folder, _OptionalMask())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
