@@ -25,7 +25,7 @@ from fxdeco.methods import Dwain, Falor, Lockd, MethodConfig, method_config
 from fxdeco.memory import memory_figures, free_reference_cycles, statistics_bytes
 from fxdeco.metadata import ModelRecord, capture_record, model_record, original_totals, set_model_record
 from fxdeco.train.finetune import TrainingBatches
-from fxdeco.plan import LayerDecision, matches_any
+from fxdeco.plan import LayerDecision, matches_any, warn_unmatched_patterns
 from fxdeco.outputs import OutputFn, select_output
 from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
 from fxdeco.progress import length_of, progress
@@ -159,6 +159,7 @@ def prepare(
     skipped = [dataclasses.replace(k, reason=f"{k.reason} (capture='export')") if "does not trace into" in k.reason
                else k for k in skipped]
     skip = _skip_patterns(skip)
+    warn_unmatched_patterns("skip", skip, [*(s.target for s in sites), *(k.target for k in skipped), *removed])
     skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
     sites = [s for s in sites if not matches_any(s.target, skip)]
     if not sites:
@@ -217,12 +218,19 @@ def convert(prepared: PreparedModel, method: str | MethodConfig = "falor", *, pr
     if getattr(config, "sequential", False):
         raise ValueError("sequential=True calibrates while it decomposes, block by block: run it with "
                          f"fxdeco.transform(model, loader, fxdeco.{type(config).__name__}(..., sequential=True))")
+    _warn_unmatched_skip(prepared, config)
     start = time.perf_counter()
     with distributed.reducing(active):  # the methods reduce what they measure over the same group
         plan, decisions, summary, *trained = RUNNERS[config.name](prepared, config)
         distributed.check_same_plan(decisions)  # never different models on different ranks
     _record_calibration_rows(decisions, prepared.statistics)
     return _factorized(prepared, config, plan, decisions, summary, trained[0] if trained else None, start)
+
+
+def _warn_unmatched_skip(prepared: PreparedModel, config: MethodConfig) -> None:
+    """Warn about a method's ``skip`` pattern that matches no layer of the prepared model (it would skip nothing)."""
+    names = [*(s.target for s in prepared.sites), *(k.target for k in prepared.skipped), *prepared.removed]
+    warn_unmatched_patterns("skip", getattr(config, "skip", ()), names)
 
 
 def _factorized(prepared: PreparedModel, config: MethodConfig, plan: dict, decisions: list[LayerDecision],
@@ -629,6 +637,7 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
     from passes.blocks import find_blocks
 
     prepared = prepare(model, keep_batches=0, **prepare_options)
+    _warn_unmatched_skip(prepared, config)  # before any batch is read: the walk reads the patterns block by block
     if active is not None:  # before any batch is read: another model, other weights or other blocks on one rank
         try:  # would sum two models' statistics, or put the per-block all-reduces out of step
             blocks: Any = find_blocks(prepared.gm, prepared.sites, config.blocks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import warnings
 from typing import Any, Iterable
 
 from passes import Site, SiteStatistics
@@ -80,6 +81,33 @@ def decision(site: Site, stats: SiteStatistics, rank: int | None, nsr: float | N
 def matches_any(name: str, patterns: Iterable[str]) -> bool:
     """True when ``name`` matches one of the glob ``patterns`` (``"blocks.*.attn.*"``)."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# Characters that mean something in a regular expression but are taken literally by a glob: a skip pattern written
+# as a regex ('.*', 'blocks\\.0', '^head$') matches no layer name, and skipping nothing must not pass unnoticed.
+_REGEX_ONLY = ("^", "$", "\\", "+", "(", ")", "|", "{", ".*")
+
+
+def warn_unmatched_patterns(option: str, patterns: Iterable[str], names: Iterable[str]) -> None:
+    """Warn about every glob in ``patterns`` that matches none of the layer ``names``: a misspelt name or a regular
+    expression (``'.*'``, ``'^head$'``) would otherwise skip nothing, silently, and those layers be decomposed.
+
+    Example:
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_unmatched_patterns("skip", ["head", "^0$"], ["0", "head"])
+        >>> [str(w.message)[:78] for w in caught]
+        ["skip pattern '^0$' matches no layer, so it skips nothing (patterns are globs o"]
+    """
+    names = list(names)
+    for pattern in dict.fromkeys(patterns):
+        if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            continue
+        hint = (" (patterns are globs on layer names, not regular expressions: '*' for any characters, '?' for one)"
+                if any(c in pattern for c in _REGEX_ONLY) else "")
+        shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+        warnings.warn(f"{option} pattern {pattern!r} matches no layer, so it skips nothing{hint}; the layers are "
+                      f"{shown or 'none'}", stacklevel=3)
 
 
 def unique_targets(sites: Iterable[Site]) -> list[Site]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from typing import Any, Iterator
 
@@ -481,6 +482,34 @@ def test_what_is_not_a_capturable_model_is_refused_before_any_batch(make, messag
 def test_everything_skipped_is_no_sites() -> None:
     with pytest.raises(fxdeco.NoSitesError, match="skipped by pattern"):
         fxdeco.prepare(mlp(), skip=["*"])
+
+
+@pytest.mark.parametrize("where", ["prepare", "config", "sequential", "lockd"])
+@pytest.mark.parametrize("pattern", [".*", "^0$", "fc"])
+def test_skip_pattern_matching_no_layer_warns(where: str, pattern: str) -> None:
+    """A regular expression ('.*', '^0$') or a misspelt name as a skip pattern matches no layer name and used to
+    skip nothing without a word, every layer decomposed; it is warned about (globs are named for a regex)."""
+    model, skip = mlp(), [pattern, "2"]
+    calls = {
+        "prepare": lambda: fxdeco.prepare(model, skip=skip),
+        "config": lambda: fxdeco.transform(model, good(), fxdeco.Falor(nsr_threshold=0.5, skip=skip),
+                                           show_progress=False),
+        "sequential": lambda: fxdeco.transform(model, good(), fxdeco.Falor(nsr_threshold=0.5, skip=skip,
+                                                                           sequential=True), show_progress=False),
+        "lockd": lambda: fxdeco.lockd.prepare(model, skip=skip),
+    }
+    with pytest.warns(UserWarning, match=rf"skip pattern {re.escape(repr(pattern))} matches no layer.*'0', '2'") as caught:
+        calls[where]()
+    messages = [str(w.message) for w in caught if "skip pattern" in str(w.message)]
+    assert len(messages) == 1  # once, and not for '2', which matches
+    assert ("not regular expressions" in messages[0]) == (pattern != "fc")
+
+
+def test_skip_pattern_matching_a_layer_is_quiet() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fxdeco.prepare(mlp(), skip=["[1-9]"])
+        fxdeco.transform(mlp(), good(), fxdeco.Falor(nsr_threshold=0.5, skip=["2", "*0"]), show_progress=False)
 
 
 def test_convert_before_calibration() -> None:

@@ -412,3 +412,44 @@ def test_the_screen_does_not_borrow_a_scale_from_another_layer_of_a_stack() -> N
 
     assert ranks(False)["l.0"] == 8
     assert ranks(True) == ranks(False)
+
+
+def test_centring_bias_of_a_bias_free_layer_counts_against_the_saving() -> None:
+    """center=True gives a bias-free layer a bias: a rank whose factors plus that bias hold more than the dense
+    weights is never tried (rank 9 of a bias-free Linear(10, 100) grew it from 1000 to 1090 parameters, reported as
+    decomposed, when the loss accepted only that rank)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 100, bias=False), nn.ReLU(), nn.Linear(100, 4))
+    scale = torch.tensor([10.0] * 9 + [1e-6])  # rank 9 is nearly exact, rank 8 drops a large direction
+    xs = [torch.randn(64, 10) * scale + 2.0 for _ in range(3)]
+    with torch.no_grad():
+        batches = [(x, model(x)) for x in xs]
+    config = fxdeco.Dwain(lambda out, batch: nn.functional.mse_loss(out, batch[1]), min_rank=1, reduction_factor=0.9)
+    small = fxdeco.transform(model, batches, config, input_fn=lambda b: b[0], skip=["2"], show_progress=False)
+    layer = fxdeco.metadata.model_record(small).decisions[0]
+    assert layer.target == "0"
+    assert not layer.decomposed or layer.params_after < layer.params_before
+    assert sum(p.numel() for p in small.parameters()) <= sum(p.numel() for p in model.parameters())
+
+
+def test_final_nsr_takes_every_output_dimension_but_the_last_as_samples() -> None:
+    """dwain's nsr_final_threshold is ptdeco's dwain NSR (rows of the last dimension), not falor's per-element one;
+    the README and the config say so. On an NCHW output the two differ, so pin which one is recorded."""
+    from fxdeco.methods.falor.final_metrics import final_nsr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 12, 1), nn.ReLU(), nn.Conv2d(12, 6, 3, padding=1)).eval()
+    xs = [torch.randn(8, 4, 5, 5) for _ in range(2)]
+    with torch.no_grad():
+        batches = [(x, model(x)) for x in xs]
+    config = fxdeco.Dwain(lambda out, batch: nn.functional.mse_loss(out, batch[1]), min_rank=1, trade_off_factor=50.0,
+                          max_accepted_ppl_diff=5.0, nsr_final_threshold=10.0, predict=False, skip=["0"])
+    small = fxdeco.transform(model, batches, config, input_fn=lambda b: b[0], show_progress=False)
+    layer = fxdeco.metadata.model_record(small).decisions[-1]
+    assert layer.target == "2" and layer.decomposed
+    with torch.no_grad():
+        pairs = [(model(x), small(x)) for x in xs]
+    rows = sum(search.rows_nsr(a, b) for a, b in pairs) / len(pairs)
+    per_element = sum(final_nsr(a, b) for a, b in pairs) / len(pairs)
+    assert layer.nsr_final == pytest.approx(rows, rel=1e-6)
+    assert abs(rows - per_element) > 1e-3 * rows  # the definitions differ here

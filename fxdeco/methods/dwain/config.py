@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from fxdeco.checks import check_count, check_flag, check_number, check_patterns, check_walk_options
+from fxdeco.checks import check_count, check_damping, check_flag, check_number, check_patterns, check_walk_options
 from fxdeco.methods.base import MethodConfig
 
 if TYPE_CHECKING:
@@ -33,7 +33,12 @@ class Dwain(MethodConfig):
     exp(loss)) / exp(loss)`` is below ``trade_off_factor × (parameters it
     removes / the model's parameters)`` and below ``max_accepted_ppl_diff``,
     and the final-output NSR is below ``nsr_final_threshold``; the smallest
-    accepted rank wins. ptdeco's method and meaning; here every probe replays
+    accepted rank wins. That NSR is ptdeco's dwain's: every dimension of the
+    output but the last is a sample and the last holds the channels (a
+    ``(batch, tokens, vocab)`` output's tokens are samples; an NCHW output's
+    columns are its channels), not falor's final-output NSR, which takes each
+    element of a sample as a channel: the two differ on outputs of more than
+    two dimensions. ptdeco's method and meaning; here every probe replays
     only the graph after the layer, ranks predicted to fail (from the
     loss's own gradient moments) are not measured, and a rank whose first
     metric batch is already twice over its threshold is not measured further.
@@ -57,7 +62,8 @@ class Dwain(MethodConfig):
     loss_fn: LossFn | None = None
     # a rank is accepted while ppl_diff < trade_off_factor * (parameters removed / model parameters) ...
     trade_off_factor: float = 0.5
-    # ... and ppl_diff < max_accepted_ppl_diff, and the final-output NSR (against the current model) is below this
+    # ... and ppl_diff < max_accepted_ppl_diff, and the final-output NSR (against the current model, every output
+    # dimension but the last as samples: ptdeco's dwain, not falor's per-element channels) is below this
     max_accepted_ppl_diff: float = 0.1
     nsr_final_threshold: float = math.inf
     # candidate ranks: full_rank * reduction_factor**i, i = 1, 2, ..., down to min_rank
@@ -110,9 +116,7 @@ class Dwain(MethodConfig):
         object.__setattr__(self, "num_metric_batches", check_count("num_metric_batches", self.num_metric_batches))
         if not isinstance(self.predict, bool):
             raise TypeError(f"predict must be True or False, got {self.predict!r}")
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or self.damping < 0 \
-                or math.isnan(self.damping):
-            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        object.__setattr__(self, "damping", check_damping(self.damping))
         object.__setattr__(self, "skip", check_patterns("skip", self.skip))
         check_flag("center", self.center)
         check_flag("predict", self.predict)
@@ -138,7 +142,8 @@ class Dwain(MethodConfig):
 
     def candidate_ranks(self, site: Site) -> list[int]:
         """The ranks dwain tries on ``site``, largest first: ``full * reduction_factor^i`` (i >= 1) while at least
-        ``min_rank``, then ``min_rank`` itself, each one saving parameters.
+        ``min_rank``, then ``min_rank`` itself, each one saving parameters. With ``center`` a bias-free layer's
+        factored form carries a bias (the mean of the discarded directions), which counts against the saving.
 
         Example:
             >>> from passes import Site
@@ -147,10 +152,16 @@ class Dwain(MethodConfig):
             [128, 64, 32]
             >>> Dwain(lambda o, b: o.sum(), min_rank=48).candidate_ranks(site)
             [128, 64, 48]
+            >>> bias_free = Site("fc", "linear", "fc", "fc.weight", None, (100, 10))  # 10 -> 100, no bias
+            >>> Dwain(lambda o, b: o.sum(), min_rank=8, reduction_factor=0.9).candidate_ranks(bias_free)
+            [8]
         """
+        from fxdeco.plan import rank_refusal  # the plan module needs torch; the CLI reads this module without
         ranks: list[int] = []
         rank = site.full_rank
         while rank > self.min_rank:
             rank = max(int(rank * self.reduction_factor), self.min_rank)
             ranks.append(rank)
-        return [k for k in ranks if site.saves_params(k)]
+        # the centring bias a bias-free layer gains counts too: rank 9 of a bias-free Linear(10, 100) holds 990
+        # weights and 100 bias entries, more than the dense 1000
+        return [k for k in ranks if rank_refusal(site, k, 1.0, adds_bias=self.center) is None]

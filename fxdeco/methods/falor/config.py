@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from fxdeco.checks import check_count, check_flag, check_number, check_patterns, check_walk_options
+from fxdeco.checks import check_count, check_damping, check_flag, check_number, check_patterns, check_walk_options
 from fxdeco.methods.base import MethodConfig
 
 if TYPE_CHECKING:
@@ -137,9 +137,7 @@ class Falor(MethodConfig):
         object.__setattr__(self, "num_metric_batches", check_count("num_metric_batches", self.num_metric_batches))
         object.__setattr__(self, "max_probes", check_count("max_probes", self.max_probes))
         check_number("rank_tolerance", self.rank_tolerance, high=1.0, low_open=False)
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or self.damping < 0 \
-                or math.isnan(self.damping):
-            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        object.__setattr__(self, "damping", check_damping(self.damping))
         object.__setattr__(self, "min_rank", check_count("min_rank", self.min_rank))
         if self.rank_multiple != "auto":
             object.__setattr__(self, "rank_multiple", check_count("rank_multiple", self.rank_multiple))

@@ -183,6 +183,27 @@ def _threshold_ranks(layers: list[_Layer], config: Falor) -> dict[str, int | str
     return chosen
 
 
+def budget_dense_reason(site: Site, config: Falor, candidates: list[int]) -> str:
+    """Why budget mode leaves ``site`` dense: the allocation's choice, or, when no rank was a candidate at all,
+    what local mode says of its smallest rank (the allocation never had a choice to make for that layer).
+
+    Example:
+        >>> from passes import Site
+        >>> site = Site("fc", "linear", "fc", "fc.weight", None, (4, 34))  # full rank 4, the smallest multiple of 4
+        >>> budget_dense_reason(site, Falor(keep_params=0.5, rank_multiple=4), [])
+        'rank 4 would not reduce parameters'
+        >>> budget_dense_reason(site, Falor(keep_params=0.5), [1, 2, 3])
+        'kept dense by the budget allocation'
+    """
+    if not candidates:
+        smallest = round_rank(min(config.min_rank, site.full_rank), site_multiple(site, config.rank_multiple),
+                              site.full_rank)
+        refusal = config.rank_refusal(site, smallest)
+        if refusal is not None:
+            return refusal
+    return "kept dense by the budget allocation"
+
+
 def _budget_candidates(site: Site, config: Falor, latency: LatencyModel | None) -> list[int]:
     """The ranks the budget may give ``site`` (none for a layer the latency budget could not time)."""
     if latency is not None and site.target not in latency.latencies:
@@ -244,7 +265,7 @@ def _budget_ranks(layers: list[_Layer], config: Falor, model_total: float, use_o
     choice = allocate(options, target, fixed)
     total = fixed + sum(float(o.costs[i]) for o, i in zip(options, choice))
     log.info("falor budget: kept %.4f of the model's %s (asked %.4f)", total / model_total, measure, keep)
-    return {layer.site.target: (r[i] if r[i] is not None else "kept dense by the budget allocation")
+    return {layer.site.target: (r[i] if r[i] is not None else budget_dense_reason(layer.site, config, r[1:]))
             for layer, r, i in zip(layers, ranks, choice)}
 
 

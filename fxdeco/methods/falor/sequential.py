@@ -33,8 +33,8 @@ import torch
 from fxdeco import distributed
 from fxdeco.methods.falor.budget import LayerOptions, allocate
 from fxdeco.methods.falor.config import Falor
-from fxdeco.methods.falor.local import (_analyse, _Layer, _model_total, _threshold_ranks, option_costs,
-                                        plan_from_ranks, unreachable_budget)
+from fxdeco.methods.falor.local import (_analyse, _Layer, _model_total, _threshold_ranks, budget_dense_reason,
+                                        option_costs, plan_from_ranks, unreachable_budget)
 from fxdeco.methods.falor.lowrank import output_projection
 from fxdeco.metadata import original_totals
 from fxdeco.plan import LayerDecision, matches_any, unique_targets
@@ -183,7 +183,7 @@ def falor_sequential(calibration: BlockCalibration, config: Falor,
         else:
             options, ranks = _options(layers, config)
             choice = allocate(options, shares[index], 0.0) if options else []
-            chosen = {layer.site.target: (r[i] if r[i] is not None else "kept dense by the budget allocation")
+            chosen = {layer.site.target: r[i] if r[i] is not None else budget_dense_reason(layer.site, config, r[1:])
                       for layer, r, i in zip(layers, ranks, choice)}
         block_plan, block_decisions = plan_from_ranks(calibration.gm, targets, statistics, layers, chosen)
         for d in block_decisions:

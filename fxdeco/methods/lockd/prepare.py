@@ -23,7 +23,7 @@ from fxdeco.errors import NoSitesError
 from fxdeco.metadata import capture_record
 from fxdeco.methods.lockd.config import Lockd
 from fxdeco.methods.lockd.branch import GumbelGate, LockdBranch, full_rank, svd_factors
-from fxdeco.plan import matches_any
+from fxdeco.plan import matches_any, warn_unmatched_patterns
 from passes import Site, SkippedSite, find_sites, remove_dead_sites
 from passes.chains import insert_parallel_chain
 from passes.rewrite import factor_layers
@@ -146,6 +146,7 @@ def prepare(
                              capture=capture))
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)
+    warn_unmatched_patterns("skip", skip, [*(s.target for s in sites), *(k.target for k in skipped), *removed])
     skipped += [SkippedSite(s.node, s.target, "skipped by pattern") for s in sites if matches_any(s.target, skip)]
     sites = [s for s in sites if not matches_any(s.target, skip)]
     if not sites:

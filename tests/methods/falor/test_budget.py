@@ -249,3 +249,18 @@ def test_keep_macs_counts_a_layer_called_twice_at_both_calls(sequential: bool) -
         record = small.meta["fxdeco"]
         assert keep - 0.03 <= actual <= keep
         assert record.macs_after / record.macs_before == pytest.approx(actual, rel=1e-6)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_layer_no_rank_can_shrink_says_so_not_the_allocation(sequential: bool) -> None:
+    """A layer with no candidate rank (with rank_multiple=4, a layer of full rank 4 can only be given rank 4, which
+    saves nothing) was reported 'kept dense by the budget allocation', as if the knapsack had chosen; it says what
+    local mode says, the rank that saves nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(34, 4, bias=False), nn.ReLU(), nn.Linear(4, 25), nn.ReLU(), nn.Linear(25, 30))
+    data = [torch.randn(32, 34) for _ in range(3)]
+    small = fxdeco.transform(model, data, fxdeco.Falor(keep_params=0.9, rank_multiple=4, sequential=sequential),
+                             show_progress=False)
+    reasons = {d.target: d.reason for d in fxdeco.metadata.model_record(small).decisions}
+    assert reasons["0"] == reasons["2"] == "rank 4 would not reduce parameters"
+    assert reasons["4"] in ("decomposed", "kept dense by the budget allocation")
