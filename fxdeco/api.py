@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxdeco import distributed
-from fxdeco.batches import adapt_batch, check_finite, check_input_fn, no_batches
+from fxdeco.batches import adapt_batch, check_input_fn, check_loader, no_batches
 from fxdeco.capture import trace
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
@@ -330,7 +330,7 @@ def calibrate(prepared: PreparedModel, calib_loader: Iterable[Any], *, input_fn:
         3
     """
     check_input_fn(input_fn)
-    check_finite(calib_loader)
+    check_loader(calib_loader)
     _calibrate(prepared, calib_loader, input_fn, show_progress, length_of(calib_loader))
     return prepared
 
@@ -576,7 +576,7 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
         return _run_lockd(model, calib_loader, config, example_inputs=example_inputs, input_fn=input_fn,
                           leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture,
                           skip=skip)
-    check_finite(calib_loader)  # lockd reads its steps from an endless loader; the other methods read all of it
+    check_loader(calib_loader)  # lockd reads its steps from an endless loader; the other methods read all of it
     try:
         iterator = iter(calib_loader)
     except TypeError:

@@ -87,6 +87,26 @@ so it would never end; pass a finite one, e.g. itertools.islice(loader, 32) for 
                          "32 batches")
 
 
+def check_loader(loader: Any, what: str = "calibration loader") -> None:
+    """Refuse, before any batch is read, a loader that never ends (:func:`check_finite`) or that is one tensor.
+
+    Iterating a tensor yields its rows: ``transform(model, x)`` with ``x`` of shape ``(64, 8)`` ran 64 batches of
+    shape ``(8,)``, each read as 8 samples (the leading dimension), so the report's MACs per sample were 8x too small
+    and the budget was allocated on them, silently; an image tensor ``(N, C, H, W)`` gives batches of ``C`` samples.
+
+    Example:
+        >>> check_loader([torch.zeros(4, 8)])
+        >>> check_loader(torch.zeros(4, 8))
+        Traceback (most recent call last):
+        ...
+        TypeError: the calibration loader is a tensor of shape (4, 8): iterating it gives its rows, each read as a batch; pass [x] for one batch, or list(x) if its first dimension numbers batches
+    """
+    if isinstance(loader, torch.Tensor):
+        raise TypeError(f"the {what} is a tensor of shape {tuple(loader.shape)}: iterating it gives its rows, each "
+                        "read as a batch; pass [x] for one batch, or list(x) if its first dimension numbers batches")
+    check_finite(loader, what)
+
+
 def check_input_fn(input_fn: Any) -> None:
     """Refuse an ``input_fn`` that is not a function, before any batch is read.
 

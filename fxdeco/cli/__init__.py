@@ -113,11 +113,48 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _reusable_spec(spec: Any) -> str:
+    """``spec``'s text with a file or hf: directory made absolute, for ``cli.json``: ``fxdeco dump`` rebuilds the
+    model from it, and a relative path would name another file (or none) when dump runs from another directory.
+
+    Example:
+        >>> from fxdeco.cli.model_specs import ModelSpec
+        >>> _reusable_spec(ModelSpec("torchvision:resnet18", "torchvision", "resnet18"))
+        'torchvision:resnet18'
+        >>> _reusable_spec(ModelSpec("/m/net.py:build", "file", "/m/net.py", "build"))
+        '/m/net.py:build'
+    """
+    if spec.kind == "file":
+        return f"{pathlib.Path(spec.name).resolve()}:{spec.factory}"
+    if spec.kind == "hf":
+        return f"hf:{pathlib.Path(spec.name).resolve()}"
+    return spec.text
+
+
 def _report_header(spec_text: str, weights: str, calib_description: str, method: str, options: dict[str, Any]) -> str:
     opts = " ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
     return (f"model: {spec_text}, {weights}\n"
             f"calibration: {calib_description}\n"
             f"method: {method} ({opts})\n")
+
+
+def _clear_previous_outputs(out: pathlib.Path) -> list[str]:
+    """Delete the files an earlier ``decompose --out`` run left in ``out`` (plan, weights, reports, cli.json, graph
+    dumps), and return their names. Run once the new decomposition exists, before writing it: a graph dump of a format
+    this run does not write, or a report a failure leaves unwritten, would otherwise stay beside the new plan as if
+    it described it (a graph.html of the previous model was listed among the files written)."""
+    from fxdeco.io.serialize import PLAN_FILE, WEIGHT_FILES
+
+    owned = [PLAN_FILE, *WEIGHT_FILES.values(), REPORT_TEXT, REPORT_JSON, CLI_FILE, *(f"graph.{f}" for f in FORMATS)]
+    removed = []
+    for name in owned:
+        path = out / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    if removed:
+        log.info("replaced the previous run's %s in %s", ", ".join(removed), out)
+    return removed
 
 
 def _write_report(out: pathlib.Path, gm: Any, header: str, meta: dict[str, Any]) -> str:
@@ -227,6 +264,7 @@ def _decompose_into(out: pathlib.Path | None, args: argparse.Namespace, rank: in
                           **options)
     if rank != 0 or out is None:
         return 0  # every rank made the same plan (checked); rank 0 writes it
+    _clear_previous_outputs(out)
     save(gm, out)
     meta = {"model": spec.text, "weights": describe_weights(spec),
             "calibration": {"source": calib.source, "random": calib.random, "description": calib.description},
@@ -235,7 +273,7 @@ def _decompose_into(out: pathlib.Path | None, args: argparse.Namespace, rank: in
         meta["calibration"]["processes"] = world  # torchrun: batch i was calibrated on process i % processes
     text = _write_report(out, gm, _report_header(spec.text, meta["weights"], calib.description, args.method, options),
                          meta)
-    cli = {"schema": CLI_SCHEMA, "version": CLI_VERSION, "model": spec.text,
+    cli = {"schema": CLI_SCHEMA, "version": CLI_VERSION, "model": _reusable_spec(spec),
            "weights_file": str(pathlib.Path(spec.weights).resolve()) if spec.weights else None,
            "input": input_info(calib), "seed": args.seed, "capture": args.capture,
            "calibration": meta["calibration"], "method": args.method, "options": options}

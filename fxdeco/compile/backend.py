@@ -76,7 +76,7 @@ import torch.fx
 
 from fxdeco.api import RUNNERS, convert, prepare
 from fxdeco.methods import MethodConfig, method_config
-from fxdeco.batches import model_inputs, no_batches
+from fxdeco.batches import check_loader, model_inputs, no_batches
 from fxdeco.errors import CalibrationError, CaptureError, NoSitesError
 from fxdeco.metadata import factored_layers, model_record
 from fxdeco.outputs import default_logits
@@ -319,8 +319,15 @@ class DecompositionBackend:
             raise ValueError(f"calib_steps must be a positive integer, got {calib_steps!r}")
         if input_fn is not None and not callable(input_fn):
             raise TypeError(f"input_fn must be a function of a batch, got {type(input_fn).__name__}")
+        if input_fn is not None and calib_loader is None:
+            # online calibration sees each graph's own inputs, never a loader's batches: input_fn would go unused
+            raise ValueError("input_fn adapts calib_loader's batches, but this backend has no calib_loader: it "
+                             f"calibrates online on each graph's first {calib_steps} calls, which get the model's "
+                             "inputs as they are; pass calib_loader=..., or drop input_fn")
         if calib_loader is not None and not isinstance(calib_loader, Iterable):
             raise TypeError(f"calib_loader must be an iterable of batches, got {type(calib_loader).__name__}")
+        if calib_loader is not None:
+            check_loader(calib_loader)  # a tensor would be read row by row; an endless cycle never ends
         self.inner = inner
         self.inner_fn = _inner_backend(inner)
         self.calib_loader = calib_loader

@@ -55,7 +55,8 @@ from torch import nn
 
 from fxdeco.capture import trace
 from fxdeco.errors import warn_user
-from fxdeco.metadata import FactorInfo, ModelRecord, factor_info, factored_layers, model_record, set_model_record
+from fxdeco.metadata import (FactorInfo, ModelRecord, factor_info, factored_layers, find_model_record, model_record,
+                             set_model_record)
 from fxdeco.methods.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
@@ -935,7 +936,16 @@ is (6, 8); build the model with the configuration the plan was made for
     _check_factors(plan, weights)  # before the (slow) capture: nothing is built from a plan its weights contradict
     gm = _capture(model, plan, example_inputs, leaf_modules, autowrap_functions)  # a private copy: model stays
     sites, skipped = find_sites(gm)
-    factors, reversed_order = _fit(plan, sites, skipped)
+    try:
+        factors, reversed_order = _fit(plan, sites, skipped)
+    except PlanMismatchError as exc:
+        if find_model_record(model) is None:
+            raise
+        # the usual slip: the decomposed model (or another fxdeco result) passed where the original belongs; its
+        # factored layers are what "no such layer" meant
+        raise PlanMismatchError(f"{exc}; this {type(model).__name__} is itself a model fxdeco decomposed (its layers "
+                                "are factored): load() re-applies the plan to a freshly built original model, so "
+                                "pass the model as it was before fxdeco.transform") from None
     new = _chains(factorize_sites(gm, sites, factors), sites, reversed_order)
     new.delete_all_unused_submodules()
     _check_modules(new, plan)

@@ -301,3 +301,38 @@ def test_report_json_of_a_damaged_file_is_an_error_not_output(capsys, tmp_path: 
     assert main(["report", str(folder), "--json"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "report.json is not valid JSON" in err
+
+
+def test_dump_from_another_directory_rebuilds_the_saved_model_file(capsys, tmp_path: Path, monkeypatch) -> None:
+    """cli.json records a relative ``file.py:FACTORY`` as an absolute path: ``fxdeco dump`` run from another
+    directory once rebuilt whatever file of that name lay there (a GELU model drawn for a saved ReLU one)."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    for folder, act in ((mine, "ReLU"), (other, "GELU")):
+        folder.mkdir()
+        (folder / "net.py").write_text("import torch\nfrom torch import nn\n\n\ndef build():\n"
+                                       "    torch.manual_seed(0)\n"
+                                       f"    return nn.Sequential(nn.Linear(16, 32), nn.{act}(), nn.Linear(32, 8))\n")
+    monkeypatch.chdir(mine)
+    out = tmp_path / "out"
+    assert main(["decompose", "net.py:build", "--calib", "random", "--batches", "2", "--nsr-threshold", "0.2",
+                 "--dump-format", "dot", "--out", str(out)]) == 0
+    assert json.loads((out / "cli.json").read_text())["model"] == f"{mine / 'net.py'}:build"
+    monkeypatch.chdir(other)
+    code, _, err = run_main(capsys, "dump", str(out), "--format", "dot", "--out", str(tmp_path / "again"))
+    assert code == 0, err
+    dot = (tmp_path / "again" / "graph.dot").read_text()
+    assert "relu" in dot.lower() and "gelu" not in dot.lower()
+
+
+def test_decompose_again_into_one_directory_leaves_no_file_of_the_previous_run(capsys, mlp_file: Path,
+                                                                                tmp_path: Path) -> None:
+    """A second ``decompose --out DIR`` that writes fewer graph formats than the first used to leave the first
+    model's graph.html beside the new plan, and list it among the files it wrote."""
+    out = tmp_path / "out"
+    common = ["--calib", "random", "--batches", "2", "--nsr-threshold", "0.2", "--out", str(out)]
+    assert main(["decompose", f"{mlp_file}:make", *common, "--dump-format", "html", "dot"]) == 0
+    assert (out / "graph.html").is_file()
+    capsys.readouterr()
+    assert main(["decompose", f"{mlp_file}:make", *common, "--dump-format", "dot"]) == 0
+    wrote = capsys.readouterr().out.splitlines()[-1]
+    assert not (out / "graph.html").exists() and "graph.html" not in wrote and "graph.dot" in wrote

@@ -429,3 +429,10 @@ def test_graphs_of_other_code_calling_one_layer_are_decomposed_on_their_own_inpu
     assert [g.status for g in decomposer.graphs] == ["decomposed", "decomposed"]  # neither adopts the other's
     for a, b in zip(got, wanted):
         assert float((a - b).norm() / b.norm()) < 1e-3
+
+
+def test_input_fn_without_a_calib_loader_is_refused():
+    """Online calibration never reads a loader, so an input_fn there was silently unused."""
+    with pytest.raises(ValueError, match="input_fn adapts calib_loader's batches, but this backend has no calib_loader"):
+        fxdeco.backend(input_fn=lambda b: b[0], inner="eager")
+    assert fxdeco.backend(calib_loader=[(torch.randn(2, 4), 0)], input_fn=lambda b: b[0], inner="eager")

@@ -652,3 +652,20 @@ def test_a_model_traced_with_leaf_modules_loads_and_applies_with_them(tmp_path: 
     with torch.no_grad():
         assert torch.equal(loaded(x), small(x))
         assert torch.allclose(applied(x), small(x), atol=1e-6)
+
+
+def test_loading_into_a_decomposed_model_says_it_needs_the_original(tmp_path) -> None:
+    """Passing the decomposed result (or another fxdeco result) to load() was refused as 'the model has no such
+    Linear/Conv2d layer', which points at the wrong model class rather than at the decomposed one."""
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+
+    g = torch.Generator().manual_seed(0)
+    small = fxdeco.transform(build(), [torch.randn(64, 3, generator=g) @ torch.randn(3, 8, generator=g)],
+                             nsr_threshold=0.05, show_progress=False)
+    folder = fxdeco.save(small, tmp_path / "small")
+    with pytest.raises(PlanMismatchError, match="is itself a model fxdeco decomposed.*freshly built original"):
+        fxdeco.load(folder, small)
+    x = torch.randn(3, 8)
+    assert torch.equal(fxdeco.load(folder, build())(x), small(x))
