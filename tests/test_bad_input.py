@@ -507,9 +507,11 @@ def test_skip_pattern_matching_no_layer_warns(where: str, pattern: str) -> None:
 
 def test_skip_pattern_matching_a_layer_is_quiet() -> None:
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error")  # a warning about the patterns fails the test
         fxdeco.prepare(mlp(), skip=["[1-9]"])
-        fxdeco.transform(mlp(), good(), fxdeco.Falor(nsr_threshold=0.5, skip=["2", "*0"]), show_progress=False)
+        small = fxdeco.transform(mlp(), good(), fxdeco.Falor(nsr_threshold=0.5, skip=["2", "*0"]), show_progress=False)
+    skipped = {d.target for d in small.meta["fxdeco"].decisions if d.reason == "skipped by pattern"}
+    assert skipped == {"0", "2"}
 
 
 def test_convert_before_calibration() -> None:
