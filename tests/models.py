@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,3 +105,18 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv2(F.relu(self.bn(self.conv1(x)))))
         return self.head(F.relu(self.fc(x.mean((2, 3)))))
+
+
+def trained_state(make: Callable[[], nn.Module], batches: Iterable[Any],
+                  loss: Callable[[torch.Tensor, Any], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of ``make()`` (built after ``torch.manual_seed(0)``) trained with Adam (lr 1e-2), one step per
+    ``(input, target)`` batch, on ``loss(output, batch)``: a small model whose loss rises when a layer loses rank."""
+    torch.manual_seed(0)
+    model = make()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for batch in batches:
+        value = loss(model(batch[0]), batch)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

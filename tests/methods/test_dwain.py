@@ -15,6 +15,7 @@ from fxdeco.errors import CalibrationError
 from fxdeco.methods.dwain import search
 from fxdeco.methods.dwain.search import Probe, Thresholds, removed_params
 from passes import Factorization, factorize_sites
+from tests.models import trained_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,15 +42,7 @@ class TinyLM(nn.Module):
 @functools.cache
 def _trained_state() -> dict[str, torch.Tensor]:
     """A TinyLM trained (a second) to map each token to its target: its loss rises when a layer loses rank."""
-    torch.manual_seed(0)
-    model = TinyLM()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for batch in _batches(150, seed=2):
-        loss = next_token_loss(model(batch[0]), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return trained_state(TinyLM, _batches(150, seed=2), next_token_loss)
 
 
 def _model() -> TinyLM:

@@ -11,6 +11,7 @@ from torch import nn
 import fxdeco
 from fxdeco.methods.dwain.search import Thresholds, removed_params
 from fxdeco.metadata import model_record
+from tests.models import trained_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,15 +62,7 @@ def loss_fn(output: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> t
 
 @functools.cache
 def _trained_state() -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = BlockLM()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for batch in _batches(120, seed=2):
-        loss = loss_fn(model(batch[0]), batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return trained_state(BlockLM, _batches(120, seed=2), loss_fn)
 
 
 def _model() -> BlockLM:
