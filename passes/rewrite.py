@@ -243,6 +243,11 @@ def factorize_sites(
         weight = fetch_attr(new, site.weight)
         bias = fetch_attr(new, site.bias) if site.bias else None
         module = factored_module(site, fact, weight.detach(), None if bias is None else bias.detach())
+        # a frozen layer's factors stay frozen for a fine-tune after (a frozen weight with a trainable bias, as
+        # BitFit trains: the second factor's bias stays trainable)
+        module.requires_grad_(weight.requires_grad)
+        if bias is not None and module[-1].bias is not None:
+            module[-1].bias.requires_grad_(bias.requires_grad)
         path = _install(new, site, module)
         for s in group:
             _rewrite_node(new.graph, nodes[s.node], s, path, fact)

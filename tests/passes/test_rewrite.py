@@ -146,3 +146,27 @@ def test_export_graph_sites_are_rewritten_and_their_weights_dropped() -> None:
     assert not [n for n in new.graph.nodes if n.op == "get_attr"], "the dense weights are no longer read"
     assert sorted(new.state_dict()) == ["0.0.weight", "0.1.bias", "0.1.weight", "2.0.weight", "2.1.bias",
                                         "2.1.weight"]
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_factors_keep_the_dense_layers_trainable_flags(capture: str) -> None:
+    """A frozen layer's factors stay frozen, a trainable one's stay trainable, and a trainable bias on a frozen
+    weight (BitFit) stays trainable: a fine-tune after decomposition trains what the caller trained."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[0].requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    x = torch.randn(4, 8)
+    gm = export_capture(model, (x,)) if capture == "export" else fxdeco.trace(model)
+    sites, _ = find_sites(gm)
+    plan = {s.target: svd_factors(s, fetch_attr(gm, s.weight), 2) for s in sites}
+    new = factorize_sites(gm, sites, plan)
+    flags = {name: p.requires_grad for name, p in new.named_parameters()}
+    first = {s.target: next(n for n in flags if n.startswith(f"{s.target}.") and n.endswith(".0.weight"))
+             for s in sites}
+    assert len(set(first.values())) == 3, flags
+    assert flags[first[sites[0].target]] is False and flags[first[sites[2].target]] is True
+    assert flags[first[sites[1].target]] is False
+    # the layer whose bias alone was trainable: its second factor's bias is trainable, its weights are not
+    second_bias = next(n for n in flags if n.startswith(sites[1].target) and n.endswith(".1.bias"))
+    assert flags[second_bias] is True
+    assert not flags[second_bias.replace(".bias", ".weight")]
