@@ -132,7 +132,8 @@ class SiteLatency:
             return False
         return self.dense > estimate.seconds * (1 + margin)
 
-    def fastest_near(self, rank: int, ranks: Iterable[int] | None = None, *, window: float = 0.25) -> int:
+    def fastest_near(self, rank: int, ranks: Iterable[int] | None = None, *, window: float = 0.25,
+                     tolerance: float = 0.0) -> int:
         """``rank``, or a larger measured rank within ``window`` that is faster: the fastest of them.
 
         Candidates are the measured ranks ``r`` with ``rank < r <= ceil(rank * (1 + window))``
@@ -140,20 +141,26 @@ class SiteLatency:
         faster than ``rank`` itself (measured or estimated), and among equally
         fast ones the smallest. A larger rank is never less accurate, so this
         snaps a rank up to a faster width nearby (a multiple of 16 on a GPU,
-        say) and never down.
+        say) and never down. With ``tolerance`` (0.03: 3%), the largest of the
+        ranks within that much of the fastest is chosen instead: a difference
+        of timing noise is not worth the accuracy of the larger rank.
 
         Example:
             >>> lat = SiteLatency("fc", dense=10.0, measured={30: 3.3, 32: 2.9, 33: 3.4, 48: 2.0})
             >>> lat.fastest_near(30), lat.fastest_near(30, [33]), lat.fastest_near(33), lat.fastest_near(30, window=1)
             (32, 30, 33, 48)
+            >>> flat = SiteLatency("fc", dense=10.0, measured={19: 2.00, 20: 2.01, 22: 2.04, 24: 2.2})
+            >>> flat.fastest_near(19), flat.fastest_near(19, tolerance=0.03)
+            (19, 22)
         """
-        if window < 0:
-            raise ValueError(f"window must be >= 0, got {window}")
+        if window < 0 or tolerance < 0:
+            raise ValueError(f"window and tolerance must be >= 0, got {window} and {tolerance}")
         rank = int(rank)
         top = math.ceil(rank * (1 + window))
         allowed = None if ranks is None else {int(r) for r in ranks}
-        best, best_time = rank, self.factored(rank).seconds
-        for r in self.ranks:
-            if rank < r <= top and (allowed is None or r in allowed) and self.measured[r] < best_time:
-                best, best_time = r, self.measured[r]
-        return best
+        near = {rank: self.factored(rank).seconds}
+        near.update({r: t for r, t in self.measured.items() if rank < r <= top and (allowed is None or r in allowed)})
+        fastest = min(near.values())
+        if tolerance == 0:
+            return min(r for r, t in near.items() if t == fastest)
+        return max(r for r, t in near.items() if t <= fastest * (1 + tolerance))

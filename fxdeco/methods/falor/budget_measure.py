@@ -73,6 +73,8 @@ class FinalNsrMeter:
             self.references = self._references()
         self.probes = 0
         self.replayed_macs = 0.0  # MACs the probes' replays ran (passes.replay.GraphWalk), for cost accounting
+        # errors measured so far, by (layer, rank): a latency budget allocates several times over the same spectra
+        self.known: dict[tuple[str, int], float] = {}
 
     def _references(self) -> list[Any]:
         """What the error is measured against, per metric batch: the original's output."""
@@ -88,10 +90,14 @@ class FinalNsrMeter:
 
         Under torch.distributed (:mod:`fxdeco.distributed`) each rank measures on its own metric batches and each
         error is the mean over every rank's (reduced by :meth:`_error`), the same on all ranks: the budget's next
-        allocation depends on it.
+        allocation depends on it. A (layer, rank) measured before is not measured again (``spectra`` must be the
+        same for the meter's whole life, as within one plan).
         """
+        result = {t: self.known[(t, r)] for t, r in ranks.items() if (t, r) in self.known}
+        ranks = {t: r for t, r in ranks.items() if t not in result}
+        if not ranks:
+            return result
         first = {t: min(self.nodes_of[t], key=self.order.__getitem__) for t in ranks}
-        result: dict[str, float] = {}
         with eval_mode(self.gm), torch.no_grad():
             walks = [GraphWalk(self.gm, flat) for flat in self.metric_inputs]
             for target in sorted(ranks, key=lambda t: self.order[first[t]]):
@@ -101,7 +107,7 @@ class FinalNsrMeter:
                 bias = fetch_attr(self.gm, site.bias) if site.bias else None
                 probe = Probe(site, self.nodes_of[target], spectra[target], bias, walks, self.references,
                               self.output_fn, 1.0, None)
-                result[target] = self._error(probe, ranks[target])
+                result[target] = self.known[(target, ranks[target])] = self._error(probe, ranks[target])
                 self.probes += 1
             self.replayed_macs += sum(w.replayed_macs for w in walks)
         return result

@@ -205,10 +205,19 @@ def budget_dense_reason(site: Site, config: Falor, candidates: list[int]) -> str
 
 
 def _budget_candidates(site: Site, config: Falor, latency: LatencyModel | None) -> list[int]:
-    """The ranks the budget may give ``site`` (none for a layer the latency budget could not time)."""
+    """The ranks the budget may give ``site`` (none for a layer the latency budget could not time).
+
+    A latency budget drops the ranks that are not measurably faster than a
+    larger one (:meth:`~fxdeco.methods.falor.speed.LatencyModel.worth_ranks`),
+    whichever cost it allocates by (its MAC-shaped plan too): below some width a
+    thin factored layer costs its fixed overhead, and a thinner rank there buys
+    error for no time (or only for timing noise).
+    """
     if latency is not None and site.target not in latency.latencies:
         return []
-    return config.candidate_ranks(site)
+    candidates = config.candidate_ranks(site)
+    return latency.worth_ranks(site, candidates) if config.keep_latency is not None and latency is not None \
+        else candidates
 
 
 def _accept_by_speed(layers: list[_Layer], chosen: dict[str, int | str], config: Falor,
@@ -236,15 +245,16 @@ def _uses_output_error(layers: list[_Layer], criterion: str) -> bool:
     return use_output
 
 
-def _budget_ranks(layers: list[_Layer], config: Falor, model_total: float, use_output: bool,
-                  latency: LatencyModel | None = None,
+def _budget_ranks(layers: list[_Layer], config: Falor, budget: tuple[str, float], model_total: float,
+                  use_output: bool, latency: LatencyModel | None = None,
                   scales: Mapping[str, float] | None = None) -> dict[str, int | str]:
-    """Ranks for all layers at once so the model keeps ``keep`` of its params (or MACs).
+    """Ranks for all layers at once so the model keeps ``keep`` of its params (MACs, seconds); ``budget`` is
+    ``(measure, keep)``.
 
     ``scales`` multiply layers' predicted final-output error curves (measured / predicted,
     ``fxdeco.methods.falor.budget_measure``); a layer without one gets the median scale, so all curves share a unit.
     """
-    measure, keep = config.budget
+    measure, keep = budget
     options, ranks = [], []
     default_scale = statistics_lib.median(scales.values()) if scales else 1.0
     for layer in layers:
@@ -259,7 +269,7 @@ def _budget_ranks(layers: list[_Layer], config: Falor, model_total: float, use_o
     fixed = model_total - sum(float(o.costs[0]) for o in options)
     # a latency budget is aimed off by the last measured miss of the additive prediction (measured / predicted)
     target = keep * model_total
-    if latency is not None and latency.correction != 1.0:
+    if measure == "latency" and latency is not None and latency.correction != 1.0:
         floor = fixed + sum(float(o.costs.min()) for o in options)
         target = max(target / latency.correction, floor)  # the fastest plan, when the correction asks for more
     choice = allocate(options, target, fixed)
@@ -270,12 +280,16 @@ def _budget_ranks(layers: list[_Layer], config: Falor, model_total: float, use_o
 
 
 def _refine(layers: list[_Layer], chosen: dict[str, int | str], allocate_ranks: Callable[..., dict[str, int | str]],
-            measure_final_nsr: FinalNsrMeasure, rounds: int) -> dict[str, int | str]:
-    """Measure the allocated layers, rescale their predicted curves, allocate again; ``rounds`` times."""
+            measure_final_nsr: FinalNsrMeasure, rounds: int,
+            scales: dict[str, float] | None = None) -> dict[str, int | str]:
+    """Measure the allocated layers, rescale their predicted curves, allocate again; ``rounds`` times.
+
+    ``scales`` (updated in place) holds the scales measured by earlier allocations of the same layers.
+    """
     from fxdeco.methods.falor.budget_measure import measured_scales
 
     by_target = {layer.site.target: layer for layer in layers}
-    scales: dict[str, float] = {}
+    scales = {} if scales is None else scales
     for round_index in range(rounds):
         ranks = {t: r for t, r in chosen.items() if isinstance(r, int)}
         if not ranks:
@@ -350,27 +364,96 @@ def falor_local(
     if config.mode == "final-output":
         raise ValueError("falor_local plans local and budget mode; final-output mode runs in "
                          "fxdeco.methods.falor.final")
-    targets = unique_targets(sites)
-    skipped = [s for s in targets if matches_any(s.target, config.skip)]
-    layers = _analyse(gm, [s for s in targets if s not in skipped], statistics, config)
-    if config.mode == "budget":
-        measure, keep = config.budget
-        use_output = _uses_output_error(layers, config.budget_criterion)
-        log.info("falor budget: allocating by %s",
-                 "predicted final-output error" if use_output else "summed layer NSR")
-        allocate_ranks = functools.partial(_budget_ranks, layers, config, _model_total(gm, measure, latency),
-                                           use_output, latency)
-        chosen = allocate_ranks()
-        if use_output and measure_final_nsr is not None and config.budget_rounds > 0:
-            chosen = _refine(layers, chosen, allocate_ranks, measure_final_nsr, config.budget_rounds)
-    else:
-        chosen = _threshold_ranks(layers, config)
-    if config.accepts_by_speed:
-        if latency is None:
+    return LocalPlanner(gm, sites, statistics, config, measure_final_nsr=measure_final_nsr, latency=latency).plan()
+
+
+class LocalPlanner:
+    """The layers of local and budget mode, analysed once (spectra, error curves) and planned at any budget.
+
+    :func:`falor_local` plans once; a latency budget plans several times (its
+    rounds, and the MAC-shaped plan it measures beside them:
+    ``fxdeco.methods.falor.speed``), and the spectra and the measured error
+    scales of the budget rounds carry over from one plan to the next.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, sites: Iterable[Site], statistics: dict[str, SiteStatistics],
+                 config: Falor, *, measure_final_nsr: FinalNsrMeasure | None = None,
+                 latency: LatencyModel | None = None) -> None:
+        if config.accepts_by_speed and latency is None:
             raise ValueError("acceptance by speed needs the layers' timings: run falor through fxdeco.convert, or "
                              "pass latency=fxdeco.methods.falor.speed.latency_model(prepared, config)")
-        chosen = _accept_by_speed(layers, chosen, config, latency)
-    return plan_from_ranks(gm, targets, statistics, layers, chosen)
+        self.gm, self.statistics, self.config, self.latency = gm, statistics, config, latency
+        self.measure_final_nsr = measure_final_nsr
+        self.targets = unique_targets(sites)
+        self.layers = _analyse(gm, [s for s in self.targets if not matches_any(s.target, config.skip)], statistics,
+                               config)
+        self.use_output = False
+        if config.mode == "budget":
+            self.use_output = _uses_output_error(self.layers, config.budget_criterion)
+            log.info("falor budget: allocating by %s",
+                     "predicted final-output error" if self.use_output else "summed layer NSR")
+        self.scales: dict[str, float] = {}  # measured / predicted final-output error, by layer (budget rounds)
+
+    def ranks(self, budget: tuple[str, float] | None = None, *, refine: bool = True) -> dict[str, int | str]:
+        """Each layer's rank (or why it stays dense) before acceptance by speed: by the config's threshold, or
+        allocated at ``budget`` (``(measure, keep)``; default the config's), refined by ``budget_rounds`` rounds
+        of measurement when ``refine``."""
+        if self.config.mode != "budget":
+            return _threshold_ranks(self.layers, self.config)
+        budget = budget or self.config.budget
+        allocate_ranks = functools.partial(_budget_ranks, self.layers, self.config, budget,
+                                           _model_total(self.gm, budget[0], self.latency), self.use_output,
+                                           self.latency)
+        chosen = allocate_ranks(scales=self.scales)
+        if refine and self.use_output and self.measure_final_nsr is not None and self.config.budget_rounds > 0:
+            chosen = _refine(self.layers, chosen, allocate_ranks, self.measure_final_nsr, self.config.budget_rounds,
+                             self.scales)
+        return chosen
+
+    def keep_for_seconds(self, measure: str, seconds: float, steps: int = 14) -> float | None:
+        """The largest ``keep_<measure>`` whose allocation (before refinement and acceptance) the layer timings
+        predict at most ``seconds`` per call for; None when no budget is predicted that fast (bisection).
+
+        Example:
+            >>> import fxdeco, torch
+            >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256))
+            >>> _ = torch.manual_seed(0)
+            >>> prepared = fxdeco.calibrate(fxdeco.prepare(model, keep_batches=1), [torch.randn(512, 256)])
+            >>> from fxdeco.methods.falor.speed import LatencyModel
+            >>> from fxdeco.latency.curve import SiteLatency
+            >>> fake = {s.target: SiteLatency(s.target, 1.0, {8: 0.1, 128: 0.6}) for s in prepared.sites}
+            >>> planner = LocalPlanner(prepared.gm, prepared.sites, prepared.statistics,
+            ...                        Falor(keep_macs=0.5, budget_criterion="nsr"),
+            ...                        latency=LatencyModel(fake, 2.5, 0.5, ((), {})))
+            >>> keep = planner.keep_for_seconds("macs", 1.2)   # 0.5 s outside the layers: 0.7 s for both
+            >>> round(keep, 2), planner.ranks(("macs", keep))    # each 0.1 + 56 / 240 s: 1.17 s in all
+            (0.53, {'0': 64, '2': 64})
+        """
+        from fxdeco.methods.falor.budget import BudgetError
+
+        def predicted(keep: float) -> float | None:
+            try:
+                chosen = self.ranks((measure, keep), refine=False)
+            except BudgetError:  # below what every layer at its smallest rank reaches
+                return None
+            return self.latency.predict({t: r if isinstance(r, int) else None for t, r in chosen.items()})
+
+        best, lo, hi = None, 0.0, 1.0
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            time = predicted(mid)
+            if time is not None and time <= seconds:
+                best, lo = mid, mid
+            else:
+                hi = mid
+        return best
+
+    def plan(self, budget: tuple[str, float] | None = None) -> tuple[dict[str, Factorization], list[LayerDecision]]:
+        """The factors and decisions (see :meth:`ranks`), each rank accepted by speed when the config asks."""
+        chosen = self.ranks(budget)
+        if self.config.accepts_by_speed:
+            chosen = _accept_by_speed(self.layers, chosen, self.config, self.latency)
+        return plan_from_ranks(self.gm, self.targets, self.statistics, self.layers, chosen)
 
 
 def plan_from_ranks(gm: torch.fx.GraphModule, targets: list[Site], statistics: Mapping[str, SiteStatistics],
@@ -457,11 +540,9 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
         meter = _budget_meter(prepared, config.budget_rounds, config.budget_criterion) \
             if config.mode == "budget" else None
 
-        def plan_once() -> tuple[dict[str, Factorization], list[LayerDecision]]:
-            return falor_local(prepared.gm, prepared.sites, prepared.statistics, config,
+        planner = LocalPlanner(prepared.gm, prepared.sites, prepared.statistics, config,
                                measure_final_nsr=meter.measure if meter is not None else None, latency=latency)
-
-        plan, decisions = plan_once()
+        plan, decisions = planner.plan()
         summary = ({"budget_rounds": config.budget_rounds, "probes": meter.probes, "metric_batches": 1,
                     "probe_forward_equivalents": meter.forward_equivalents()} if meter is not None else {})
         if config.mode == "budget" and prepared.sensitivity_moments is not None:
@@ -476,7 +557,7 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
                              f"batches (with fxdeco.prepare: prepare(..., keep_batches={wanted}))")
         plan, decisions, summary = falor_final(prepared.gm, prepared.sites, prepared.statistics, config,
                                                metric_inputs=kept[:wanted], output_fn=prepared.output_fn)
-        plan_once = None
+        planner = None
         if config.accepts_by_speed:
             from fxdeco.methods.falor.speed import drop_slower
 
@@ -484,6 +565,6 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
     if latency is not None:
         from fxdeco.methods.falor.speed import measure_latency_rounds
 
-        plan, decisions, figures = measure_latency_rounds(prepared, config, latency, plan, decisions, plan_once)
+        plan, decisions, figures = measure_latency_rounds(prepared, config, latency, plan, decisions, planner)
         summary = {**summary, **figures}
     return plan, decisions, summary

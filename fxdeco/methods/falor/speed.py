@@ -16,9 +16,10 @@ ranks (cached on disk, so a second run times nothing new):
   prediction missed, the budget is rescaled by the miss and allocated again
   (``latency_rounds``).
 * **acceptance**: a chosen rank is timed exactly, with the candidate ranks up to
-  25% above it; the rank moves up to the fastest of them (a larger rank is never
-  less accurate), and the layer stays dense unless that is measurably faster
-  (by :data:`SPEED_MARGIN`) than the dense layer.
+  25% above it; the rank moves up to the largest of them within
+  :data:`RANK_STEP_MARGIN` of the fastest (a larger rank is never less accurate),
+  and the layer stays dense unless that is measurably faster (by
+  :data:`SPEED_MARGIN`) than the dense layer.
 
 Under torch.distributed (:mod:`fxdeco.distributed`) only rank 0 times, and every
 rank uses rank 0's times (:func:`fxdeco.distributed.on_rank0`). Times are not
@@ -57,8 +58,11 @@ from fxdeco.latency.graph import compare_models, rest_seconds
 from fxdeco.latency.probe import TimingOptions, probe_sites, refine
 from fxdeco.errors import warn_user
 from fxdeco.methods.falor.config import Falor
+from fxdeco.methods.falor.final_metrics import final_nsr
+from fxdeco.modes import eval_mode
+from fxdeco.outputs import select_output
 from fxdeco.plan import LayerDecision, matches_any, unique_targets
-from passes import Factorization, Site, factorize_sites
+from passes import Factorization, Site, factorize_sites, fresh_inputs
 from passes.inputs import unflatten_inputs
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,9 @@ MODEL_WARMUP_S, MODEL_REPEATS, MODEL_MIN_SAMPLE_S = 0.5, 7, 0.05
 # Grid points per layer, the snapping window above a chosen rank, the largest number of ranks timed there,
 # and by how much a factored layer must beat the dense one to be accepted (timing noise is a few percent).
 GRID_POINTS, SNAP_WINDOW, SNAP_RANKS, SPEED_MARGIN = 8, 0.25, 5, 0.05
+# A latency budget considers a rank only when it is faster by this much than every larger rank it considers
+# (LatencyModel.worth_ranks): below that, a thinner rank buys error for timing noise.
+RANK_STEP_MARGIN = 0.03
 
 
 def grid(candidates: Sequence[int], points: int = GRID_POINTS) -> list[int]:
@@ -113,6 +120,33 @@ class LatencyModel:
         lat = self.latencies[site.target]
         return [lat.dense] + [lat.seconds(k) for k in candidates]
 
+    def worth_ranks(self, site: Site, candidates: Sequence[int]) -> list[int]:
+        """The ``candidates`` a latency budget may give ``site``: each measurably faster (by
+        :data:`RANK_STEP_MARGIN`) than every larger one kept, so the largest always is.
+
+        Below some width a factored layer runs at its fixed cost (two kernel
+        launches, the intermediate activation), and its time stops falling with
+        the rank while its error keeps rising: those ranks cost accuracy and buy
+        no measurable time, and the knapsack, which would take a rank 1% faster
+        that the noise of one timing made look so, never sees them.
+
+        Example:
+            >>> from passes import Site
+            >>> m = LatencyModel({"fc": SiteLatency("fc", 10.0, {8: 2.0, 16: 2.01, 32: 3.0, 64: 5.0})}, 10.0, 0.0,
+            ...                  ((), {}))
+            >>> m.worth_ranks(Site("fc", "linear", "fc", "fc.weight", None, (128, 128)), [8, 16, 32, 64])
+            [16, 32, 64]
+        """
+        lat = self.latencies[site.target]
+        kept: list[int] = []
+        fastest = math.inf
+        for k in sorted(candidates, reverse=True):
+            seconds = lat.seconds(k)
+            if seconds * (1 + RANK_STEP_MARGIN) < fastest:
+                kept.append(k)
+                fastest = seconds
+        return kept[::-1]
+
     def predict(self, ranks: Mapping[str, int | None]) -> float:
         """Predicted seconds per call with the timed layers at ``ranks`` (None or absent: dense)."""
         return self.rest + sum(lat.seconds(ranks.get(t)) for t, lat in self.latencies.items())
@@ -129,7 +163,7 @@ class LatencyModel:
         timed = [rank, *near[step - 1::step]]
         lat = self.latencies[site.target] = distributed.on_rank0(
             lambda: refine(lat, timed, options=TIMING), f"timing layer {site.target!r}", share=_shared)
-        best = lat.fastest_near(rank, [rank, *near], window=SNAP_WINDOW)
+        best = lat.fastest_near(rank, [rank, *near], window=SNAP_WINDOW, tolerance=RANK_STEP_MARGIN)
         if not lat.is_faster(best, SPEED_MARGIN, measured_only=True):
             return (f"factored at rank {best} not measurably faster ({lat.seconds(best) * 1e3:.3g} ms vs "
                     f"{lat.dense * 1e3:.3g} ms dense)")
@@ -205,9 +239,11 @@ def _shared(latency: SiteLatency) -> SiteLatency:
     return dataclasses.replace(latency, table=None)
 
 
-def time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[str, Any]]) -> dict[str, float]:
+def time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[str, Any]], *,
+                on_rank0: bool = True) -> dict[str, float]:
     """Seconds per call of each model on ``call`` (``(args, kwargs)``), warmed up, then timed interleaved
-    (under torch.distributed: on rank 0, its times on every rank)."""
+    (under torch.distributed and ``on_rank0``: on rank 0, its times on every rank; without it, here, for a
+    caller already on rank 0 alone)."""
     args, kwargs = call
     bound = {name: _Bound(m, args, kwargs) for name, m in models.items()}
 
@@ -217,7 +253,7 @@ def time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[s
                 warm_up(fn)
             return compare_models(bound, (), repeats=MODEL_REPEATS, min_sample_s=MODEL_MIN_SAMPLE_S)
 
-    return distributed.on_rank0(measure, f"timing {', '.join(models)}")
+    return distributed.on_rank0(measure, f"timing {', '.join(models)}") if on_rank0 else measure()
 
 
 def warm_up(fn: Callable[[], Any], min_s: float | None = None, max_s: float | None = None,
@@ -264,17 +300,60 @@ class _Bound:
         return self.model(*self.args, **self.kwargs)
 
 
+class PlanError:
+    """How far a decomposed graph's output is from the original's on the kept calibration batches: the
+    final-output NSR, or, when the model was prepared with a loss, how much the loss rises.
+
+    A latency budget times several plans end to end (its rounds, and a MAC-shaped
+    plan beside them); of those that meet the budget it keeps the one this
+    measures as the most accurate. The original's outputs are computed once.
+    """
+
+    def __init__(self, prepared: Any, batches: int = 2) -> None:
+        self.inputs = list(prepared.kept_inputs[:batches])
+        self.output_fn = prepared.output_fn
+        self.loss_fn = prepared.sensitivity_loss
+        self.raw = list(prepared.kept_raw[:len(self.inputs)]) if self.loss_fn is not None else []
+        if len(self.raw) < len(self.inputs):  # the loader's batches were not kept: the loss cannot be computed
+            self.loss_fn = None
+        with eval_mode(prepared.gm), torch.no_grad():
+            self.references = [self._run(prepared.gm, flat) for flat in self.inputs]
+        if self.loss_fn is not None:
+            self.reference_losses = [float(self.loss_fn(out, raw)) for out, raw in zip(self.references, self.raw)]
+
+    @staticmethod
+    def _run(gm: torch.fx.GraphModule, flat: Sequence[Any]) -> Any:
+        return torch.fx.Interpreter(gm).run(*fresh_inputs(flat))
+
+    def __call__(self, gm: torch.fx.GraphModule) -> float:
+        """The error of ``gm`` (the original's graph decomposed): mean over the batches."""
+        errors = []
+        with eval_mode(gm), torch.no_grad():
+            for i, flat in enumerate(self.inputs):
+                out = self._run(gm, flat)
+                if self.loss_fn is not None:
+                    errors.append(float(self.loss_fn(out, self.raw[i])) - self.reference_losses[i])
+                else:
+                    errors.append(final_nsr(select_output(self.references[i], self.output_fn),
+                                            select_output(out, self.output_fn)))
+        return sum(errors) / len(errors)
+
+
 def measure_plan(prepared: Any, latency: LatencyModel, plan: Mapping[str, Factorization],
-                 ranks: Mapping[str, int | None]) -> dict[str, float]:
+                 ranks: Mapping[str, int | None], error: PlanError | None = None) -> dict[str, float]:
     """Time the decomposed graph of ``plan`` beside the original (interleaved); set ``latency.correction``.
 
     Returns the end-to-end figures the report shows: original, predicted and
-    measured seconds per call of the calibration batch.
+    measured seconds per call of the calibration batch (and, given ``error``,
+    the plan's measured error as ``"error"``).
     """
-    # built and timed on rank 0 only under torch.distributed (every rank gets its times)
-    measured = distributed.on_rank0(lambda: time_models(
-        {"original": prepared.gm, "decomposed": factorize_sites(prepared.gm, prepared.sites, dict(plan))},
-        latency.call), "timing the decomposed model")
+    def measure() -> dict[str, float]:
+        decomposed = factorize_sites(prepared.gm, prepared.sites, dict(plan))
+        times = time_models({"original": prepared.gm, "decomposed": decomposed}, latency.call, on_rank0=False)
+        return {**times, **({"error": error(decomposed)} if error is not None else {})}
+
+    # built, timed and measured on rank 0 only under torch.distributed (every rank gets its figures)
+    measured = distributed.on_rank0(measure, "timing the decomposed model")
     predicted = latency.predict(ranks)
     # the original as timed now, alongside: the machine's load may have changed since the layers were timed
     latency.retime_original(measured["original"])
@@ -282,8 +361,9 @@ def measure_plan(prepared: Any, latency: LatencyModel, plan: Mapping[str, Factor
     log.info("falor latency: decomposed model measured at %.3f of the original (predicted %.3f; original %.3g ms, "
              "%.3g ms when the layers were timed)", measured["decomposed"] / measured["original"],
              predicted / latency.original, measured["original"] * 1e3, latency.original * 1e3)
-    return {"latency_original_s": measured["original"], "latency_predicted_s": predicted / scale,
-            "latency_measured_s": measured["decomposed"]}
+    figures = {"latency_original_s": measured["original"], "latency_predicted_s": predicted / scale,
+               "latency_measured_s": measured["decomposed"]}
+    return {**figures, **({"error": measured["error"]} if "error" in measured else {})}
 
 
 # keep_latency is an upper bound: a plan meets it when the decomposed model measures at most LATENCY_TOLERANCE
@@ -319,65 +399,150 @@ def next_aim(aim: float, measured: float, keep: float) -> float:
     return aim * step
 
 
+def in_band(measured: float, keep: float) -> bool:
+    """Whether a plan measured at ``measured`` of the original stops the rounds of ``keep_latency=keep``.
+
+    Example:
+        >>> in_band(0.58, 0.6), in_band(0.5, 0.6), in_band(0.62, 0.6)
+        (True, False, False)
+    """
+    return 1 - BAND_BELOW <= measured / keep <= 1 + LATENCY_TOLERANCE
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One plan a latency budget timed end to end: its factors, decisions, figures, and how it was allocated."""
+
+    plan: dict[str, Factorization]
+    decisions: list[LayerDecision]
+    figures: dict[str, float]
+    allocated_by: str  # "latency", or "macs=<fraction>" for the MAC-shaped plan
+
+    @property
+    def achieved(self) -> float:
+        """Measured seconds as a fraction of the original's, timed alongside."""
+        return self.figures["latency_measured_s"] / self.figures["latency_original_s"]
+
+    @property
+    def predicted(self) -> float:
+        return self.figures["latency_predicted_s"] / self.figures["latency_original_s"]
+
+
 def measure_latency_rounds(prepared: Any, config: Falor, latency: LatencyModel, plan: dict[str, Factorization],
-                           decisions: list[LayerDecision], plan_once: Callable[[], Planned] | None
+                           decisions: list[LayerDecision], planner: Any | None
                            ) -> tuple[dict[str, Factorization], list[LayerDecision], dict[str, float]]:
-    """Time the decomposed model end to end; under ``keep_latency``, re-allocate when the prediction missed.
+    """Time the decomposed model end to end; under ``keep_latency``, re-allocate when the prediction missed, and
+    time a MAC-shaped plan beside the latency-shaped ones.
 
     Each round moves the budget the knapsack aims at by the last miss
-    (:func:`next_aim`, through ``LatencyModel.correction``) and plans again; of
-    the attempts, the slowest one that meets the budget (at most
-    :data:`LATENCY_TOLERANCE` over it) is kept (it decomposes least, so it is the most
-    accurate). When none meets it, :class:`~fxdeco.methods.falor.budget.BudgetError` says
-    what was reached: the plans the rounds push towards then are the ones that
-    decompose every layer near its smallest rank, and they are not to be
-    returned silently (the Fashion-MNIST ViT at keep_latency=0.5: 0.557 of the
-    original at 18.6% accuracy). Returns the plan, its decisions with each
-    layer's measured times, and the end-to-end figures for the report.
+    (:func:`next_aim`, through ``LatencyModel.correction``) and plans again.
+    When the first plan missed (a round ran), the same layers are also allocated
+    by MACs, at the MAC budget predicted to land in the band
+    (:func:`mac_shaped_attempts`): the layer timings are noisy, and a knapsack over noisy costs favours the
+    ranks whose timing came out low, so its measured plan can be slower, and
+    less accurate, than one shaped by MACs (timm deit_small at keep_latency=0.6:
+    0.641 of the original at logit cosine 0.937, where keep_macs=0.6 measured
+    0.632 at 0.965). Of the attempts that meet the budget (at most
+    :data:`LATENCY_TOLERANCE` over it), the one with the least measured error
+    (:class:`PlanError`) is kept. When none meets it,
+    :class:`~fxdeco.methods.falor.budget.BudgetError` says what was reached:
+    the plans the rounds push towards then are the ones that decompose every
+    layer near its smallest rank, and they are not to be returned silently
+    (the Fashion-MNIST ViT at keep_latency=0.5: 0.557 of the original at 18.6%
+    accuracy). Returns the plan, its decisions with each layer's measured
+    times, and the end-to-end figures for the report.
     """
-    def achieved(figures: Mapping[str, float]) -> float:
-        return figures["latency_measured_s"] / figures["latency_original_s"]
-
-    attempts = [(plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions)))]
-    rounds = config.latency_rounds if config.keep_latency is not None and plan_once is not None else 0
-    aim = config.keep_latency / latency.correction if rounds else 0.0
+    keep = config.keep_latency
+    error = PlanError(prepared) if keep is not None else None
+    attempts = [Attempt(plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions), error), "latency")]
+    rounds = config.latency_rounds if keep is not None and planner is not None else 0
+    aim = keep / latency.correction if rounds else 0.0
     for _ in range(rounds):
-        measured = achieved(attempts[-1][2])
-        if 1 - BAND_BELOW <= measured / config.keep_latency <= 1 + LATENCY_TOLERANCE:
+        measured = attempts[-1].achieved
+        if in_band(measured, keep):
             break
-        aim = next_aim(aim, measured, config.keep_latency)
+        aim = next_aim(aim, measured, keep)
         log.info("falor latency: measured %.3f of the original against keep_latency=%.3g; allocating again for "
-                 "a predicted %.3f", measured, config.keep_latency, aim)
-        latency.correction = config.keep_latency / aim
-        plan, decisions = plan_once()
-        attempts.append((plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions))))
+                 "a predicted %.3f", measured, keep, aim)
+        latency.correction = keep / aim
+        plan, decisions = planner.plan()
+        attempts.append(Attempt(plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions), error),
+                                "latency"))
+    latency_shaped = len(attempts)
+    if latency_shaped > 1:  # the first plan missed: the layer timings do not add up, so their shape is in doubt too
+        attempts += mac_shaped_attempts(prepared, config, latency, planner, attempts, error)
 
-    def kept(attempt: tuple) -> float:
-        return achieved(attempt[2])
-
-    if config.keep_latency is not None:
-        meeting = [a for a in attempts if kept(a) <= config.keep_latency * (1 + LATENCY_TOLERANCE)]
-        fastest = min(attempts, key=kept)
-        if not meeting and kept(fastest) <= config.keep_latency * (1 + REFUSE_OVER):
-            warn_user(f"keep_latency={config.keep_latency:g} was not met: the fastest of {len(attempts)} plans timed "
-                      f"end to end measured {kept(fastest):.3f} of the original (within {REFUSE_OVER:.0%}, which "
-                      "is timing noise on a busy machine, so it is returned)")
-            meeting = [fastest]
-        if not meeting:  # the fastest plan tried is far worse than asked for: refuse rather than return it
-            from fxdeco.methods.falor.budget import BudgetError
-
-            fastest = kept(fastest)
-            raise BudgetError(
-                f"keep_latency={config.keep_latency:g} was not met: of {len(attempts)} plans timed end to end, the "
-                f"fastest measured {fastest:.3f} of the original (the layers' timings predicted less; what is left "
-                f"outside them bounds the speed-up). Ask for keep_latency >= {fastest * 1.05:.2f}, or decompose by "
-                "keep_macs / keep_params")
-        plan, decisions, figures = max(meeting, key=kept)
+    if keep is not None:
+        chosen = _choose(attempts, keep)
     else:
-        plan, decisions, figures = attempts[-1]
-    for d in decisions:
+        chosen = attempts[-1]
+    for d in chosen.decisions:
         d.seconds_dense, d.seconds_factored = latency.times(d.target, d.rank)
-    return plan, decisions, {**figures, "latency_rounds_run": len(attempts) - 1}
+    figures = {k: v for k, v in chosen.figures.items() if k != "error"}
+    if keep is not None:
+        figures.update({"latency_rounds_run": latency_shaped - 1, "latency_plans_timed": len(attempts),
+                        "latency_allocated_by": chosen.allocated_by})
+    else:
+        figures["latency_rounds_run"] = 0
+    return chosen.plan, chosen.decisions, figures
+
+
+def _choose(attempts: list[Attempt], keep: float) -> Attempt:
+    """The most accurate attempt (least measured error) that meets ``keep_latency=keep``; the fastest one with a
+    warning when none does but it is within :data:`REFUSE_OVER`; otherwise a BudgetError."""
+    meeting = [a for a in attempts if a.achieved <= keep * (1 + LATENCY_TOLERANCE)]
+    fastest = min(attempts, key=lambda a: a.achieved)
+    if meeting:
+        best = min(meeting, key=lambda a: (a.figures["error"], -a.achieved))
+        log.info("falor latency: of %d plans timed, %d met keep_latency=%.3g; kept the most accurate (allocated by "
+                 "%s: measured %.3f of the original, error %.4g)", len(attempts), len(meeting), keep,
+                 best.allocated_by, best.achieved, best.figures["error"])
+        return best
+    if fastest.achieved <= keep * (1 + REFUSE_OVER):
+        warn_user(f"keep_latency={keep:g} was not met: the fastest of {len(attempts)} plans timed end to end "
+                  f"measured {fastest.achieved:.3f} of the original (within {REFUSE_OVER:.0%}, which is timing "
+                  "noise on a busy machine, so it is returned)")
+        return fastest
+    from fxdeco.methods.falor.budget import BudgetError
+
+    raise BudgetError(
+        f"keep_latency={keep:g} was not met: of {len(attempts)} plans timed end to end, the fastest measured "
+        f"{fastest.achieved:.3f} of the original (the layers' timings predicted less; what is left outside them "
+        f"bounds the speed-up). Ask for keep_latency >= {fastest.achieved * 1.05:.2f}, or decompose by keep_macs / "
+        "keep_params")
+
+
+# The MAC-shaped plan beside a latency budget's: at most this many end-to-end timings (a first aim, one correction).
+MAC_SHAPED_TRIES = 2
+
+
+def mac_shaped_attempts(prepared: Any, config: Falor, latency: LatencyModel, planner: Any,
+                        attempts: Sequence[Attempt], error: PlanError) -> list[Attempt]:
+    """Plans allocated by MACs (``planner.plan(("macs", m))``) at the MAC budget ``m`` whose plan the layer
+    timings predict to land in ``keep_latency``'s band, timed end to end; one correction when the first misses.
+
+    The prediction is corrected by the miss of the latency-shaped attempt that
+    came closest to the budget (measured / predicted). A budget no MAC
+    allocation is predicted to reach gives no attempt.
+    """
+    keep = config.keep_latency
+    closest = min(attempts, key=lambda a: abs(a.achieved - keep))
+    miss = closest.achieved / closest.predicted if closest.predicted > 0 else 1.0
+    aim = keep * (1 + (LATENCY_TOLERANCE - BAND_BELOW) / 2) / miss
+    out: list[Attempt] = []
+    for _ in range(MAC_SHAPED_TRIES):
+        fraction = planner.keep_for_seconds("macs", aim * latency.original)
+        if fraction is None:
+            break
+        plan, decisions = planner.plan(("macs", fraction))
+        out.append(Attempt(plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions), error),
+                           f"macs={fraction:.3f}"))
+        log.info("falor latency: the plan allocated by MACs (keep_macs=%.3f) measured %.3f of the original",
+                 fraction, out[-1].achieved)
+        if in_band(out[-1].achieved, keep):
+            break
+        aim = next_aim(aim, out[-1].achieved, keep)
+    return out
 
 
 def drop_slower(sites: Sequence[Site], plan: dict[str, Factorization], decisions: list[LayerDecision],

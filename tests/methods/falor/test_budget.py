@@ -163,6 +163,20 @@ def test_budget_refinement_probes_each_allocated_layer_once_per_round() -> None:
         fxdeco.convert(prepared, keep_params=0.3, budget_rounds=-1)
 
 
+def test_the_refinement_meter_measures_a_layer_at_a_rank_once() -> None:
+    from fxdeco.methods.falor.budget_measure import FinalNsrMeter
+    from fxdeco.methods.falor.local import _analyse
+
+    prepared = fxdeco.calibrate(fxdeco.prepare(_model(), sensitivity=True, keep_batches=1), _data())
+    meter = FinalNsrMeter(prepared.gm, prepared.sites, prepared.kept_inputs[:1], None)
+    spectra = {l.site.target: l.spec for l in _analyse(prepared.gm, prepared.sites, prepared.statistics,
+                                                        fxdeco.Falor(keep_params=0.5))}
+    first = meter.measure({"0": 4, "2": 4}, spectra)
+    assert meter.probes == 2 and first["0"] > 0
+    again = meter.measure({"0": 4, "2": 6}, spectra)  # "0" at 4 is known; "2" at 6 is new
+    assert meter.probes == 3 and again["0"] == first["0"] and again["2"] < first["2"]
+
+
 # ----------------------------------------------------------------------------- a loss-aware budget
 
 
