@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import logging
@@ -31,6 +30,7 @@ from fxdeco.prepared import PreparedModel, RowWeights, StatMaskFn
 from fxdeco.progress import length_of, progress
 from fxdeco.io.apply import FactoredConv2d, FactoredLinear, apply, check_swappable, swap_module
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
+from passes.capture import copy_graph
 from passes.rewrite import factored_module
 from passes.sites import fetch_attr
 
@@ -147,8 +147,8 @@ def prepare(
     # forward may update a buffer); the parameters stay the model's, read only (nothing here writes a weight, and
     # the decomposed result gets its own copy from the rewrite), so a large model is not held twice.
     model_storage = {p.data_ptr() for p in model.parameters()}
-    gm = copy.deepcopy(traced, {id(p): p for p in traced.parameters()  # inference tensors cannot be differentiated:
-                                if p.data_ptr() in model_storage and not p.is_inference()})  # those are copied
+    gm = copy_graph(traced, {id(p): p for p in traced.parameters()  # inference tensors cannot be differentiated:
+                             if p.data_ptr() in model_storage and not p.is_inference()})  # those are copied
     gm.eval()  # the private copy computes as at inference (BatchNorm running statistics, no dropout)
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)

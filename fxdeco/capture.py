@@ -21,7 +21,6 @@ from fxdeco.metadata import CaptureRecord, set_capture_record
 from fxdeco.modes import eval_mode
 from passes import CaptureError, export_capture, symbolic_capture, training_mode_nodes
 from passes.capture import optional_tensor_inputs, require_inputs, reword_constant_checks
-from passes.inputs import flatten_inputs
 
 log = logging.getLogger(__name__)
 

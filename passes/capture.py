@@ -179,7 +179,67 @@ def export_capture(model: nn.Module, args: tuple, kwargs: dict[str, Any] | None 
     dyn_args, dyn_kwargs = _auto_dynamic_shapes(tuple(args), kwargs)
     dynamic_shapes = {**_positional_dynamic(model, dyn_args), **dyn_kwargs}
     program = torch.export.export(model, tuple(args), kwargs, strict=False, dynamic_shapes=dynamic_shapes)
-    return program.module()
+    gm = program.module()
+    # first, before torch.export's own checks (whose message names no remedy)
+    gm.register_forward_pre_hook(CapturedInputs.of(gm), with_kwargs=True, prepend=True)
+    return gm
+
+
+class CapturedInputs:
+    """A forward pre-hook of an exported graph: a call with other inputs than the calibration batches passed
+    fails with the reason and the remedy, not torch's bare ``unexpected keyword argument``.
+
+    torch.export records the inputs one call passed, and its graph takes exactly
+    those: an optional input the batches left out has no place in it, and one
+    they passed is required on every call. The check costs a comparison of
+    names per call (``passes.rewrite`` carries the hook to the decomposed graph).
+
+    Example:
+        >>> hook = CapturedInputs(("x", "mask"))
+        >>> hook(None, (1,), {"mask": 2}) is None
+        True
+        >>> hook(None, (1,), {"shift": 2})
+        Traceback (most recent call last):
+        ...
+        TypeError: this graph was captured by torch.export from calls with the inputs (x, mask) and takes exactly those; this call passed 'shift' (not among them) and left out 'mask'. Calibrate with batches that pass the inputs you will call it with, or decompose the model itself (fxdeco.decompose_, or fxdeco.apply onto the model) to keep its own forward
+    """
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = tuple(names)
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule) -> "CapturedInputs":
+        import inspect
+
+        return cls(tuple(inspect.signature(gm.forward).parameters))
+
+    @staticmethod
+    def carry(source: nn.Module, target: nn.Module) -> None:
+        """Register ``source``'s hook on ``target`` too (a copy of a GraphModule drops its hooks)."""
+        for hook in source._forward_pre_hooks.values():
+            if isinstance(hook, CapturedInputs):
+                target.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        positional = self.names[:len(args)]
+        if len(args) <= len(self.names) and len(args) + len(kwargs) == len(self.names) \
+                and all(k in self.names and k not in positional for k in kwargs):
+            return None
+        given = [*positional, *kwargs]
+        unknown = [k for k in kwargs if k not in self.names]
+        missing = [n for n in self.names if n not in given]
+        problems = []
+        if len(args) > len(self.names):
+            problems.append(f"passed {len(args)} positional inputs")
+        if unknown:
+            problems.append(f"passed {', '.join(map(repr, unknown))} (not among them)")
+        if missing:
+            problems.append(f"left out {', '.join(map(repr, missing))}")
+        raise TypeError(
+            f"this graph was captured by torch.export from calls with the inputs ({', '.join(self.names)}) and takes "
+            f"exactly those; this call {' and '.join(problems) or 'passed one of them twice'}. Calibrate with "
+            "batches that pass the inputs you will call it with, or decompose the model itself (fxdeco.decompose_, "
+            "or fxdeco.apply onto the model) to keep its own forward")
 
 
 def _positional_dynamic(model: nn.Module, dyn_args: tuple) -> dict[str, Any]:
@@ -243,3 +303,19 @@ def training_mode_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 def _target_name(target: Any) -> str:
     return str(getattr(target, "__name__", None) or target).lower()
+
+
+def copy_graph(gm: torch.fx.GraphModule, memo: dict[int, Any] | None = None) -> torch.fx.GraphModule:
+    """``copy.deepcopy(gm, memo)``, keeping its :class:`CapturedInputs` check (a copied GraphModule loses its
+    forward hooks).
+
+    Example:
+        >>> gm = export_capture(torch.nn.Linear(4, 2), (torch.randn(3, 4),))
+        >>> any(isinstance(h, CapturedInputs) for h in copy_graph(gm)._forward_pre_hooks.values())
+        True
+    """
+    import copy
+
+    new = copy.deepcopy(gm, memo)
+    CapturedInputs.carry(gm, new)
+    return new

@@ -13,13 +13,13 @@ They know nothing of decomposition policy; callers own the modules.
 
 from __future__ import annotations
 
-import copy
 from typing import Mapping, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
+from passes.capture import copy_graph
 from passes.rewrite import FACTORED, FactoredLayer, _drop_unused_attrs, _install, _remove_orphans
 from passes.sites import Site, site_input
 
@@ -111,7 +111,7 @@ def replace_sites_with_chains(gm: torch.fx.GraphModule, sites: Sequence[Site],
     unknown = set(chains) - {s.target for s in sites}
     if unknown:
         raise KeyError(f"chains name layers that are not sites of this graph: {sorted(unknown)}")
-    new = copy.deepcopy(gm)
+    new = copy_graph(gm)
     nodes = {n.name: n for n in new.graph.nodes}
     dropped: set[str] = set()
     installed: dict[str, str] = {}

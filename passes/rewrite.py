@@ -15,7 +15,6 @@ qualified name, so ``blocks.3.mlp.fc1`` turns into ``blocks.3.mlp.fc1.0`` and
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import defaultdict
 from typing import Any, Callable, Mapping
@@ -24,6 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from passes.capture import copy_graph
 from passes.sites import Site, fetch_attr, site_input
 
 
@@ -235,7 +235,7 @@ def factorize_sites(
         dense = fetch_attr(gm, group[0].weight)
         memo[id(dense)] = type(dense)(torch.empty(0, dtype=dense.dtype, device=dense.device), dense.requires_grad) \
             if isinstance(dense, nn.Parameter) else torch.empty(0, dtype=dense.dtype, device=dense.device)
-    new = copy.deepcopy(gm, memo)
+    new = copy_graph(gm, memo)
     nodes = {n.name: n for n in new.graph.nodes}
     dropped: set[str] = set()
     for target, group in by_target.items():

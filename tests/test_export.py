@@ -126,3 +126,33 @@ def test_an_encoder_decoder_whose_decoder_holds_its_own_config_is_captured_witho
     batch = {"input_ids": torch.randint(1, 64, (3, 7)), "decoder_input_ids": torch.randint(1, 64, (3, 5))}
     with torch.no_grad():
         assert torch.allclose(small(**batch).logits, model(**batch).logits, atol=1e-4)
+
+
+class _Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.fc(x)
+        y = y * scale if scale is not None else y
+        return y + shift if shift is not None else y
+
+
+def test_an_exported_result_called_with_other_inputs_than_its_batches_names_them_and_the_remedy(tmp_path) -> None:
+    torch.manual_seed(0)
+    batches = [{"x": torch.randn(256, 64) @ torch.randn(64, 64).tril(-50), "scale": torch.ones(64)}
+               for _ in range(2)]
+    small = fxdeco.transform(_Scaled(), batches, nsr_threshold=0.01, capture="export", show_progress=False)
+    assert small.meta["fxdeco"].decisions[0].decomposed
+    x = batches[0]["x"]
+    assert torch.equal(small(x, torch.ones(64)), small(x=x, scale=torch.ones(64)))  # the inputs it was made for
+    fxdeco.save(small, tmp_path / "m")
+    loaded = fxdeco.load(tmp_path / "m", _Scaled(), example_inputs=batches[0])
+    for model in (small, loaded):
+        with pytest.raises(TypeError, match=r"captured by torch.export from calls with the inputs \(x, scale\).*"
+                                            r"passed 'shift' \(not among them\).*Calibrate with batches that pass"):
+            model(x=x, scale=torch.ones(64), shift=torch.zeros(64))
+        with pytest.raises(TypeError, match="left out 'scale'"):
+            model(x)

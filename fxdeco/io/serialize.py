@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -60,6 +59,7 @@ from fxdeco.metadata import (FactorInfo, ModelRecord, factor_info, factored_laye
 from fxdeco.methods.lockd.branch import full_rank as factored_full_rank
 from fxdeco.plan import LayerDecision
 from passes import Factorization, Site, SkippedSite, factorize_sites, find_sites, remove_dead_sites
+from passes.capture import copy_graph
 from passes.chains import replace_sites_with_chains
 from passes.rewrite import factor_layers
 from passes.sites import fetch_attr
@@ -578,8 +578,8 @@ def _capture(model: nn.Module, plan: dict[str, Any], example_inputs: Any,
         mode = "auto"
     constants = plan.get("constant_inputs")  # absent from plans saved before it was recorded
     leaves, wrapped = _kept_whole(model, plan, leaf_modules, autowrap_functions)
-    gm = copy.deepcopy(trace(model, example_inputs, capture=mode, leaf_modules=leaves, autowrap_functions=wrapped,
-                             constant_inputs=constants if isinstance(constants, dict) else None))
+    gm = copy_graph(trace(model, example_inputs, capture=mode, leaf_modules=leaves, autowrap_functions=wrapped,
+                          constant_inputs=constants if isinstance(constants, dict) else None))
     remove_dead_sites(gm)  # as fxdeco.prepare did
     return gm
 

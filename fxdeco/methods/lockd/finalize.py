@@ -22,6 +22,7 @@ from fxdeco.metadata import FactorInfo, ModelRecord, capture_record, mark_factor
 from fxdeco.methods.lockd.config import Lockd
 from fxdeco.plan import LayerDecision
 from passes import Site
+from passes.capture import copy_graph
 from passes.chains import remove_parallel_chain, replace_sites_with_chains
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def finalize(model: nn.Module, proportion_threshold: float = Lockd.proportion_th
         metas[site.target] = meta
         if decision.decomposed:
             chains[site.target] = pruned_chain(found[site.target])
-    work = copy.deepcopy(gm)
+    work = copy_graph(gm)
     _strip(work, state)
     new = replace_sites_with_chains(work, state.sites, chains, metas)
     _kept_meta(new, state.sites, chains, metas)

@@ -8,7 +8,6 @@ gate logits require gradients.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from collections import defaultdict
@@ -25,6 +24,7 @@ from fxdeco.methods.lockd.config import Lockd
 from fxdeco.methods.lockd.branch import GumbelGate, LockdBranch, full_rank, svd_factors
 from fxdeco.plan import matches_any, warn_unmatched_patterns
 from passes import Site, SkippedSite, find_sites, remove_dead_sites
+from passes.capture import copy_graph
 from passes.chains import insert_parallel_chain
 from passes.rewrite import factor_layers
 from passes.sites import fetch_attr
@@ -142,8 +142,8 @@ def prepare(
     if isinstance(model, torch.fx.GraphModule) and "lockd" in model.meta:
         raise ValueError("this GraphModule is already prepared for lockd; train it, then call lockd.finalize(gm)")
     params_original = sum(p.numel() for p in model.parameters())
-    gm = copy.deepcopy(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
-                             capture=capture))
+    gm = copy_graph(trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                          capture=capture))
     removed = remove_dead_sites(gm)
     sites, skipped = find_sites(gm)
     warn_unmatched_patterns("skip", skip, [*(s.target for s in sites), *(k.target for k in skipped), *removed])
