@@ -8,7 +8,7 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx
@@ -558,8 +558,8 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     _check_stat_mask_fn(stat_mask_fn)
     check_input_fn(input_fn)
     total = length_of(calib_loader)
-    if total == 0:  # said as such (and why, for a DataLoader that drops its only batch), not as too few metric batches
-        raise no_batches(calib_loader)
+    if total == 0 and active is None:  # said as such (and why, for a DataLoader that drops its only batch), not as
+        raise no_batches(calib_loader)  # too few metric batches (under torch.distributed: below, told to every rank)
     # the metric batches of final-output mode and of dwain are the loader's first batches: too few fail now
     if total is not None and total < config.kept_batches and (getattr(config, "mode", None) == "final-output"
                                                                or isinstance(config, Dwain)):
@@ -576,16 +576,16 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
         return _run_lockd(model, calib_loader, config, example_inputs=example_inputs, input_fn=input_fn,
                           leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, capture=capture,
                           skip=skip)
-    check_loader(calib_loader)  # lockd reads its steps from an endless loader; the other methods read all of it
+    # under torch.distributed, a rank whose loader is empty (or bad) says so to the others before they wait for it
+    failure = None
     try:
-        iterator = iter(calib_loader)
-    except TypeError:
-        raise TypeError(f"calib_loader must be an iterable of batches (a list, a DataLoader, a generator), got "
-                        f"{type(calib_loader).__name__}") from None
-    try:
-        first = next(iterator)
-    except StopIteration:
-        raise no_batches(calib_loader) from None
+        first, iterator = _first_batch(calib_loader)
+    except (TypeError, ValueError) as exc:
+        failure = exc
+    if active is not None:
+        distributed.agree(failure, "reading its calibration loader", active)
+    if failure is not None:
+        raise failure
     if example_inputs is None:
         example_inputs = adapt_batch(first, input_fn, 0)
     if getattr(config, "sequential", False):
@@ -613,6 +613,21 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     del small, prepared
     free_reference_cycles()  # the graphs held the dense weights the swap replaced
     return model
+
+
+def _first_batch(calib_loader: Iterable[Any]) -> tuple[Any, Iterator[Any]]:
+    """The loader's first batch and an iterator over the rest (a clear error for an empty or endless loader, or
+    for something that is no loader)."""
+    check_loader(calib_loader)  # lockd reads its steps from an endless loader; the other methods read all of it
+    try:
+        iterator = iter(calib_loader)
+    except TypeError:
+        raise TypeError(f"calib_loader must be an iterable of batches (a list, a DataLoader, a generator), got "
+                        f"{type(calib_loader).__name__}") from None
+    try:
+        return next(iterator), iterator
+    except StopIteration:
+        raise no_batches(calib_loader) from None
 
 
 def _decomposable(prepared: PreparedModel, config: MethodConfig) -> list[Site]:

@@ -341,6 +341,26 @@ def on_rank0(fn: Callable[[], T], what: str, share: Callable[[T], Any] | None = 
     return payload
 
 
+def agree(failure: Exception | None, what: str, group: Collective | None = None) -> None:
+    """Tell every rank whether each one succeeded at ``what`` (a local step, before the first collective that
+    would otherwise wait for a rank that stopped): raise :class:`DistributedError` naming the first rank that
+    failed, on the ranks that did not (the one that failed raises its own error after this). One gather of a
+    short string per rank; nothing outside a process group (``group`` default: the current one).
+
+    Example:
+        >>> agree(None, "reading its calibration loader")   # one process: nothing to tell
+    """
+    active = group if group is not None else current()
+    if active is None:
+        return
+    told = active.gather(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        return  # the caller raises its own error
+    for r, message in enumerate(told):
+        if message is not None:
+            raise DistributedError(f"rank {r} failed {what} ({message}); every rank stops here")
+
+
 def _picklable_error(exc: Exception, what: str) -> Exception:
     """``exc`` if it survives pickling, else a :class:`DistributedError` with its message."""
     try:

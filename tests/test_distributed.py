@@ -203,13 +203,22 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
     def lockd_refused() -> None:
         fxdeco.transform(_model(), shard, fxdeco.Lockd(steps=1), input_fn=_inputs)
 
+    def empty_shard(sequential: bool) -> Callable[[], None]:
+        def run() -> None:  # more ranks than batches: rank 1's shard is empty
+            fxdeco.transform(_model(), shard if rank == 0 else [], fxdeco.Falor(nsr_threshold=0.05,
+                                                                                  sequential=sequential,
+                                                                                  show_progress=False),
+                             input_fn=_inputs)
+        return run
+
     return {"statistics": statistics, "local_and_budget": local_and_budget, "budget_loss": budget_loss,
             "sequential": sequential,
             "final": final, "dwain": dwain, "latency": latency, "mismatch": mismatch, "finetune_refused": finetune_refused,
             "lockd_refused": lockd_refused, "other_weights": other_weights(False),
             "other_weights_sequential": other_weights(True), "extra_block_sequential": sequential_other_model(3, None),
             "other_blocks_sequential": sequential_other_model(2, ["0.0", "0.2", "1"]),
-            "misspelt_blocks_sequential": sequential_other_model(2, ["3"])}
+            "misspelt_blocks_sequential": sequential_other_model(2, ["3"]),
+            "empty_shard": empty_shard(False), "empty_shard_sequential": empty_shard(True)}
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -434,3 +443,11 @@ def test_cli_under_torchrun(tmp_path: pathlib.Path) -> None:
     record = (out / "report.json").read_text()
     assert '"processes": 2' in record
     assert (out / "plan.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["empty_shard", "empty_shard_sequential"])
+def test_a_rank_with_no_batches_stops_every_rank_with_the_reason(ranks: list[dict[str, Any]], name: str) -> None:
+    (kind0, message0), (kind1, message1) = _error(ranks, name)
+    assert kind1 == "CalibrationError" and "yielded no batches" in message1
+    assert kind0 == "DistributedError" and "rank 1 failed reading its calibration loader" in message0
+    assert "yielded no batches" in message0
