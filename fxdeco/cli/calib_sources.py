@@ -307,6 +307,11 @@ folder, fashion-mnist[:DIR], a text file (hf: models) or random
             return _random_tokens(built, batches, batch_size, max_length, generator)
         if input_shape is not None:
             return _random_tensors(batches, batch_size, tuple(input_shape), "--input-shape", generator)
+        if image_size is not None and built.input_shape is not None and built.channels is None:
+            # a Linear-first model takes vectors; images of a matching width would pass, broadcast over rows
+            raise CalibrationSourceError(
+                f"--image-size sizes images, but {built.spec.text} takes samples of shape {_dims(built.input_shape)} "
+                f"({built.input_shape_origin or 'its first layer'}): size random data with --input-shape instead")
         if image_size is None and built.input_shape is not None:
             return _random_tensors(batches, batch_size, built.input_shape,
                                    f"{built.input_shape_origin or 'the model'}; change with --input-shape", generator)

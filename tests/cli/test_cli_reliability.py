@@ -85,6 +85,14 @@ def test_input_shape_is_for_random_tensors_only(mlp_file: Path, tmp_path: Path) 
         load_calibration("random", built, input_shape=(32,), image_size=28)
 
 
+def test_image_size_on_a_model_that_takes_vectors_is_refused(mlp_file: Path) -> None:
+    # images 32 wide would reach Linear(32, 64) and pass, broadcast over their rows: calibrated on nonsense
+    built = build_model(parse_model_spec(f"{mlp_file}:make"))
+    with pytest.raises(CalibrationSourceError, match=r"--image-size sizes images, but .* takes samples of shape 32 "
+                                                     r"\(guessed from .*in_features 32\).*--input-shape"):
+        load_calibration("random", built, batches=1, batch_size=2, image_size=32)
+
+
 def test_factory_shapes_declared_or_implied(tmp_path: Path, mlp_file: Path) -> None:
     # implied: no convolution and a first nn.Linear -> vectors of its in_features
     built = build_model(parse_model_spec(f"{mlp_file}:make"))
