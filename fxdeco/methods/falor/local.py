@@ -247,7 +247,7 @@ def _uses_output_error(layers: list[_Layer], criterion: str) -> bool:
 
 def _budget_ranks(layers: list[_Layer], config: Falor, budget: tuple[str, float], model_total: float,
                   use_output: bool, latency: LatencyModel | None = None,
-                  scales: Mapping[str, float] | None = None) -> dict[str, int | str]:
+                  scales: Mapping[str, float] | None = None, log_result: bool = True) -> dict[str, int | str]:
     """Ranks for all layers at once so the model keeps ``keep`` of its params (MACs, seconds); ``budget`` is
     ``(measure, keep)``.
 
@@ -274,7 +274,8 @@ def _budget_ranks(layers: list[_Layer], config: Falor, budget: tuple[str, float]
         target = max(target / latency.correction, floor)  # the fastest plan, when the correction asks for more
     choice = allocate(options, target, fixed)
     total = fixed + sum(float(o.costs[i]) for o, i in zip(options, choice))
-    log.info("falor budget: kept %.4f of the model's %s (asked %.4f)", total / model_total, measure, keep)
+    log.log(logging.INFO if log_result else logging.DEBUG, "falor budget: kept %.4f of the model's %s (asked %.4f)",
+            total / model_total, measure, keep)
     return {layer.site.target: (r[i] if r[i] is not None else budget_dense_reason(layer.site, config, r[1:]))
             for layer, r, i in zip(layers, ranks, choice)}
 
@@ -404,7 +405,7 @@ class LocalPlanner:
         allocate_ranks = functools.partial(_budget_ranks, self.layers, self.config, budget,
                                            _model_total(self.gm, budget[0], self.latency), self.use_output,
                                            self.latency)
-        chosen = allocate_ranks(scales=self.scales)
+        chosen = allocate_ranks(scales=self.scales, log_result=refine)  # (a bisection allocates many times)
         if refine and self.use_output and self.measure_final_nsr is not None and self.config.budget_rounds > 0:
             chosen = _refine(self.layers, chosen, allocate_ranks, self.measure_final_nsr, self.config.budget_rounds,
                              self.scales)
