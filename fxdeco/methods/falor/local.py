@@ -568,4 +568,6 @@ def falor(prepared: Any, config: Falor) -> tuple[dict[str, Factorization], list[
 
         plan, decisions, figures = measure_latency_rounds(prepared, config, latency, plan, decisions, planner)
         summary = {**summary, **figures}
+        if planner is not None and meter is not None:  # the latency rounds' plans probed too
+            summary.update(probes=meter.probes, probe_forward_equivalents=meter.forward_equivalents())
     return plan, decisions, summary

@@ -138,6 +138,9 @@ def test_a_missed_prediction_also_times_a_plan_allocated_by_macs_and_keeps_the_m
     best = min(meeting, key=lambda f: f["error"])
     assert summary["latency_measured_s"] == best["latency_measured_s"]
     assert summary["latency_allocated_by"] == "latency" or summary["latency_allocated_by"].startswith("macs=")
+    # every plan's budget round probed (a layer at a rank measured once): more than the first plan's layers
+    decomposed = sum(d.decomposed for d in small.meta["fxdeco"].decisions)
+    assert summary["probes"] > decomposed and summary["probe_forward_equivalents"] > 0
     # the kept plan's error is what the model computes: re-measured from the returned graph
     prepared = fxdeco.calibrate(fxdeco.prepare(_model(), keep_batches=2), _data())
     assert speed.PlanError(prepared)(small) == pytest.approx(best["error"], rel=1e-5)
