@@ -58,9 +58,9 @@ from fxdeco.latency.graph import compare_models, rest_seconds
 from fxdeco.latency.probe import TimingOptions, probe_sites, refine
 from fxdeco.errors import warn_user
 from fxdeco.methods.falor.config import Falor
+from fxdeco.methods.falor.final import metric_references
 from fxdeco.methods.falor.final_metrics import final_nsr
 from fxdeco.modes import eval_mode
-from fxdeco.outputs import select_output
 from fxdeco.plan import LayerDecision, matches_any, unique_targets
 from passes import Factorization, Site, factorize_sites, fresh_inputs
 from passes.inputs import unflatten_inputs
@@ -239,11 +239,10 @@ def _shared(latency: SiteLatency) -> SiteLatency:
     return dataclasses.replace(latency, table=None)
 
 
-def time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[str, Any]], *,
-                on_rank0: bool = True) -> dict[str, float]:
+def time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[str, Any]]) -> dict[str, float]:
     """Seconds per call of each model on ``call`` (``(args, kwargs)``), warmed up, then timed interleaved
-    (under torch.distributed and ``on_rank0``: on rank 0, its times on every rank; without it, here, for a
-    caller already on rank 0 alone)."""
+    (under torch.distributed: on rank 0, its times on every rank; called from a step already running on rank 0
+    alone, here)."""
     args, kwargs = call
     bound = {name: _Bound(m, args, kwargs) for name, m in models.items()}
 
@@ -253,7 +252,7 @@ def time_models(models: Mapping[str, torch.nn.Module], call: tuple[tuple, dict[s
                 warm_up(fn)
             return compare_models(bound, (), repeats=MODEL_REPEATS, min_sample_s=MODEL_MIN_SAMPLE_S)
 
-    return distributed.on_rank0(measure, f"timing {', '.join(models)}") if on_rank0 else measure()
+    return distributed.on_rank0(measure, f"timing {', '.join(models)}")
 
 
 def warm_up(fn: Callable[[], Any], min_s: float | None = None, max_s: float | None = None,
@@ -316,26 +315,24 @@ class PlanError:
         self.raw = list(prepared.kept_raw[:len(self.inputs)]) if self.loss_fn is not None else []
         if len(self.raw) < len(self.inputs):  # the loader's batches were not kept: the loss cannot be computed
             self.loss_fn = None
-        with eval_mode(prepared.gm), torch.no_grad():
-            self.references = [self._run(prepared.gm, flat) for flat in self.inputs]
-        if self.loss_fn is not None:
-            self.reference_losses = [float(self.loss_fn(out, raw)) for out, raw in zip(self.references, self.raw)]
+        # what each batch's error is measured against: the original's loss, or its (selected) output
+        with eval_mode(prepared.gm):
+            self.references = self._losses(prepared.gm) if self.loss_fn is not None \
+                else metric_references(prepared.gm, self.inputs, self.output_fn)
 
-    @staticmethod
-    def _run(gm: torch.fx.GraphModule, flat: Sequence[Any]) -> Any:
-        return torch.fx.Interpreter(gm).run(*fresh_inputs(flat))
+    def _losses(self, gm: torch.fx.GraphModule) -> list[float]:
+        with torch.no_grad():
+            return [float(self.loss_fn(torch.fx.Interpreter(gm).run(*fresh_inputs(flat)), raw))
+                    for flat, raw in zip(self.inputs, self.raw)]
 
     def __call__(self, gm: torch.fx.GraphModule) -> float:
         """The error of ``gm`` (the original's graph decomposed): mean over the batches."""
-        errors = []
-        with eval_mode(gm), torch.no_grad():
-            for i, flat in enumerate(self.inputs):
-                out = self._run(gm, flat)
-                if self.loss_fn is not None:
-                    errors.append(float(self.loss_fn(out, self.raw[i])) - self.reference_losses[i])
-                else:
-                    errors.append(final_nsr(select_output(self.references[i], self.output_fn),
-                                            select_output(out, self.output_fn)))
+        with eval_mode(gm):
+            if self.loss_fn is not None:
+                errors = [loss - reference for loss, reference in zip(self._losses(gm), self.references)]
+            else:
+                errors = [final_nsr(reference, out) for reference, out in
+                          zip(self.references, metric_references(gm, self.inputs, self.output_fn))]
         return sum(errors) / len(errors)
 
 
@@ -349,7 +346,7 @@ def measure_plan(prepared: Any, latency: LatencyModel, plan: Mapping[str, Factor
     """
     def measure() -> dict[str, float]:
         decomposed = factorize_sites(prepared.gm, prepared.sites, dict(plan))
-        times = time_models({"original": prepared.gm, "decomposed": decomposed}, latency.call, on_rank0=False)
+        times = time_models({"original": prepared.gm, "decomposed": decomposed}, latency.call)
         return {**times, **({"error": error(decomposed)} if error is not None else {})}
 
     # built, timed and measured on rank 0 only under torch.distributed (every rank gets its figures)
@@ -363,7 +360,9 @@ def measure_plan(prepared: Any, latency: LatencyModel, plan: Mapping[str, Factor
              predicted / latency.original, measured["original"] * 1e3, latency.original * 1e3)
     figures = {"latency_original_s": measured["original"], "latency_predicted_s": predicted / scale,
                "latency_measured_s": measured["decomposed"]}
-    return {**figures, **({"error": measured["error"]} if "error" in measured else {})}
+    if "error" in measured:
+        figures["error"] = measured["error"]
+    return figures
 
 
 # keep_latency is an upper bound: a plan meets it when the decomposed model measures at most LATENCY_TOLERANCE
