@@ -437,7 +437,10 @@ class LocalPlanner:
                 chosen = self.ranks((measure, keep), refine=False)
             except BudgetError:  # below what every layer at its smallest rank reaches
                 return None
-            return self.latency.predict({t: r if isinstance(r, int) else None for t, r in chosen.items()})
+            ranks = {t: r if isinstance(r, int) else None for t, r in chosen.items()}
+            if self.config.accepts_by_speed:  # plan() keeps dense a layer not faster factored: predict it so
+                ranks = {t: r if r is not None and self.latency.faster(t, r) else None for t, r in ranks.items()}
+            return self.latency.predict(ranks)
 
         best, lo, hi = None, 0.0, 1.0
         for _ in range(steps):

@@ -92,6 +92,9 @@ def test_latency_budget_spends_time_only_where_factoring_is_faster(fake_clock) -
     assert summary["latency_measured_s"] <= 0.6 * original * (1 + speed.LATENCY_TOLERANCE)
     assert summary["latency_predicted_s"] == pytest.approx(summary["latency_measured_s"])
     assert summary["latency_rounds_run"] == 0  # the prediction was exact: no second allocation
+    # ... but a plan allocated by MACs is timed beside it even so, and the kept one is named
+    assert summary["latency_plans_timed"] >= 2
+    assert summary["latency_allocated_by"] == "latency" or summary["latency_allocated_by"].startswith("macs=")
     by_target = {d.target: d for d in small.meta["fxdeco"].decisions}
     assert by_target["2"].seconds_dense == 1.0
     assert by_target["2"].seconds_factored == pytest.approx(CLOCK["2"][1](ranks["2"]))
