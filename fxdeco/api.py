@@ -354,6 +354,53 @@ def _calibrate(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callab
     log.info("calibrated on %d batches", seen)
 
 
+def _calibrate_agreeing(prepared: PreparedModel, batches: Iterable[Any], input_fn: Callable[[Any], Any] | None,
+                        show_progress: bool | None, total: int | None,
+                        after_first: Callable[[Any, Any, int], None] | None,
+                        active: distributed.Collective | None) -> None:
+    """:func:`_calibrate`; under torch.distributed, a rank whose calibration fails tells the others.
+
+    Without this, a bad batch on one rank left the others waiting in the
+    statistics' all-reduce until the process group's timeout (30 minutes by
+    default), and then failing with gloo's "Connection closed by peer". The
+    ranks agree twice: once after the first batch, before the first-batch
+    checks (a latency budget's timing on rank 0 is a collective), and once
+    after the last. A rank that failed joins the agreement it had not passed
+    yet, so the gathers match on every rank; ranks with more batches than the
+    failing one finish theirs first.
+    """
+    if active is None:
+        _calibrate(prepared, batches, input_fn, show_progress, total, after_first=after_first)
+        return
+    first, last = "calibrating on its first batch", "calibrating"
+    pending = first  # the agreement this rank has not joined yet
+    told = False  # an agreement raised: every rank already knows of the failure, nothing more to gather
+
+    def agree(failure: Exception | None, what: str) -> None:
+        nonlocal told
+        try:
+            distributed.agree(failure, what, active)
+        except distributed.DistributedError:
+            told = True
+            raise
+
+    def agree_then_check(output: Any, batch: Any, index: int) -> None:
+        nonlocal pending
+        if index == 0:
+            agree(None, first)
+            pending = last
+        if after_first is not None:
+            after_first(output, batch, index)
+
+    try:
+        _calibrate(prepared, batches, input_fn, show_progress, total, after_first=agree_then_check)
+    except Exception as exc:
+        if not told:
+            agree(exc, pending)
+        raise
+    agree(None, last)
+
+
 def _warn_if_not_batch_first(selected: torch.Tensor, samples: int | None) -> None:
     """Warn when the compared output's dimension 0 is not the batch's samples.
 
@@ -602,8 +649,8 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     if inplace:  # before any batch is read: every layer that may be decomposed can be swapped in the model
         check_swappable(model, prepared.gm, _decomposable(prepared, config))
     with distributed.reducing(active):  # a latency budget checked on the first batch is timed on rank 0
-        _calibrate(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
-                   after_first=_first_batch_checks(prepared, config))
+        _calibrate_agreeing(prepared, itertools.chain([first], iterator), input_fn, show_progress, total,
+                            _first_batch_checks(prepared, config), active)
     small = convert(prepared, config, process_group=active if active is not None else False)
     if not inplace:
         return small

@@ -211,7 +211,18 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
                              input_fn=_inputs)
         return run
 
+    def bad_batch(failing: int, at: int, config: Any) -> Callable[[], None]:
+        def run() -> None:  # one rank's batch ``at`` holds a NaN: that rank fails, and the other must not wait
+            batches = list(shard)
+            if rank == failing:
+                x, image, labels = batches[at]
+                batches[at] = (torch.full_like(x, math.nan), image, labels)
+            fxdeco.transform(_model(), batches, config, input_fn=_inputs, show_progress=False)
+        return run
+
     return {"statistics": statistics, "local_and_budget": local_and_budget, "budget_loss": budget_loss,
+            "bad_later_batch": bad_batch(1, 2, fxdeco.Falor(nsr_threshold=0.05, show_progress=False)),
+            "bad_first_batch": bad_batch(0, 0, _dwain()),
             "sequential": sequential,
             "final": final, "dwain": dwain, "latency": latency, "mismatch": mismatch, "finetune_refused": finetune_refused,
             "lockd_refused": lockd_refused, "other_weights": other_weights(False),
@@ -443,6 +454,19 @@ def test_cli_under_torchrun(tmp_path: pathlib.Path) -> None:
     record = (out / "report.json").read_text()
     assert '"processes": 2' in record
     assert (out / "plan.json").is_file()
+
+
+@pytest.mark.parametrize("name, failing, what", [("bad_later_batch", 1, "calibrating"),
+                                                  ("bad_first_batch", 0, "calibrating on its first batch")])
+def test_a_rank_that_fails_calibrating_stops_every_rank_with_the_reason(ranks: list[dict[str, Any]], name: str,
+                                                                        failing: int, what: str) -> None:
+    # before this, the other rank waited in the statistics' all-reduce until the group's timeout and then failed
+    # with gloo's "Connection closed by peer"
+    errors = _error(ranks, name)
+    kind, message = errors[failing]
+    assert kind == "NonFiniteActivationError" and "NaN/Inf" in message
+    other_kind, other = errors[1 - failing]
+    assert other_kind == "DistributedError" and f"rank {failing} failed {what} (NonFiniteActivationError" in other
 
 
 @pytest.mark.parametrize("name", ["empty_shard", "empty_shard_sequential"])
