@@ -432,6 +432,10 @@ def _search_all(prepared: Any, state: _State, work: list[Site], first_node: dict
                     skipped += 1
                     continue
             probe = measure(rank, limits.ppl_limit(removed))
+            log.debug("%s rank %d: ppl_diff %.4g measured on %d batch(es) (limit %.4g), predicted %s", site.target,
+                      rank, probe.ppl_diff, probe.batches, limits.ppl_limit(removed),
+                      "-" if predicted is None or role not in scale_by_role else
+                      f"{math.expm1(scale_by_role[role] * float(predicted[rank])):.4g}")
             count += 1
             scouted += probe.batches < len(state.batches)
             if predicted is not None and float(predicted[rank]) > 0 and probe.ppl_diff > -1:
