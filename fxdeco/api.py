@@ -367,38 +367,30 @@ def _calibrate_agreeing(prepared: PreparedModel, batches: Iterable[Any], input_f
     checks (a latency budget's timing on rank 0 is a collective), and once
     after the last. A rank that failed joins the agreement it had not passed
     yet, so the gathers match on every rank; ranks with more batches than the
-    failing one finish theirs first.
+    failing one finish theirs first. (Sequential mode: :func:`fxdeco.distributed.agreeing` around each block.)
     """
     if active is None:
         _calibrate(prepared, batches, input_fn, show_progress, total, after_first=after_first)
         return
     first, last = "calibrating on its first batch", "calibrating"
     pending = first  # the agreement this rank has not joined yet
-    told = False  # an agreement raised: every rank already knows of the failure, nothing more to gather
-
-    def agree(failure: Exception | None, what: str) -> None:
-        nonlocal told
-        try:
-            distributed.agree(failure, what, active)
-        except distributed.DistributedError:
-            told = True
-            raise
 
     def agree_then_check(output: Any, batch: Any, index: int) -> None:
         nonlocal pending
         if index == 0:
-            agree(None, first)
+            distributed.agree(None, first, active)
             pending = last
         if after_first is not None:
             after_first(output, batch, index)
 
     try:
         _calibrate(prepared, batches, input_fn, show_progress, total, after_first=agree_then_check)
+    except distributed.DistributedError:
+        raise  # from a collective (an agreement among them): every rank raised it, nothing more to gather
     except Exception as exc:
-        if not told:
-            agree(exc, pending)
+        distributed.agree(exc, pending, active)
         raise
-    agree(None, last)
+    distributed.agree(None, last, active)
 
 
 def _warn_if_not_batch_first(selected: torch.Tensor, samples: int | None) -> None:
@@ -717,8 +709,10 @@ def _transform_sequential(model: nn.Module, batches: Iterable[Any], config: Falo
     raws: list[Any] = []  # dwain's metric batches, as the loader gave them (loss_fn reads its targets there)
     if isinstance(config, Dwain):
         batches = _keeping_first(batches, config.kept_batches, raws)
-    calibration = BlockCalibration(prepared, batches, input_fn=input_fn, scopes=config.blocks,
-                                   spill_dir=config.spill_dir, show_progress=show_progress, total=total)
+    # a rank whose batches cannot be cached (one that does not fit the model) tells the others before they wait
+    with distributed.agreeing("caching its calibration batches", active):
+        calibration = BlockCalibration(prepared, batches, input_fn=input_fn, scopes=config.blocks,
+                                       spill_dir=config.spill_dir, show_progress=show_progress, total=total)
     swapped: list[str] = []  # the layers already factored in the caller's model (decompose_)
     on_block = _swap_into(model, prepared, calibration, swapped) if inplace else None
     try:

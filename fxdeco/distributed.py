@@ -361,6 +361,35 @@ def agree(failure: Exception | None, what: str, group: Collective | None = None)
             raise DistributedError(f"rank {r} failed {what} ({message}); every rank stops here")
 
 
+@contextlib.contextmanager
+def agreeing(what: str, group: Collective | None = None) -> Iterator[None]:
+    """Run the block, then :func:`agree` on whether it succeeded on every rank (``group`` default: the current
+    one; nothing outside a process group).
+
+    For a local step before a collective (a block's calibration before its
+    statistics are summed): a rank that fails in it tells the others, which
+    raise :class:`DistributedError` naming it, instead of waiting for it in the
+    collective. A :class:`DistributedError` raised in the block came from a
+    collective, so every rank already raised it: nothing more is gathered.
+
+    Example:
+        >>> with agreeing("calibrating block 'layers.0'"):   # one process: just the block
+        ...     pass
+    """
+    active = group if group is not None else current()
+    if active is None:
+        yield
+        return
+    try:
+        yield
+    except DistributedError:
+        raise
+    except Exception as exc:
+        agree(exc, what, active)
+        raise
+    agree(None, what, active)
+
+
 def _picklable_error(exc: Exception, what: str) -> Exception:
     """``exc`` if it survives pickling, else a :class:`DistributedError` with its message."""
     try:

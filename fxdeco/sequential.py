@@ -219,7 +219,8 @@ class BlockCalibration:
             interpreter.observe(node, value)
 
         name = self.blocks[index].name
-        with eval_mode(self.gm), torch.no_grad():
+        # under torch.distributed, a rank that fails on a batch here tells the others before the all-reduce below
+        with distributed.agreeing(f"calibrating block {name!r}"), eval_mode(self.gm), torch.no_grad():
             for b in progress(range(self.batches), desc=f"statistics of {name}", total=self.batches,
                               enabled=self.show_progress):
                 interpreter.row_weights = self.row_weights[b]
@@ -244,7 +245,7 @@ class BlockCalibration:
         """Move every batch's boundary past block ``index``, with ``overrides`` on node outputs (the block's
         decomposed layers)."""
         self._check_position(index)
-        with eval_mode(self.gm), torch.no_grad():
+        with distributed.agreeing(f"running block {self.blocks[index].name!r}"), eval_mode(self.gm), torch.no_grad():
             for b in range(self.batches):
                 self.boundaries.set(b, self._run_block(index, b, overrides=overrides))
         self.position = index + 1

@@ -211,18 +211,22 @@ def _scenarios(rank: int) -> dict[str, Callable[[], Any]]:
                              input_fn=_inputs)
         return run
 
-    def bad_batch(failing: int, at: int, config: Any) -> Callable[[], None]:
-        def run() -> None:  # one rank's batch ``at`` holds a NaN: that rank fails, and the other must not wait
-            batches = list(shard)
+    def bad_batch(failing: int, at: int, config: Any, misfit: bool = False) -> Callable[[], None]:
+        def run() -> None:  # one rank's batch ``at`` holds a NaN (or does not fit): that rank fails, the other
+            batches = list(shard)  # must not wait for it
             if rank == failing:
                 x, image, labels = batches[at]
-                batches[at] = (torch.full_like(x, math.nan), image, labels)
+                batches[at] = (x[:, :3] if misfit else torch.full_like(x, math.nan), image, labels)
             fxdeco.transform(_model(), batches, config, input_fn=_inputs, show_progress=False)
         return run
+
+    sequential_config = fxdeco.Falor(nsr_threshold=0.05, sequential=True, show_progress=False)
 
     return {"statistics": statistics, "local_and_budget": local_and_budget, "budget_loss": budget_loss,
             "bad_later_batch": bad_batch(1, 2, fxdeco.Falor(nsr_threshold=0.05, show_progress=False)),
             "bad_first_batch": bad_batch(0, 0, _dwain()),
+            "bad_batch_sequential": bad_batch(1, 2, sequential_config),
+            "misfit_batch_sequential": bad_batch(0, 0, sequential_config, misfit=True),
             "sequential": sequential,
             "final": final, "dwain": dwain, "latency": latency, "mismatch": mismatch, "finetune_refused": finetune_refused,
             "lockd_refused": lockd_refused, "other_weights": other_weights(False),
@@ -467,6 +471,17 @@ def test_a_rank_that_fails_calibrating_stops_every_rank_with_the_reason(ranks: l
     assert kind == "NonFiniteActivationError" and "NaN/Inf" in message
     other_kind, other = errors[1 - failing]
     assert other_kind == "DistributedError" and f"rank {failing} failed {what} (NonFiniteActivationError" in other
+
+
+@pytest.mark.parametrize("name, failing, kind, what", [
+    ("bad_batch_sequential", 1, "NonFiniteActivationError", "calibrating block "),
+    ("misfit_batch_sequential", 0, "CalibrationError", "caching its calibration batches")])
+def test_sequential_mode_a_rank_that_fails_stops_every_rank_with_the_reason(
+        ranks: list[dict[str, Any]], name: str, failing: int, kind: str, what: str) -> None:
+    errors = _error(ranks, name)
+    assert errors[failing][0] == kind
+    other_kind, other = errors[1 - failing]
+    assert other_kind == "DistributedError" and f"rank {failing} failed {what}" in other and kind in other
 
 
 @pytest.mark.parametrize("name", ["empty_shard", "empty_shard_sequential"])
