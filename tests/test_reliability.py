@@ -377,13 +377,24 @@ def test_interrupts_deferred_finishes_the_block_then_raises() -> None:
 
     from fxdeco.interrupts import interrupts_deferred
 
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
+    # Python's own handler, whatever this process inherited: a job started in the background by a non-interactive
+    # shell inherits SIGINT ignored, where Ctrl-C must stay ignored (checked below)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("rest of the block")
+        assert done == ["rest of the block"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with interrupts_deferred():  # an ignored SIGINT stays ignored: nothing raised after the block
             os.kill(os.getpid(), signal.SIGINT)
-            done.append("rest of the block")
-    assert done == ["rest of the block"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            done.append("ignored")
+        assert done[-1] == "ignored" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_inputs_traced_as_their_default_survive_save_and_load(tmp_path: Any) -> None:
