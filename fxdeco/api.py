@@ -383,14 +383,8 @@ def _calibrate_agreeing(prepared: PreparedModel, batches: Iterable[Any], input_f
         if after_first is not None:
             after_first(output, batch, index)
 
-    try:
+    with distributed.agreeing(lambda: pending, active):  # the one not joined yet, or after the last batch
         _calibrate(prepared, batches, input_fn, show_progress, total, after_first=agree_then_check)
-    except distributed.DistributedError:
-        raise  # from a collective (an agreement among them): every rank raised it, nothing more to gather
-    except Exception as exc:
-        distributed.agree(exc, pending, active)
-        raise
-    distributed.agree(None, last, active)
 
 
 def _warn_if_not_batch_first(selected: torch.Tensor, samples: int | None) -> None:

@@ -362,9 +362,9 @@ def agree(failure: Exception | None, what: str, group: Collective | None = None)
 
 
 @contextlib.contextmanager
-def agreeing(what: str, group: Collective | None = None) -> Iterator[None]:
+def agreeing(what: str | Callable[[], str], group: Collective | None = None) -> Iterator[None]:
     """Run the block, then :func:`agree` on whether it succeeded on every rank (``group`` default: the current
-    one; nothing outside a process group).
+    one; nothing outside a process group). ``what`` names the step (a callable: read when the block ends).
 
     For a local step before a collective (a block's calibration before its
     statistics are summed): a rank that fails in it tells the others, which
@@ -385,9 +385,9 @@ def agreeing(what: str, group: Collective | None = None) -> Iterator[None]:
     except DistributedError:
         raise
     except Exception as exc:
-        agree(exc, what, active)
+        agree(exc, what() if callable(what) else what, active)
         raise
-    agree(None, what, active)
+    agree(None, what() if callable(what) else what, active)
 
 
 def _picklable_error(exc: Exception, what: str) -> Exception:
