@@ -429,6 +429,10 @@ def _first_batch_checks(prepared: PreparedModel, config: MethodConfig) -> Callab
     def check(output: Any, batch: Any, index: int) -> None:
         if config.mode == "final-output":
             check_compared(output, index)
+        if index == 0 and config.latency_batch is not None and prepared.kept_inputs:
+            from fxdeco.methods.falor.speed import timing_inputs
+
+            timing_inputs(prepared.kept_inputs[0], config.latency_batch)  # too few samples: said now
         if index == 0:
             check_budget_reachable(prepared, config)
     return check

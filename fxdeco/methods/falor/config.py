@@ -99,6 +99,10 @@ class Falor(MethodConfig):
     # (True: $FXDECO_CACHE_DIR or ~/.cache/fxdeco/latency.json; a file path; False: not kept)
     latency_backend: str = "eager"
     latency_cache: bool | str = True
+    # latency measurement: samples per call to time with, the first of the first kept calibration batch (None:
+    # the whole batch). Time with the batch you serve: 1 for an online service, where the second factor's extra
+    # kernel eats much of what a factored layer saves (statistics still come from every calibration sample)
+    latency_batch: int | None = None
     # local and budget mode: calibrate and decompose one block at a time (transformer layers, ResNet blocks), each
     # on the outputs of the blocks already decomposed: the memory of one block's statistics, not the model's, and
     # errors compensated downstream. Budgets hold for the whole model (fxdeco.methods.falor.sequential); runs in
@@ -129,6 +133,8 @@ class Falor(MethodConfig):
             raise ValueError("give final-output thresholds (nsr_final_threshold / kl_final_threshold) or a budget "
                              f"({budgets[0]}), not both")
         object.__setattr__(self, "latency_rounds", check_count("latency_rounds", self.latency_rounds, minimum=0))
+        if self.latency_batch is not None:
+            object.__setattr__(self, "latency_batch", check_count("latency_batch", self.latency_batch, minimum=1))
         if self.acceptance not in ("auto", "params", "faster"):
             raise ValueError(f"acceptance must be 'auto', 'params' or 'faster', got {self.acceptance!r}")
         if self.latency_backend not in ("eager", "inductor"):
@@ -166,7 +172,7 @@ class Falor(MethodConfig):
         if "latency_rounds" in given and self.keep_latency is None:
             raise ValueError("latency_rounds is an option of a latency budget (keep_latency=...), which this config "
                              "does not set: drop it")
-        unused = next((n for n in ("latency_backend", "latency_cache") if n in given), None)
+        unused = next((n for n in ("latency_backend", "latency_cache", "latency_batch") if n in given), None)
         if unused is not None and not self.measures_latency:
             raise ValueError(f"{unused} applies only when falor times the layers (keep_latency=... or "
                              "acceptance='faster'), which this config does not: drop it or add one of those")

@@ -215,7 +215,7 @@ def latency_model(prepared: Any, config: Falor) -> LatencyModel:
         return cached
     if not prepared.kept_inputs:
         raise ValueError("timing the layers needs one kept calibration batch: prepare(..., keep_batches=1)")
-    flat = prepared.kept_inputs[0]
+    flat = timing_inputs(prepared.kept_inputs[0], config.latency_batch)
     gm = prepared.gm
     sites = [s for s in prepared.sites if not matches_any(s.target, config.skip)]
     first_of = {s.target: s for s in unique_targets(sites)}
@@ -234,10 +234,39 @@ def latency_model(prepared: Any, config: Falor) -> LatencyModel:
     latencies, original = distributed.on_rank0(
         measure, "timing the layers", share=lambda m: ({t: _shared(lat) for t, lat in m[0].items()}, m[1]))
     model = LatencyModel(latencies, original, rest_seconds(original, latencies), call)
-    log.info("falor latency: %d layers timed; the original takes %.3g ms per call of the calibration batch "
-             "(%.3g ms outside those layers)", len(latencies), original * 1e3, model.rest * 1e3)
+    log.info("falor latency: %d layers timed; the original takes %.3g ms per call of %s (%.3g ms outside those "
+             "layers)", len(latencies), original * 1e3, "the calibration batch" if config.latency_batch is None
+             else f"{config.latency_batch} sample(s) of the calibration batch", model.rest * 1e3)
     prepared.latency_model = model
     return model
+
+
+def timing_inputs(flat: Sequence[Any], samples: int | None) -> list[Any]:
+    """The graph inputs ``flat`` of a calibration batch cut to its first ``samples`` samples (``latency_batch``;
+    None: as they are): every tensor whose leading dimension is the batch's (that of the first tensor input) is
+    sliced, others (a shared mask, a scalar) are kept whole.
+
+    Example:
+        >>> x, scale = torch.randn(8, 3), torch.tensor(2.0)
+        >>> [tuple(t.shape) for t in timing_inputs([x, scale], 1)]
+        [(1, 3), ()]
+        >>> timing_inputs([x], 16)
+        Traceback (most recent call last):
+        ...
+        ValueError: latency_batch=16 but the first kept calibration batch has 8 samples: time with at most 8, or calibrate on larger batches
+    """
+    flat = list(flat)
+    if samples is None:
+        return flat
+    batch = next((t.shape[0] for t in flat if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    if batch is None:
+        raise ValueError(f"latency_batch={samples} but the calibration batch has no tensor input with a batch "
+                         "dimension to cut")
+    if samples > batch:
+        raise ValueError(f"latency_batch={samples} but the first kept calibration batch has {batch} samples: time "
+                         f"with at most {batch}, or calibrate on larger batches")
+    return [t[:samples].clone() if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch else t
+            for t in flat]
 
 
 def _shared(latency: SiteLatency) -> SiteLatency:

@@ -280,3 +280,37 @@ def test_real_timing_on_a_wide_mlp(monkeypatch) -> None:
     assert all(d.seconds_factored < d.seconds_dense for d in decisions)
     summary = small.meta["fxdeco"].summary
     assert summary["latency_measured_s"] < summary["latency_original_s"]
+
+
+def test_latency_batch_times_the_first_samples_of_the_calibration_batch(fake_clock, monkeypatch) -> None:
+    seen = []
+    probe_sites, time_models = speed.probe_sites, speed.time_models
+
+    def recording_probe(gm, sites, example, ranks_for, **options):
+        seen.append(("layers", tuple(options["flat_inputs"][0].shape)))
+        return probe_sites(gm, sites, example, ranks_for, **options)
+
+    def recording_models(models, call, **options):
+        seen.append(("models", tuple(call[0][0].shape)))
+        return time_models(models, call, **options)
+
+    monkeypatch.setattr(speed, "probe_sites", recording_probe)
+    monkeypatch.setattr(speed, "time_models", recording_models)
+    small = fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.6, latency_batch=2, latency_cache=False),
+                             show_progress=False)
+    assert seen and set(seen) == {("layers", (2, 64)), ("models", (2, 64))}  # never the whole batch of 128
+    assert small.meta["fxdeco"].options["latency_batch"] == 2
+    # the statistics still come from every calibration sample
+    assert {d.calib_rows for d in small.meta["fxdeco"].decisions} == {3 * 128}
+
+
+def test_latency_batch_is_checked_on_the_first_batch() -> None:
+    with pytest.raises(ValueError, match="latency_batch must be a positive integer"):
+        fxdeco.Falor(keep_latency=0.6, latency_batch=0)
+    with pytest.raises(ValueError, match="latency_batch applies only when falor times the layers"):
+        fxdeco.Falor(keep_params=0.5, latency_batch=1)
+    loader = iter(_data())  # 3 batches: the error must come after the first
+    with pytest.raises(ValueError, match="latency_batch=500 but the first kept calibration batch has 128 samples"):
+        fxdeco.transform(_model(), loader, fxdeco.Falor(nsr_threshold=0.05, acceptance="faster", latency_batch=500,
+                                                        latency_cache=False), show_progress=False)
+    assert len(list(loader)) == 2
