@@ -207,12 +207,14 @@ def latency_model(prepared: Any, config: Falor) -> LatencyModel:
     """Time every layer falor may factorize, and the whole original graph, on the first kept calibration batch.
 
     ``prepared`` is a calibrated :class:`fxdeco.PreparedModel` (at least one
-    batch kept). The model is cached on it, so checking a budget after the first
-    batch and planning after the last time the layers once.
+    batch kept). The model is cached on it (per backend and ``latency_batch``), so checking a budget after the
+    first batch and planning after the last time the layers once.
     """
-    cached = getattr(prepared, "latency_model", None)
-    if cached is not None:
-        return cached
+    # one per way of timing: a second convert with another backend or latency_batch must not reuse these times
+    key = (config.latency_backend, config.latency_batch)
+    cached = getattr(prepared, "latency_models", {})
+    if key in cached:
+        return cached[key]
     if not prepared.kept_inputs:
         raise ValueError("timing the layers needs one kept calibration batch: prepare(..., keep_batches=1)")
     flat = timing_inputs(prepared.kept_inputs[0], config.latency_batch)
@@ -237,7 +239,7 @@ def latency_model(prepared: Any, config: Falor) -> LatencyModel:
     log.info("falor latency: %d layers timed; the original takes %.3g ms per call of %s (%.3g ms outside those "
              "layers)", len(latencies), original * 1e3, "the calibration batch" if config.latency_batch is None
              else f"{config.latency_batch} sample(s) of the calibration batch", model.rest * 1e3)
-    prepared.latency_model = model
+    prepared.latency_models = {**cached, key: model}
     return model
 
 

@@ -302,6 +302,12 @@ def test_latency_batch_times_the_first_samples_of_the_calibration_batch(fake_clo
     assert small.meta["fxdeco"].options["latency_batch"] == 2
     # the statistics still come from every calibration sample
     assert {d.calib_rows for d in small.meta["fxdeco"].decisions} == {3 * 128}
+    # one prepared model converted twice: the second, at the whole batch, is timed anew, not from the first's times
+    prepared = fxdeco.calibrate(fxdeco.prepare(_model(), keep_batches=2), _data(), show_progress=False)
+    seen.clear()
+    fxdeco.convert(prepared, fxdeco.Falor(keep_latency=0.6, latency_batch=2, latency_cache=False))
+    fxdeco.convert(prepared, fxdeco.Falor(keep_latency=0.6, latency_cache=False))
+    assert ("layers", (2, 64)) in seen and ("layers", (128, 64)) in seen
 
 
 def test_latency_batch_is_checked_on_the_first_batch() -> None:
