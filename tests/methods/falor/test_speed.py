@@ -320,3 +320,23 @@ def test_latency_batch_is_checked_on_the_first_batch() -> None:
         fxdeco.transform(_model(), loader, fxdeco.Falor(nsr_threshold=0.05, acceptance="faster", latency_batch=500,
                                                         latency_cache=False), show_progress=False)
     assert len(list(loader)) == 2
+
+
+def test_a_plan_far_from_the_original_is_reported(fake_clock, monkeypatch) -> None:
+    def error(keep: float) -> float:
+        small = fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=keep, latency_cache=False),
+                                 show_progress=False)
+        return small.meta["fxdeco"].summary["latency_plan_error"]
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loose, tight = error(0.9), error(0.6)
+    assert 0 <= loose < tight  # a tighter budget, a plan further from the original
+    monkeypatch.setattr(speed, "FAR_PLAN_NSR", (loose + tight) / 2)
+    with pytest.warns(UserWarning, match=r"keep_latency=0.6 was met by a plan whose final-output NSR .* is "):
+        error(0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        error(0.9)
