@@ -21,3 +21,22 @@ def test_faster_than_every_keep_macs_row_it_must_dominate_one() -> None:
     baseline, verdict = _judge(ROWS, _row("keep_latency=0.4", 0.45, 0.65))
     assert baseline == "-" and verdict.startswith("yes (faster and better than keep_macs=0.3")
     assert _judge(ROWS, _row("keep_latency=0.4", 0.45, 0.55)) == ("-", "-")
+
+
+def test_the_speed_up_floor_drops_ranks_that_realise_too_little_of_their_mac_speed_up(monkeypatch) -> None:
+    from benchmarks import latency_efficiency as eff
+    from fxdeco.latency.curve import SiteLatency
+    from fxdeco.methods.falor import local
+    from fxdeco.methods.falor.speed import LatencyModel
+    from passes import Site
+
+    site = Site("fc", "linear", "fc", "fc.weight", None, (128, 128))
+    assert eff.mac_speedup(site, 8) == 8.0  # 128*128 / (8 * (128 + 128))
+    latency = LatencyModel({"fc": SiteLatency("fc", 10.0, {8: 2.0, 16: 3.0, 32: 5.0, 64: 9.0})}, 10.0, 0.0, ((), {}))
+    monkeypatch.setattr(local, "_budget_candidates", lambda site, config, latency: [8, 16, 32, 64])
+    with eff.speedup_floor(0.8):
+        # rank 8: measured 5x of 8x (0.62) is dropped; 16: 3.3x of 4x (0.83), 32 and 64 stay
+        assert local._budget_candidates(site, None, latency) == [16, 32, 64]
+        assert local._budget_candidates(Site("x", "linear", "x", "x.weight", None, (128, 128)), None, latency) \
+            == [8, 16, 32, 64]  # a layer that was not timed is left to falor
+    assert local._budget_candidates(site, None, latency) == [8, 16, 32, 64]  # restored
