@@ -224,9 +224,25 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
     """
     import concurrent.futures
     import multiprocessing
+    import os
 
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         return pool.submit(fn, *args).result()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a worker of :func:`in_fresh_process`: exit when the benchmark that started it is gone (killed, the
+    worker would go on timing beside the next run and slow it down)."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _table_cost(prepared: fxdeco.PreparedModel) -> tuple[float, float]:
