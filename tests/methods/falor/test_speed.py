@@ -163,6 +163,9 @@ def test_the_most_accurate_plan_that_meets_the_budget_is_kept() -> None:
         assert speed._choose([_attempt(0.65, 0.1), _attempt(0.7, 0.01)], 0.6).achieved == 0.65
     with pytest.raises(fxdeco.BudgetError, match="the fastest measured 0.800"):
         speed._choose([_attempt(0.8, 0.1)], 0.6)
+    # within the noise margin but computing something else (the floor plan of a budget under the floor): refused
+    with pytest.raises(fxdeco.BudgetError, match="measured 0.650 of the original, far from its outputs"):
+        speed._choose([_attempt(0.65, 0.9), _attempt(0.7, 0.01)], 0.6, far=lambda a: a.figures["error"] >= 0.5)
 
 
 def test_the_plans_that_could_be_kept_are_timed_again_together_before_one_is_chosen(monkeypatch) -> None:
