@@ -16,12 +16,6 @@ from typing import Any
 
 import fxdeco
 from benchmarks import latency as bench
-from fxdeco.methods.falor.speed import time_models
-
-
-def _call(batch: Any) -> tuple[tuple, dict]:
-    return ((), batch) if isinstance(batch, dict) else ((batch,), {})
-
 
 def compare(name: str, keep: float) -> None:
     case = bench._cases(False)[name]()
@@ -38,7 +32,7 @@ def compare(name: str, keep: float) -> None:
             continue
         print(f"{case.name} | {label}: converted in {time.perf_counter() - start:.1f} s, {case.quality_name} "
               f"{case.quality(models[label]):.4g}")
-    single, whole = time_models(models, _call(case.single)), time_models(models, _call(case.batch))
+    single, whole = bench._time(models, case.single), bench._time(models, case.batch)
     for label in models:
         print(f"{case.name} | {label}: batch 1 {single[label] / single['original']:.3f} "
               f"({single[label] * 1e3:.3g} ms), calibration batch {whole[label] / whole['original']:.3f}")
