@@ -503,6 +503,13 @@ def measure_latency_rounds(prepared: Any, config: Falor, latency: LatencyModel, 
                  "a predicted %.3f", measured, keep, aim)
         latency.correction = keep / aim
         plan, decisions = planner.plan()
+        if any(_ranks(decisions) == _ranks(a.decisions) for a in attempts):
+            # the knapsack answered the new aim with a plan already timed (at the floor, a lower aim changes
+            # nothing): timing it again would only re-draw the noise the choice is made on; the next round aims
+            # further from the same measurement
+            log.info("falor latency: the allocation for a predicted %.3f is a plan already timed; not timed again",
+                     aim)
+            continue
         attempts.append(Attempt(plan, decisions, measure_plan(prepared, latency, plan, _ranks(decisions), error),
                                 "latency"))
     latency_shaped = len(attempts)

@@ -386,3 +386,22 @@ def test_a_plan_far_from_the_original_is_reported(fake_clock, monkeypatch) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         error(0.9)
+
+
+def test_a_round_that_plans_a_plan_already_timed_does_not_time_it_again(fake_clock, monkeypatch) -> None:
+    # the decomposed model runs 3x what its layers add up to: every round aims lower, and the knapsack soon answers
+    # with its floor plan (every layer at its fastest rank) round after round
+    fake_clock["miss"] = 3.0
+    timed: list[tuple] = []
+    measure_plan = speed.measure_plan
+
+    def recording(prepared, latency, plan, ranks, error=None):
+        timed.append(tuple(sorted(ranks.items())))
+        return measure_plan(prepared, latency, plan, ranks, error)
+
+    monkeypatch.setattr(speed, "measure_plan", recording)
+    monkeypatch.setattr(speed, "mac_shaped_attempts", lambda *a, **k: [])  # the latency rounds' plans only
+    with pytest.raises(fxdeco.BudgetError, match="keep_latency=0.7 was not met"):
+        fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.7, latency_rounds=5, latency_cache=False),
+                         show_progress=False)
+    assert len(timed) == len(set(timed)) < 6  # six plans made (a first and five rounds); none timed twice
