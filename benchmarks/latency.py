@@ -28,6 +28,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxdeco
+from fxdeco.latency import hold_freed_memory
 from fxdeco.latency.timing import device_name
 
 HERE = Path(__file__).resolve().parent
@@ -212,8 +213,9 @@ def _run_named(name: str, quick: bool, inductor: bool) -> dict[str, Any]:
     return run_case(_cases(quick)[name], inductor)
 
 
-def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` (a module-level function, its arguments and result picklable) in a process of its own.
+def in_fresh_process(fn: Callable[..., Any], *args: Any, hold_memory: bool = True) -> Any:
+    """``fn(*args)`` (a module-level function, its arguments and result picklable) in a process of its own; with
+    ``hold_memory``, one whose C allocator keeps freed memory (:func:`fxdeco.latency.hold_freed_memory`).
 
     A process that has run other models times the next one differently:
     all-MiniLM-L6-v2's rows, run after the four other models, measured 0.423 / 0.601 / 0.710 of the original
@@ -221,14 +223,28 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
     (``--only minilm``) 0.331 / 0.548 / 0.680 (the original 0.94 s); its keep_latency=0.6 plan measured 0.584
     during its own convert and 0.644 in the first. Each model is therefore timed in a fresh process, as a user
     who serves one model would see it.
+
+    With glibc's defaults the large activations of the CNN and resnet18 are
+    fresh memory from the OS on every call, and the page faults are a share of
+    their time that varies from process to process (the CNN measured 34-57 ms
+    per call in runs of this benchmark; 61 ms with 25k faults per call against
+    34 ms with none, ``fxdeco/latency/allocator.py``), which is noise to a
+    latency plan and time factoring cannot save. Holding freed memory is what
+    PyTorch's CPU tuning guide recommends for serving (jemalloc / tcmalloc).
     """
     import concurrent.futures
     import multiprocessing
     import os
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+                                                initializer=_start_worker, initargs=(os.getpid(), hold_memory)) as pool:
         return pool.submit(fn, *args).result()
+
+
+def _start_worker(parent: int, hold_memory: bool) -> None:
+    _exit_with_parent(parent)
+    if hold_memory and not hold_freed_memory():
+        log.warning("this C library is not glibc: the worker runs with its allocator's defaults")
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -322,7 +338,15 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def write(results: list[dict[str, Any]], seconds: float, inductor: bool, save: bool = True) -> str:
+def allocator_note(hold_memory: bool) -> str:
+    """How the benchmark's processes allocate memory, for a report's header."""
+    return ("The C allocator keeps freed memory in each worker process (glibc, `fxdeco.latency.hold_freed_memory()`; "
+            "`--system-allocator` runs with glibc's defaults, under which large activations page-fault on every "
+            "call)." if hold_memory else "The C allocator runs with glibc's defaults (`--system-allocator`).")
+
+
+def write(results: list[dict[str, Any]], seconds: float, inductor: bool, save: bool = True,
+          hold_memory: bool = True) -> str:
     """The report's markdown; with ``save``, also written to LATENCY.md with its plot."""
     threads = torch.get_num_threads()
     lines = [
@@ -335,7 +359,7 @@ def write(results: list[dict[str, Any]], seconds: float, inductor: bool, save: b
         "the calibration batch, the shape `keep_latency` was measured on; batch 1: the same plans at one sample; "
         "inductor: `torch.compile` at the calibration batch). `predicted` is falor's prediction from its layer "
         "timings. "
-        "Budget mode allocates by predicted final-output error in every row.",
+        f"Budget mode allocates by predicted final-output error in every row. {allocator_note(hold_memory)}",
         "",
     ]
     verdicts = []
@@ -421,13 +445,18 @@ def main() -> None:
     parser.add_argument("--no-inductor", action="store_true", help="skip the torch.compile timings")
     parser.add_argument("--only", choices=sorted(_cases(False)),
                         help="one model, printed only: LATENCY.md is written from a run of all of them")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="glibc's malloc defaults in the worker processes (printed only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
     cases = _cases(args.quick)
     names = [args.only] if args.only else list(cases)
-    results = [in_fresh_process(_run_named, name, args.quick, not args.no_inductor) for name in names]
-    out = write(results, time.perf_counter() - start, not args.no_inductor, save=not (args.only or args.quick))
+    hold = not args.system_allocator
+    results = [in_fresh_process(_run_named, name, args.quick, not args.no_inductor, hold_memory=hold)
+               for name in names]
+    out = write(results, time.perf_counter() - start, not args.no_inductor,
+                save=not (args.only or args.quick or args.system_allocator), hold_memory=hold)
     print(out)
 
 

@@ -105,7 +105,8 @@ def write(results: list[dict[str, Any]], seconds: float) -> None:
              f"layer only ranks whose measured speed-up is at least {FLOOR} of their MAC speed-up (what the latency "
              "issue's third target asks of every factorized layer). `measured`: the decomposed model's eager time "
              "at the calibration batch as a fraction of the original's (interleaved, medians); `measured / MAC "
-             "speed-up`: on the layers the plan factorized, from falor's layer timings.", ""]
+             "speed-up`: on the layers the plan factorized, from falor's layer timings. "
+             f"{bench.allocator_note(True)}", ""]
     for result in results:
         lines += [f"## {result['name']} (calibration batch {result['batch']})", "",
                   tabulate(result["rows"], headers=["variant", result["quality_name"], "measured", "MACs kept",

@@ -8,6 +8,8 @@
 * ``layers.py``: the dense and factored stand-in layers that are timed.
 * ``probe.py``: :func:`probe_sites` (time every site of a graph), :func:`refine` (more ranks later).
 * ``graph.py``: :func:`measure_model`, :func:`compare_models`, and the additive :func:`predict_latency`.
+* ``allocator.py``: :func:`page_faults` (the C allocator's share of a CPU model's time) and
+  :func:`hold_freed_memory` (glibc: keep freed memory in the process, so large activations stop faulting).
 
 Example:
     >>> import torch
@@ -21,6 +23,7 @@ Example:
     ([1, 2, 3, 6, 10, 17, 31], True)
 """
 
+from fxdeco.latency.allocator import hold_freed_memory, page_faults
 from fxdeco.latency.curve import RankTime, SiteLatency
 from fxdeco.latency.graph import compare_models, measure_model, predict_latency, rest_seconds
 from fxdeco.latency.inputs import SiteInput, site_inputs
@@ -30,6 +33,7 @@ from fxdeco.latency.timing import device_name, interleaved_medians
 
 __all__ = [
     "LatencyKey", "LatencyTable", "RankTime", "SiteInput", "SiteLatency", "TimingOptions", "compare_models",
-    "default_path", "default_ranks", "device_name", "interleaved_medians", "max_saving_rank", "measure_model",
-    "predict_latency", "probe_sites", "refine", "rest_seconds", "site_inputs",
+    "default_path", "default_ranks", "device_name", "hold_freed_memory", "interleaved_medians", "max_saving_rank",
+    "measure_model",
+    "page_faults", "predict_latency", "probe_sites", "refine", "rest_seconds", "site_inputs",
 ]

@@ -53,8 +53,9 @@ import torch
 import torch.fx
 
 from fxdeco import distributed
+from fxdeco.latency import allocator
 from fxdeco.latency.curve import SiteLatency
-from fxdeco.latency.graph import compare_models, rest_seconds
+from fxdeco.latency.graph import compare_models, input_device, rest_seconds
 from fxdeco.latency.probe import TimingOptions, probe_sites, refine
 from fxdeco.errors import warn_user
 from fxdeco.methods.falor.config import Falor
@@ -106,7 +107,7 @@ class LatencyModel:
     ``original``: seconds per call of the original graph; ``rest``: the part of
     it outside the timed layers; ``correction``: how much to divide a latency
     budget by before allocating, learnt from the decompositions measured so far
-    (1 before any).
+    (1 before any); ``page_faults``: minor page faults per call of the original.
     """
 
     latencies: dict[str, SiteLatency]
@@ -114,6 +115,7 @@ class LatencyModel:
     rest: float
     call: tuple[tuple, dict[str, Any]]
     correction: float = 1.0
+    page_faults: float | None = None  # per call of the original (fxdeco.latency.allocator); None: not counted
 
     def option_costs(self, site: Site, candidates: Sequence[int]) -> list[float]:
         """Seconds of layer ``site`` dense, then factored at each candidate rank (the knapsack's costs)."""
@@ -225,17 +227,21 @@ def latency_model(prepared: Any, config: Falor) -> LatencyModel:
     timed = [s for s in sites if candidates[s.target]]  # a layer no rank can shrink is never factorized
     call = unflatten_inputs(gm, flat)
 
-    def measure() -> tuple[dict[str, SiteLatency], float]:
+    def measure() -> tuple[dict[str, SiteLatency], float, float | None]:
         # (prepare left the graph in eval mode)
         measured = probe_sites(gm, timed, None, lambda s: grid(candidates[s.target]), backend=config.latency_backend,
                                table=config.latency_cache, options=TIMING, show_progress=config.show_progress,
                                flat_inputs=flat)
-        return measured, time_models({"original": gm}, call)["original"]
+        on_cpu = input_device(call).type == "cpu"  # (a GPU's memory is not the C allocator's)
+        return (measured, time_models({"original": gm}, call)["original"],
+                allocator.faults_of_call(gm, call) if on_cpu else None)
 
     # under torch.distributed: rank 0's times on every rank (see the module docstring)
-    latencies, original = distributed.on_rank0(
-        measure, "timing the layers", share=lambda m: ({t: _shared(lat) for t, lat in m[0].items()}, m[1]))
-    model = LatencyModel(latencies, original, rest_seconds(original, latencies), call)
+    latencies, original, faults = distributed.on_rank0(
+        measure, "timing the layers", share=lambda m: ({t: _shared(lat) for t, lat in m[0].items()}, *m[1:]))
+    model = LatencyModel(latencies, original, rest_seconds(original, latencies), call, page_faults=faults)
+    if allocator.fault_share(faults, original) >= allocator.FAULT_SHARE_WARN:
+        warn_user(allocator.fault_advice(faults, original))
     log.info("falor latency: %d layers timed; the original takes %.3g ms per call of %s (%.3g ms outside those "
              "layers)", len(latencies), original * 1e3, "the calibration batch" if config.latency_batch is None
              else f"{config.latency_batch} sample(s) of the calibration batch", model.rest * 1e3)
@@ -532,6 +538,8 @@ def measure_latency_rounds(prepared: Any, config: Falor, latency: LatencyModel, 
         _warn_if_far(chosen.figures["error"], error, keep)
     else:
         figures["latency_rounds_run"] = 0
+    if latency.page_faults is not None:
+        figures["latency_page_faults_per_call"] = latency.page_faults
     return chosen.plan, chosen.decisions, figures
 
 

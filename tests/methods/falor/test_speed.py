@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import fxdeco
+from fxdeco.latency import allocator
 from fxdeco.latency.curve import SiteLatency
 from fxdeco.metadata import factored_layers
 from fxdeco.methods.falor import speed
@@ -405,3 +406,15 @@ def test_a_round_that_plans_a_plan_already_timed_does_not_time_it_again(fake_clo
         fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.7, latency_rounds=5, latency_cache=False),
                          show_progress=False)
     assert len(timed) == len(set(timed)) < 6  # six plans made (a first and five rounds); none timed twice
+
+
+@pytest.mark.parametrize("faults", [0.0, 1e6])
+def test_a_latency_plan_counts_the_originals_page_faults_and_warns_when_they_are_a_good_share_of_its_time(
+        fake_clock, monkeypatch, recwarn, faults) -> None:
+    monkeypatch.setattr(speed.allocator, "faults_of_call", lambda model, call: faults)
+    small = fxdeco.transform(_model(), _data(), fxdeco.Falor(keep_latency=0.6, latency_cache=False),
+                             show_progress=False)
+    assert small.meta["fxdeco"].summary["latency_page_faults_per_call"] == faults
+    advice = [str(w.message) for w in recwarn if "page-faults" in str(w.message)]
+    # the fake original takes 4 s: a million faults at about 1 us each are a quarter of it
+    assert advice == ([] if not faults else [allocator.fault_advice(faults, REST + 3.0)])
