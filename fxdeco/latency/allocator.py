@@ -36,7 +36,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -50,6 +53,8 @@ FAULT_SECONDS = 1.1e-6
 FAULT_SHARE_WARN = 0.05
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# Whether hold_freed_memory() has changed this process's allocator (what allocator_tag reports).
+_held = False
 
 
 def page_faults(fn: Callable[[], Any], calls: int = 2) -> float | None:
@@ -114,8 +119,10 @@ def hold_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
+    global _held
     held = bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(2**30))) and \
         bool(libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1)))
+    _held = _held or held
     log.info("fxdeco: glibc malloc now keeps freed memory in the process (%s)", "done" if held else "refused")
     return held
 
@@ -138,3 +145,38 @@ def faults_of_call(model: Callable[..., Any], call: tuple[tuple, dict[str, Any]]
     args, kwargs = call
     with torch.no_grad():
         return page_faults(lambda: model(*args, **kwargs))
+
+
+def allocator_tag() -> str:
+    """How this process allocates CPU memory, when not with the C library's defaults ("" when it does): part of a
+    CPU layer timing's cache key (:class:`fxdeco.latency.LatencyKey`), since the same layer runs at a different
+    speed under another allocator setting and a table measured under one must not be reused under the other.
+
+    Seen: a preloaded jemalloc / tcmalloc / mimalloc, :func:`hold_freed_memory`, and glibc's thresholds set in the
+    environment (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``). Other ways (an
+    ``mallopt`` call elsewhere) are not.
+
+    Example:
+        >>> isinstance(allocator_tag(), str)
+        True
+    """
+    preloaded = _preloaded_allocator()
+    if preloaded:
+        return preloaded
+    if _held:
+        return "malloc holding freed memory"
+    settings = [f"{name}={os.environ[name]}" for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+                if name in os.environ]
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        settings.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}")
+    return " ".join(settings)
+
+
+@functools.cache
+def _preloaded_allocator() -> str:
+    """The name of a replacement malloc mapped into this process (Linux: /proc/self/maps), or ""."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return ""
+    return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if f"lib{name}" in maps), "")

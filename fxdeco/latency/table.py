@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 
 from fxdeco.errors import warn_user
+from fxdeco.latency.allocator import allocator_tag
 from fxdeco.latency.timing import as_device, device_name
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class LatencyKey:
     is the memory format of a conv's input. Stride, padding and dilation are
     normalised to pairs for convs and to ``(1, 1)``, ``(0, 0)``, ``(1, 1)`` for
     linears. :meth:`__str__` is the stable form used in the cache file.
+    ``device`` names the hardware and, on a CPU whose allocator is not the C
+    library's default, that allocator (:func:`fxdeco.latency.allocator.allocator_tag`).
 
     Example:
         >>> key = LatencyKey("cpu:Some CPU", "2.5.0", "float32", 2, "eager", "linear", (512, 256), (64, 256))
@@ -139,8 +142,10 @@ class LatencyKey:
         """
         device = as_device(device)
         threads = torch.get_num_threads() if device.type == "cpu" else 0
-        return cls(device_name(device), torch.__version__, str(dtype).removeprefix("torch."), threads, backend,
-                   **layer)
+        name = device_name(device)
+        tag = allocator_tag() if device.type == "cpu" else ""
+        return cls(f"{name}, {tag}" if tag else name, torch.__version__, str(dtype).removeprefix("torch."), threads,
+                   backend, **layer)
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fxdeco.latency import allocator
 
@@ -58,3 +59,30 @@ def test_holding_freed_memory_stops_large_tensors_faulting_on_every_allocation()
     held, holding = _faults_in_fresh_process("hold")
     assert default >= 16 * 2**20 * 4 / 4096 * 0.9  # every page of the 64 MiB, every time
     assert held == "True" and holding < default / 100
+
+
+def test_a_layer_timed_under_another_allocator_setting_has_another_cache_key(monkeypatch) -> None:
+    from fxdeco.latency import LatencyKey
+
+    monkeypatch.setattr(allocator, "_preloaded_allocator", lambda: "")
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(allocator, "_held", False)
+
+    def key() -> LatencyKey:
+        return LatencyKey.here("cpu", torch.float32, "eager", kind="linear", weight_shape=(8, 8), input_shape=(4, 8))
+
+    default = key()
+    assert "malloc" not in default.device  # the defaults keep the keys of tables measured before this field
+    monkeypatch.setattr(allocator, "_held", True)
+    held = key()
+    assert held != default and held.device.endswith("malloc holding freed memory")
+    assert LatencyKey.parse(str(held)) == held
+    monkeypatch.setattr(allocator, "_held", False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert key().device.endswith("MALLOC_MMAP_THRESHOLD_=1048576")
+    monkeypatch.setattr(allocator, "_preloaded_allocator", lambda: "jemalloc")
+    assert key().device.endswith(", jemalloc")
+    # an accelerator's layers do not depend on the host's allocator
+    assert LatencyKey.here("meta", torch.float32, "eager", kind="linear", weight_shape=(8, 8),
+                           input_shape=(4, 8)).device == "meta"
