@@ -30,6 +30,7 @@ from tabulate import tabulate
 
 import fxdeco
 from fxdeco.cli.minilm import embed, fidelity, load_minilm, padding_mask, tokenized_batches
+from fxdeco.latency.allocator import describe_allocator
 from fxdeco.progress import progress
 from fxdeco.io.report import human
 from fxdeco.cli.text_corpus import calibration_and_evaluation
@@ -161,7 +162,7 @@ def format_demo(result: dict[str, Any]) -> str:
         f"{rep}\n\n{summary}\n\n"
         f"speed: {speed_summary(result['eval_original_s'], result['eval_decomposed_s'])} (median of 3 interleaved "
         f"passes of {cfg.eval_sentences} sentences each, after a warm-up; {torch.get_num_threads()} threads, eager, "
-        "float32, CPU)\n"
+        f"float32, CPU; {describe_allocator()})\n"
         f"decomposition wall time: {result['decompose_s']:.1f} s "
         "(capture + calibration + eigendecompositions + rewrite)"
     )

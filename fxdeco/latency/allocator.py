@@ -172,6 +172,16 @@ def allocator_tag() -> str:
     return " ".join(settings)
 
 
+def describe_allocator() -> str:
+    """How this process allocates CPU memory, for a printed timing.
+
+    Example:
+        >>> describe_allocator().startswith("C allocator: ")
+        True
+    """
+    return f"C allocator: {allocator_tag() or 'defaults'}"
+
+
 @functools.cache
 def _preloaded_allocator() -> str:
     """The name of a replacement malloc mapped into this process (Linux: /proc/self/maps), or ""."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from fxdeco.cli.calib_sources import CalibrationSourceError, example_batch, input_info, load_calibration
 from fxdeco.cli import main
+from fxdeco.latency import allocator
 from fxdeco.cli.model_specs import ModelSpecError, build_model, parse_model_spec
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: tests/cli/ is two levels down
@@ -216,11 +217,32 @@ def test_file_factory_and_weights_file(factory_file: Path, tmp_path: Path) -> No
 def test_keep_latency_prints_the_measured_speed_up(factory_file: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("FXDECO_CACHE_DIR", str(tmp_path / "cache"))  # the timings go there, not into ~/.cache
     assert main(["decompose", f"{factory_file}:make", "--calib", "random", "--image-size", "28", "--batches", "2", "--batch-size", "8",
-                 "--keep-latency", "0.95", "--dump-format", "dot", "--out", str(tmp_path / "out")]) == 0
+                 "--keep-latency", "0.95", "--dump-format", "dot", "--out", str(tmp_path / "out"),
+                 "--system-allocator"]) == 0  # (in this process: the tests' allocator is left as it is)
     printed = capsys.readouterr().out
     assert "measured speed-up on this machine:" in printed and " ms ->" in printed
+    assert "C allocator: " in printed and "holding freed memory" not in printed
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["totals"]["ms_measured"] > 0 and (tmp_path / "cache" / "latency.json").is_file()
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="glibc's mallopt only")
+def test_a_command_that_times_holds_freed_memory_unless_asked_not_to(factory_file: Path, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    monkeypatch.setenv("FXDECO_CACHE_DIR", str(tmp_path / "cache"))
+    common = ["--calib", "random", "--image-size", "28", "--batches", "2", "--batch-size", "8", "--dump-format",
+              "dot"]
+    timed = fxdeco_cli("decompose", f"{factory_file}:make", *common, "--keep-latency", "0.95", "--out",
+                       str(tmp_path / "a"))
+    assert timed.returncode == 0, timed.stderr
+    assert "C allocator: malloc holding freed memory)" in timed.stdout
+    default = fxdeco_cli("decompose", f"{factory_file}:make", *common, "--keep-latency", "0.95", "--out",
+                         str(tmp_path / "b"), "--system-allocator")
+    assert default.returncode == 0 and "C allocator: defaults)" in default.stdout
+    # a command that does not time leaves the allocator alone (nothing printed about it either)
+    untimed = fxdeco_cli("decompose", f"{factory_file}:make", *common, "--keep-params", "0.8", "--out",
+                         str(tmp_path / "c"))
+    assert untimed.returncode == 0 and "C allocator" not in untimed.stdout
 
 
 # ----------------------------------------------------------------------------- calibration sources
