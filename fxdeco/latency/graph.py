@@ -92,7 +92,7 @@ def rest_seconds(model_seconds: float, site_latencies: Mapping[str, SiteLatency]
     rest = model_seconds - sum(lat.dense for lat in site_latencies.values())
     if rest < 0:
         log.warning("the layers timed alone take %.3g s more than the whole model (%.3g s); the rest of the "
-                    "graph is taken as 0 (on a CPU under glibc's default malloc, timing layers alone page-faults "
+                    "graph is taken as 0 (on a CPU under glibc's default malloc, timing layers alone can page-fault "
                     "their outputs in on every call: fxdeco.latency.hold_freed_memory() avoids it)", -rest,
                     model_seconds)
     return max(rest, 0.0)
