@@ -237,7 +237,8 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any, hold_memory: bool = Tru
     import os
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_worker, initargs=(os.getpid(), hold_memory)) as pool:
+                                                initializer=_start_worker,
+                                                initargs=(os.getpid(), hold_memory)) as pool:
         return pool.submit(fn, *args).result()
 
 
@@ -340,9 +341,10 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def allocator_note(hold_memory: bool) -> str:
     """How the benchmark's processes allocate memory, for a report's header."""
-    return ("The C allocator keeps freed memory in each worker process (glibc, `fxdeco.latency.hold_freed_memory()`; "
-            "`--system-allocator` runs with glibc's defaults, under which large activations page-fault on every "
-            "call)." if hold_memory else "The C allocator runs with glibc's defaults (`--system-allocator`).")
+    return ("The C allocator keeps freed memory in each worker process (glibc, "
+            "`fxdeco.latency.hold_freed_memory()`; `--system-allocator` runs with glibc's defaults, under which "
+            "large activations page-fault on every call)." if hold_memory
+            else "The C allocator runs with glibc's defaults (`--system-allocator`).")
 
 
 def write(results: list[dict[str, Any]], seconds: float, inductor: bool, save: bool = True,

@@ -264,7 +264,8 @@ def _decompose_into(out: pathlib.Path | None, args: argparse.Namespace, rank: in
         log.info("calibration batches: %s", calib.fed)
     check_first_batch(built, calib)  # a shape that does not fit fails now, not deep inside the decomposition
     options = _method_options(args)
-    _allocator_for_timing(args, times=options.get("keep_latency") is not None or options.get("acceptance") == "faster")
+    timed = options.get("keep_latency") is not None or options.get("acceptance") == "faster"
+    _allocator_for_timing(args, times=timed)
     batches = calib.batches
     if world > 1:
         from fxdeco.distributed import shard

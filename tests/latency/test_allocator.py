@@ -36,7 +36,7 @@ def test_the_fault_share_and_the_advice_name_the_cost_and_the_remedy() -> None:
 
 
 # A tensor of 64 MiB is over glibc's largest adaptive mmap threshold (32 MiB): by default every allocation of it is
-# fresh memory from the OS, faulted in page by page; once freed memory is held, the second allocation reuses the first.
+# fresh memory from the OS, faulted in page by page; once freed memory is held, later allocations reuse it.
 _SCRIPT = """
 import sys, torch
 from fxdeco.latency import allocator
