@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.latency import _judge
 
 
@@ -40,3 +42,34 @@ def test_the_speed_up_floor_drops_ranks_that_realise_too_little_of_their_mac_spe
         assert local._budget_candidates(Site("x", "linear", "x", "x.weight", None, (128, 128)), None, latency) \
             == [8, 16, 32, 64]  # a layer that was not timed is left to falor
     assert local._budget_candidates(site, None, latency) == [8, 16, 32, 64]  # restored
+
+
+def test_the_cuda_benchmark_judges_its_targets_from_the_measured_ratios() -> None:
+    import torch
+
+    from benchmarks import latency_cuda
+
+    def row(variant: str, latency: float) -> dict:
+        return {"model": "m", "batch": 1, "variant": variant, "latency": latency, "original_ms": 1.0,
+                "ms": latency, "predicted": None, "cosine": 0.99, "params": 0.5, "note": ""}
+
+    rows = [row("keep_latency=0.6 (timed at 1)", 0.65), row("keep_latency=0.6 (timed at 64)", 0.67),
+            row("nsr_threshold=0.05, faster (timed at 1)", 1.01), row("nsr_threshold=0.05, faster (timed at 64)", 1.03),
+            {"model": "m", "batch": 64, "variant": "keep_macs=0.5", "note": "refused: too far"}]
+    text = latency_cuda.write(rows, torch.device("cpu"), torch.bfloat16, 60.0, save=False)
+    targets = text.split("## Targets")[1]
+    verdicts = [line.split("|")[-2].strip() for line in targets.splitlines() if line.startswith("| m ")]
+    assert verdicts == ["yes", "NO", "yes", "NO"]  # <= 0.66; then not slower than 1.02
+    assert "refused: too far" in text
+
+
+def test_the_decode_stacks_weights_keep_a_random_inputs_size_and_have_a_decaying_spectrum() -> None:
+    import torch
+
+    from benchmarks.latency_cuda import _decaying
+
+    torch.manual_seed(0)
+    w = _decaying(torch.Size((96, 64)))
+    s = torch.linalg.svdvals(w)
+    assert float((w ** 2).sum()) == pytest.approx(64, rel=1e-4)
+    assert s[0] / s[31] == pytest.approx(1 + 31 / 32, rel=1e-3) and bool((s[:-1] >= s[1:] - 1e-6).all())
