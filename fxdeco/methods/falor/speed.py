@@ -527,7 +527,7 @@ def measure_latency_rounds(prepared: Any, config: Falor, latency: LatencyModel, 
 
     retimed = retime_candidates(prepared, latency, attempts, keep) if keep is not None else 0
     chosen = _choose(attempts, keep, far=lambda a: _is_far(a.figures["error"], error)) if keep is not None \
-        else attempts[-1]
+        else _not_slower(prepared, latency, attempts[-1])
     for d in chosen.decisions:
         d.seconds_dense, d.seconds_factored = latency.times(d.target, d.rank)
     figures = {k: v for k, v in chosen.figures.items() if k != "error"}
@@ -541,6 +541,36 @@ def measure_latency_rounds(prepared: Any, config: Falor, latency: LatencyModel, 
     if latency.page_faults is not None:
         figures["latency_page_faults_per_call"] = latency.page_faults
     return chosen.plan, chosen.decisions, figures
+
+
+def _not_slower(prepared: Any, latency: LatencyModel, attempt: Attempt) -> Attempt:
+    """An ``acceptance="faster"`` plan, or, when the decomposed model measured end to end is slower than the
+    original by more than :data:`SPEED_MARGIN` (the first timing, then the mean of it and a second one), the plan
+    that keeps every layer dense.
+
+    Acceptance judges each layer alone, and the layers' gains need not add up:
+    the factored layers' intermediate activations, the allocator and the
+    caches act on the whole model. A user who asked for layers factorized only
+    where that is faster is not to be handed a slower model; the second timing
+    keeps a noisy first one from undoing a good plan.
+    """
+    if not attempt.plan or attempt.achieved <= 1 + SPEED_MARGIN:
+        return attempt
+    first = attempt.achieved
+    again = measure_plan(prepared, latency, attempt.plan, _ranks(attempt.decisions))
+    second = again["latency_measured_s"] / again["latency_original_s"]
+    if (first + second) / 2 <= 1 + SPEED_MARGIN:
+        return attempt
+    warn_user(f"acceptance='faster' factorized {len(attempt.plan)} layer(s), each measured faster alone, but the "
+              f"decomposed model measured {first:.3f} and {second:.3f} of the original's time end to end: every "
+              "layer is kept dense. Time with the batch you serve (latency_batch=), and see fxdeco.latency.allocator for the C allocator's share of a CPU model's time")
+    decisions = [dataclasses.replace(d, rank=None, nsr=None, nsr_final=None, kl_final=None,
+                                     params_after=d.params_before, macs_after=d.macs_before,
+                                     reason="the decomposed model was slower end to end")
+                 if d.decomposed else d for d in attempt.decisions]
+    figures = {**again, "latency_measured_s": again["latency_original_s"],
+               "latency_predicted_s": again["latency_original_s"]}
+    return Attempt({}, decisions, figures, attempt.allocated_by)
 
 
 # A latency budget's plan whose final-output NSR on the kept calibration batches is at least this is reported as

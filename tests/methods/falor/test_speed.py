@@ -418,3 +418,22 @@ def test_a_latency_plan_counts_the_originals_page_faults_and_warns_when_they_are
     advice = [str(w.message) for w in recwarn if "page-faults" in str(w.message)]
     # the fake original takes 4 s: a million faults at about 1 us each are a quarter of it
     assert advice == ([] if not faults else [allocator.fault_advice(faults, REST + 3.0)])
+
+
+def test_acceptance_keeps_every_layer_dense_when_the_decomposed_model_is_slower_end_to_end(fake_clock) -> None:
+    options = dict(nsr_threshold=0.2, rank_multiple=1, acceptance="faster", latency_cache=False, show_progress=False)
+    fast = fxdeco.transform(_model(), _data(), **options)
+    factored = [d.target for d in fast.meta["fxdeco"].decisions if d.decomposed]
+    assert factored  # each faster alone, and together (the fake clock adds up)
+    # the factored layers together run 3x what their times alone add up to: the whole is slower than the original
+    fake_clock["miss"] = 3.0
+    with pytest.warns(UserWarning, match=r"acceptance='faster' factorized \d layer\(s\), each measured faster alone, "
+                                         r"but the decomposed model measured 1\.\d+ and 1\.\d+"):
+        slow = fxdeco.transform(_model(), _data(), **options)
+    decisions = {d.target: d for d in slow.meta["fxdeco"].decisions}
+    assert not any(d.decomposed for d in decisions.values())
+    assert all("slower end to end" in decisions[t].reason for t in factored)
+    summary = slow.meta["fxdeco"].summary
+    assert summary["latency_measured_s"] == summary["latency_original_s"]
+    x = _data()[0]
+    torch.testing.assert_close(slow(x), _model()(x))  # the original's computation, not a decomposed one
