@@ -563,7 +563,8 @@ def _not_slower(prepared: Any, latency: LatencyModel, attempt: Attempt) -> Attem
         return attempt
     warn_user(f"acceptance='faster' factorized {len(attempt.plan)} layer(s), each measured faster alone, but the "
               f"decomposed model measured {first:.3f} and {second:.3f} of the original's time end to end: every "
-              "layer is kept dense. Time with the batch you serve (latency_batch=), and see fxdeco.latency.allocator for the C allocator's share of a CPU model's time")
+              "layer is kept dense. Time with the batch you serve (latency_batch=), and see "
+              "fxdeco.latency.allocator for the C allocator's share of a CPU model's time")
     decisions = [dataclasses.replace(d, rank=None, nsr=None, nsr_final=None, kl_final=None,
                                      params_after=d.params_before, macs_after=d.macs_before,
                                      reason="the decomposed model was slower end to end")
