@@ -247,9 +247,9 @@ def _decompose_into(out: pathlib.Path | None, args: argparse.Namespace, rank: in
 
     import fxdeco
     from fxdeco.cli.calib_sources import check_first_batch, input_info, load_calibration
-    from fxdeco.latency.allocator import describe_allocator
     from fxdeco.cli.model_specs import build_model, describe_weights, parse_model_spec
     from fxdeco.io.serialize import save
+    from fxdeco.latency.allocator import describe_allocator
 
     spec = parse_model_spec(args.model, args.weights)
     torch.manual_seed(args.seed)  # random weights, when the model has them, are reproducible

@@ -34,6 +34,5 @@ from fxdeco.latency.timing import device_name, interleaved_medians
 __all__ = [
     "LatencyKey", "LatencyTable", "RankTime", "SiteInput", "SiteLatency", "TimingOptions", "compare_models",
     "default_path", "default_ranks", "device_name", "hold_freed_memory", "interleaved_medians", "max_saving_rank",
-    "measure_model",
-    "page_faults", "predict_latency", "probe_sites", "refine", "rest_seconds", "site_inputs",
+    "measure_model", "page_faults", "predict_latency", "probe_sites", "refine", "rest_seconds", "site_inputs",
 ]

@@ -565,10 +565,8 @@ def _not_slower(prepared: Any, latency: LatencyModel, attempt: Attempt) -> Attem
               f"decomposed model measured {first:.3f} and {second:.3f} of the original's time end to end: every "
               "layer is kept dense. Time with the batch you serve (latency_batch=), and see "
               "fxdeco.latency.allocator for the C allocator's share of a CPU model's time")
-    decisions = [dataclasses.replace(d, rank=None, nsr=None, nsr_final=None, kl_final=None,
-                                     params_after=d.params_before, macs_after=d.macs_before,
-                                     reason="the decomposed model was slower end to end")
-                 if d.decomposed else d for d in attempt.decisions]
+    decisions = [_kept_dense(d, "the decomposed model was slower end to end") if d.decomposed else d
+                 for d in attempt.decisions]
     figures = {**again, "latency_measured_s": again["latency_original_s"],
                "latency_predicted_s": again["latency_original_s"]}
     return Attempt({}, decisions, figures, attempt.allocated_by)
@@ -715,7 +713,12 @@ def drop_slower(sites: Sequence[Site], plan: dict[str, Factorization], decisions
             verdict = latency.accept(first_of[d.target], d.rank, [d.rank])
             if isinstance(verdict, str):
                 del plan[d.target]
-                d = dataclasses.replace(d, rank=None, nsr=None, nsr_final=None, kl_final=None,
-                                        params_after=d.params_before, macs_after=d.macs_before, reason=verdict)
+                d = _kept_dense(d, verdict)
         kept.append(d)
     return plan, kept
+
+
+def _kept_dense(decision: LayerDecision, reason: str) -> LayerDecision:
+    """A planned layer's decision turned into one that keeps it dense, for ``reason``."""
+    return dataclasses.replace(decision, rank=None, nsr=None, nsr_final=None, kl_final=None,
+                               params_after=decision.params_before, macs_after=decision.macs_before, reason=reason)
