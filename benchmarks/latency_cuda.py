@@ -30,6 +30,7 @@ from tabulate import tabulate
 from torch import nn
 
 import fxdeco
+from benchmarks import latency as bench
 from fxdeco.latency.timing import device_name
 
 HERE = Path(__file__).resolve().parent
@@ -128,15 +129,9 @@ def _to(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return batch.to(device, dtype) if batch.is_floating_point() else batch.to(device)
 
 
-def _call(model: nn.Module, batch: Any) -> torch.Tensor:
-    return model(**batch) if isinstance(batch, dict) else model(batch)
-
-
 def run_model(name: str, build: Callable[[], Any], device: torch.device, dtype: torch.dtype,
               calib_batches: int) -> list[dict[str, Any]]:
     """Every variant of one model at each serving batch: measured latency, fidelity, params kept."""
-    from fxdeco.methods.falor.speed import time_models
-
     torch.manual_seed(0)
     model, make = build()
     model = model.to(device, dtype)
@@ -145,8 +140,7 @@ def run_model(name: str, build: Callable[[], Any], device: torch.device, dtype: 
     start = time.perf_counter()
     prepared = fxdeco.calibrate(fxdeco.prepare(model, calib[0], sensitivity=True, keep_batches=2), calib)
     log.info("%s: calibrated in %.1f s", name, time.perf_counter() - start)
-    with torch.no_grad():
-        wanted = [_call(model, x).float().flatten(1) for x in held_out]
+    fidelity = bench._fidelity(model, held_out)
     params0 = sum(p.numel() for p in model.parameters())
     rows = []
     for batch in BATCHES:
@@ -164,16 +158,12 @@ def run_model(name: str, build: Callable[[], Any], device: torch.device, dtype: 
                 continue
             log.info("%s batch %d %s: converted in %.1f s", name, batch, label, time.perf_counter() - t)
         serving = _to(make(batch, 7), device, dtype)
-        call = ((), serving) if isinstance(serving, dict) else ((serving,), {})
-        times = time_models({"original": model, **variants}, call)
+        times = bench._time({"original": model, **variants}, serving)
         for label, small in variants.items():
-            with torch.no_grad():
-                got = [_call(small, x).float().flatten(1) for x in held_out]
-            cosine = float(torch.cat([nn.functional.cosine_similarity(a, b) for a, b in zip(wanted, got)]).mean())
             summary = small.meta["fxdeco"].summary
             rows.append({"model": name, "batch": batch, "variant": label,
                          "latency": times[label] / times["original"], "original_ms": times["original"] * 1e3,
-                         "ms": times[label] * 1e3, "cosine": cosine,
+                         "ms": times[label] * 1e3, "cosine": fidelity(small),
                          "params": sum(p.numel() for p in small.parameters()) / params0,
                          "predicted": summary["latency_predicted_s"] / summary["latency_original_s"]
                          if "latency_predicted_s" in summary else None, "note": ""})
@@ -182,14 +172,12 @@ def run_model(name: str, build: Callable[[], Any], device: torch.device, dtype: 
 
 def write(rows: list[dict[str, Any]], device: torch.device, dtype: torch.dtype, seconds: float,
           save: bool) -> str:
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
+    fmt = bench._fmt
     body = [[r["model"], r["batch"], r["variant"], fmt(r.get("latency"), ".3f"),
              f"{fmt(r.get('original_ms'), '.3g')} -> {fmt(r.get('ms'), '.3g')}", fmt(r.get("predicted"), ".3f"),
              fmt(r.get("cosine"), ".4f"), fmt(r.get("params"), ".1%"), r["note"]] for r in rows]
     target = [[r["model"], r["batch"], r["variant"], f"{r['latency']:.3f}",
-               "yes" if r["latency"] <= 0.66 else "NO"] for r in rows
+               "yes" if r["latency"] <= bench.TARGET_MEASURED else "NO"] for r in rows
               if r["variant"].startswith("keep_latency") and "latency" in r]
     slower = [[r["model"], r["batch"], r["variant"], f"{r['latency']:.3f}",
                "yes" if r["latency"] <= 1.02 else "NO"] for r in rows if "faster" in r["variant"] and "latency" in r]
