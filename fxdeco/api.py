@@ -18,6 +18,7 @@ from torch import nn
 from fxdeco import distributed
 from fxdeco.batches import adapt_batch, check_input_fn, check_loader, no_batches
 from fxdeco.capture import trace
+from fxdeco.checks import check_flag
 from fxdeco.errors import CalibrationError, NoSitesError, warn_user
 from fxdeco.methods.falor.local import check_budget_reachable, falor
 from fxdeco.methods import Dwain, Falor, Lockd, MethodConfig, method_config
@@ -586,6 +587,7 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     # Before calibration: a typo must not cost a calibration run.
     _check_model(model)
     config = method_config(config if config is not None else method, **method_options)
+    config, show_progress = _one_progress_setting(config, show_progress)
     active = distributed.collective(process_group)
     if active is not None and isinstance(config, Lockd):
         raise ValueError("lockd trains and does not all-reduce over torch.distributed, so the ranks would make "
@@ -650,6 +652,20 @@ def _decompose(inplace: bool, model: nn.Module, calib_loader: Iterable[Any], con
     del small, prepared
     free_reference_cycles()  # the graphs held the dense weights the swap replaced
     return model
+
+
+def _one_progress_setting(config: MethodConfig, show_progress: bool | None) -> tuple[MethodConfig, bool | None]:
+    """``transform(show_progress=...)`` and the config's ``show_progress`` made one setting, so that
+    ``show_progress=False`` silences the method's own loops (layer timing, budget rounds, lockd's steps) as well as
+    calibration, and a config's setting governs calibration too. Given both ways and different: refused."""
+    checked = check_flag("show_progress", show_progress, optional=True)
+    own = getattr(config, "show_progress", None)
+    if checked is None or not any(f.name == "show_progress" for f in dataclasses.fields(config)):
+        return config, own if checked is None else checked
+    if own is not None and own != checked:
+        raise ValueError(f"show_progress={checked} was given to transform but the method config says "
+                         f"show_progress={own}: give it once")
+    return dataclasses.replace(config, show_progress=checked), checked
 
 
 def _first_batch(calib_loader: Iterable[Any]) -> tuple[Any, Iterator[Any]]:

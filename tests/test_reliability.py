@@ -540,6 +540,39 @@ def test_calibration_progress_knows_the_total_and_reports_off_a_terminal(monkeyp
     assert "fxdeco calibrating: 5/5 (100%)" in stream.getvalue()
 
 
+def test_show_progress_false_silences_the_method_as_well_as_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transform(show_progress=False) used to reach calibration only: falor's own loops (spectra, layer timing)
+    and the CLI's --no-progress still wrote lines. One setting now, given either way; given both ways and
+    different, refused."""
+    import io
+
+    from fxdeco import progress as progress_module
+    from fxdeco.metadata import model_record
+
+    stream = io.StringIO()
+    made = []
+
+    class Recorded(progress_module.Progress):
+        def __init__(self, desc: str, total: int | None = None, enabled: bool | None = None, **_: Any) -> None:
+            super().__init__(desc, total, enabled, stream=stream, first=0.0, every=0.0)
+            made.append(self)
+
+    monkeypatch.setattr(progress_module, "Progress", Recorded)
+    data = [torch.randn(32, 16) for _ in range(3)]
+    small = fxdeco.transform(_mlp(), data, nsr_threshold=0.05, show_progress=False)
+    assert {"calibrating", "falor: spectra"} <= {p.desc for p in made}
+    assert stream.getvalue() == ""
+    assert "show_progress" not in model_record(small).options, "a display setting is not a decomposition option"
+    made.clear()
+    fxdeco.transform(_mlp(), data, fxdeco.Falor(nsr_threshold=0.05, show_progress=False))
+    assert "calibrating" in {p.desc for p in made} and stream.getvalue() == ""
+    with pytest.raises(ValueError, match="show_progress=True was given to transform but the method config says "
+                                         "show_progress=False"):
+        fxdeco.transform(_mlp(), data, fxdeco.Falor(show_progress=False), show_progress=True)
+    with pytest.raises(TypeError, match="show_progress must be True or False"):
+        fxdeco.transform(_mlp(), data, show_progress="no")
+
+
 class OutOfPlace(InPlace):
     """The same function as ``InPlace(how)`` written without in-place ops."""
 

@@ -33,9 +33,12 @@ class MethodConfig:
 
     def recorded_options(self) -> dict[str, Any]:
         """:meth:`options` as plain data: what a decomposed model and its plan.json record. A function (a loss)
-        is recorded by its name; other objects (tensors) are left out."""
+        is recorded by its name; other objects (tensors) are left out, and so is ``show_progress`` (how the run
+        looked, not what it made)."""
         recorded = {}
         for k, v in self.options().items():
+            if k == "show_progress":
+                continue
             if isinstance(v, (int, float, str, bool, tuple, list)):
                 recorded[k] = v
             elif callable(v):
