@@ -25,6 +25,21 @@ def test_faster_than_every_keep_macs_row_it_must_dominate_one() -> None:
     assert _judge(ROWS, _row("keep_latency=0.4", 0.45, 0.55)) == ("-", "-")
 
 
+def test_the_layer_table_counts_factorized_layers_measured_no_faster_than_dense() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks.latency import _layer_speedups
+
+    def decision(decomposed: bool, dense: float, factored: float | None, macs: tuple[int, int]) -> SimpleNamespace:
+        return SimpleNamespace(decomposed=decomposed, seconds_dense=dense, seconds_factored=factored,
+                               macs_before=macs[0], macs_after=macs[1])
+
+    record = SimpleNamespace(decisions=[decision(True, 4.0, 1.0, (8, 2)), decision(True, 2.0, 2.0, (4, 2)),
+                                        decision(False, 9.0, 9.5, (9, 9)), decision(True, 1.0, None, (1, 1))])
+    assert _layer_speedups(record) == (2.0, 3.0, 2, 1)  # the equal one counts; kept or untimed ones do not
+    assert _layer_speedups(SimpleNamespace(decisions=[decision(False, 1.0, 2.0, (1, 1))])) is None
+
+
 def test_the_speed_up_floor_drops_ranks_that_realise_too_little_of_their_mac_speed_up(monkeypatch) -> None:
     from benchmarks import latency_efficiency as eff
     from fxdeco.latency.curve import SiteLatency
