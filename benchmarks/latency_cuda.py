@@ -6,7 +6,8 @@ calibration (64 samples a batch, ``sensitivity=True``) is converted, for each se
 ``keep_latency=0.6`` timed at that batch (``latency_batch``), ``keep_macs=0.5``, and
 ``nsr_threshold=0.05, acceptance="faster"``; every variant is then timed beside the original at that batch
 (eager, CUDA-synchronised interleaved medians). Random weights throughout (timing, not quality): fidelity is
-the cosine of the outputs to the original's on held-out inputs.
+the cosine of the outputs to the original's on held-out inputs, both less the original's mean output
+(``benchmarks.latency._fidelity``).
 
 Models: a decode-shaped Linear stack (one token through 4 blocks of 4096-wide projections and a 4096 -> 11008
 -> 4096 MLP, weights with a decaying spectrum, as trained LLM layers have), torchvision resnet18 and timm
@@ -187,7 +188,7 @@ def write(rows: list[dict[str, Any]], device: torch.device, dtype: torch.dtype, 
         f"{device_name(device)}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, Python "
         f"{platform.python_version()}, eager. Times are medians of CUDA-synchronised interleaved rounds of all "
         "variants of a model at one serving batch, as ratios to the original. Random weights: `cosine` is the "
-        "outputs' cosine to the original's on held-out inputs (timing, not quality). `keep_latency` and "
+        "outputs' centred cosine to the original's on held-out inputs (timing, not quality). `keep_latency` and "
         "`acceptance=\"faster\"` time the layers at the serving batch (`latency_batch`); `keep_macs` is one plan "
         "for both batches.", "",
         tabulate(body, headers=["model", "batch", "variant", "latency", "ms", "predicted", "cosine", "params kept",

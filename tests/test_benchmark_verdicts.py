@@ -40,6 +40,29 @@ def test_the_layer_table_counts_factorized_layers_measured_no_faster_than_dense(
     assert _layer_speedups(SimpleNamespace(decisions=[decision(False, 1.0, 2.0, (1, 1))])) is None
 
 
+def test_output_fidelity_does_not_credit_a_model_that_ignores_its_input() -> None:
+    """Random-weight networks put most of their output in one input-independent vector: the plain cosine gave a
+    constant output 0.999 on resnet18. Centred, the constant scores about 0 and the reference 1."""
+    import torch
+
+    from benchmarks.latency import _fidelity
+
+    torch.manual_seed(0)
+    offset = torch.randn(10) * 30
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return x @ torch.ones(4, 10) + offset
+
+    inputs = [torch.randn(16, 4) for _ in range(3)]
+    score = _fidelity(reference, inputs)
+    constant = lambda x: offset.expand(len(x), 10)  # noqa: E731
+    plain = torch.nn.functional.cosine_similarity(reference(inputs[0]), constant(inputs[0])).mean()
+    assert plain > 0.9, "the case the centring is for: the plain cosine credits the constant"
+    assert score(reference) == pytest.approx(1.0)
+    assert abs(score(constant)) < 0.2
+    assert 0.5 < score(lambda x: reference(x) + 0.5 * torch.randn(len(x), 10)) < 0.99
+
+
 def test_the_speed_up_floor_drops_ranks_that_realise_too_little_of_their_mac_speed_up(monkeypatch) -> None:
     from benchmarks import latency_efficiency as eff
     from fxdeco.latency.curve import SiteLatency
