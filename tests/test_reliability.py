@@ -520,13 +520,15 @@ def test_input_fn_errors_name_the_batch() -> None:
 # ----------------------------------------------------------------------------- progress
 
 
-def test_calibration_progress_knows_the_total_and_reports_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+def _record_progress(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[Any]]:
+    """Every progress display from now on writes at once, off a terminal, to the returned stream; the list holds
+    the displays made."""
     import io
 
     from fxdeco import progress as progress_module
 
     stream = io.StringIO()
-    made = []
+    made: list[Any] = []
 
     class Recorded(progress_module.Progress):
         def __init__(self, desc: str, total: int | None = None, enabled: bool | None = None, **_: Any) -> None:
@@ -534,6 +536,11 @@ def test_calibration_progress_knows_the_total_and_reports_off_a_terminal(monkeyp
             made.append(self)
 
     monkeypatch.setattr(progress_module, "Progress", Recorded)
+    return stream, made
+
+
+def test_calibration_progress_knows_the_total_and_reports_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream, made = _record_progress(monkeypatch)
     fxdeco.transform(_mlp(), [torch.randn(32, 16) for _ in range(5)], nsr_threshold=0.05)
     calibration = next(p for p in made if p.desc == "calibrating")
     assert calibration.total == 5, "transform lost the loader's length"
@@ -544,20 +551,9 @@ def test_show_progress_false_silences_the_method_as_well_as_calibration(monkeypa
     """transform(show_progress=False) used to reach calibration only: falor's own loops (spectra, layer timing)
     and the CLI's --no-progress still wrote lines. One setting now, given either way; given both ways and
     different, refused."""
-    import io
-
-    from fxdeco import progress as progress_module
     from fxdeco.metadata import model_record
 
-    stream = io.StringIO()
-    made = []
-
-    class Recorded(progress_module.Progress):
-        def __init__(self, desc: str, total: int | None = None, enabled: bool | None = None, **_: Any) -> None:
-            super().__init__(desc, total, enabled, stream=stream, first=0.0, every=0.0)
-            made.append(self)
-
-    monkeypatch.setattr(progress_module, "Progress", Recorded)
+    stream, made = _record_progress(monkeypatch)
     data = [torch.randn(32, 16) for _ in range(3)]
     small = fxdeco.transform(_mlp(), data, nsr_threshold=0.05, show_progress=False)
     assert {"calibrating", "falor: spectra"} <= {p.desc for p in made}
