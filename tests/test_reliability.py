@@ -549,8 +549,8 @@ def test_calibration_progress_knows_the_total_and_reports_off_a_terminal(monkeyp
 
 def test_show_progress_false_silences_the_method_as_well_as_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
     """transform(show_progress=False) used to reach calibration only: falor's own loops (spectra, layer timing)
-    and the CLI's --no-progress still wrote lines. One setting now, given either way; given both ways and
-    different, refused."""
+    still wrote lines (and the CLI's ranks other than 0 under torchrun). One setting now, given either way; given
+    both ways and different, refused."""
     from fxdeco.metadata import model_record
 
     stream, made = _record_progress(monkeypatch)
